@@ -1,0 +1,162 @@
+"""`arm-int4`: one command line over the arm_int4 package. A thin layer: parse, call, print.
+
+Library errors (arm_int4.errors) become one line on stderr and their exit code; argparse errors
+become one line and exit 2. Heavy imports happen inside the handlers, so `--help` is instant.
+"""
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import ArmInt4Error
+from .options import DemoOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
+from .options import ServeOptions
+
+__all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage + error; we print one line naming the problem, and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _cmd_info(opts: InfoOptions) -> int:
+    from . import hardware
+
+    machine = hardware.detect()
+    print(json.dumps(machine.to_dict(), indent=2) if opts.json else hardware.format_table(machine))
+    return 0
+
+
+def _cmd_quantize(opts: QuantizeOptions) -> int:
+    from . import quantize
+
+    if opts.verify_only:
+        report = quantize.verify_dir(opts.model)
+        print(report.summary())
+        return 0
+    result = quantize.quantize(opts)
+    print(result.summary())
+    return 0
+
+
+def _cmd_serve(opts: ServeOptions) -> int:
+    from . import hardware, launch, models, runner
+
+    model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
+    facts = launch.read_checkpoint(model_dir)
+    profile = launch.Profile.load(opts.profile) if opts.profile else None
+    plan = launch.plan(hardware.detect(probe_runtime=False), facts, profile, reserve=opts.reserve,
+                       kv_cache_gib=opts.kv_cache_gib, max_model_len=opts.max_model_len, host=opts.host,
+                       port=opts.port, extra_args=opts.vllm_args or (), can_bind=runner.can_set_affinity())
+    if opts.dry_run:
+        print(plan.format())
+        return 0
+    runner.check_port(opts.host, opts.port)
+    print(plan.format(), file=sys.stderr, flush=True)
+    return runner.serve_foreground(plan)
+
+
+def _cmd_demo(opts: DemoOptions) -> int:
+    from . import demo
+
+    rows = demo.run_demo(opts.output)
+    print(demo.format_rows(rows))
+    return 0
+
+
+# name → (options class, handler, one-line help, examples epilog)
+COMMANDS = {
+    "demo": (DemoOptions, _cmd_demo,
+             "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, summarise",
+             "examples:\n  arm-int4 demo\n  arm-int4 demo --output /tmp/demo"),
+    "info": (InfoOptions, _cmd_info, "describe this machine: CPU, ISA features, cores, NUMA, memory, INT4 kernel",
+             "examples:\n  arm-int4 info\n  arm-int4 info --json"),
+    "quantize": (
+        QuantizeOptions, _cmd_quantize,
+        "quantize a Hugging Face model to INT4 (W4A8-dynamic) in compressed-tensors format",
+        "examples:\n"
+        "  arm-int4 quantize default                                  # channelwise, mse\n"
+        "  arm-int4 quantize ./Llama-3.1-8B --scheme groupwise --groupsize 32 --method minmax\n"
+        "  arm-int4 quantize ./model --algorithm gptq --dataset calib.jsonl --output ./model-gptq\n"
+        "  arm-int4 quantize --verify-only ./model-w4a8dyn-mse-channelwise",
+    ),
+    "serve": (
+        ServeOptions, _cmd_serve,
+        "serve a model with vLLM's OpenAI-compatible server, env and engine args planned for this CPU",
+        "examples:\n"
+        "  arm-int4 serve ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise\n"
+        "  arm-int4 serve default --dry-run                  # print the plan as a shell snippet\n"
+        "  arm-int4 serve --port 8001 --kv-cache-gib 4 ./model -- --enforce-eager\n"
+        "  arm-int4 serve --profile graviton4.json ./model",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="arm-int4",
+        description="Hugging Face LLM to fast, accurate INT4 inference on Arm CPU servers with vLLM.",
+        epilog="Run `arm-int4 COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"arm-int4 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name, (options_class, _handler, help_, epilog) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_options(p, options_class)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = None  # everything after the first `--` goes to vLLM untouched
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    ns = parser.parse_args(argv)
+    if passthrough is not None:
+        if not hasattr(ns, "vllm_args"):
+            parser.error(f"arguments after -- are only for commands that start vLLM, not {ns.command or 'none'}")
+        ns.vllm_args = passthrough
+    if not ns.command:
+        parser.print_help(sys.stderr)
+        return 2
+    options_class, handler, _help, _epilog = COMMANDS[ns.command]
+    try:
+        return handler(options_from_namespace(options_class, ns))
+    except ArmInt4Error as exc:
+        print(f"arm-int4 {ns.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"arm-int4 {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def learning_path_main(argv=None) -> int:
+    """scripts/quantize_vllm_models.py: Arm's script's interface over `arm-int4 quantize`."""
+    parser = OneLineParser(
+        prog="quantize_vllm_models.py",
+        description="Quantize a model using INT4 with minmax or mse and dynamic activation quantization "
+                    "(Arm learning path interface; output ./{model}-w4a8dyn-{method}-{scheme}[-g{N}]).",
+        epilog="example:\n  quantize_vllm_models.py deepseek-ai/DeepSeek-V2-Lite --scheme channelwise --method mse",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_options(parser, LearningPathOptions)
+    opts = options_from_namespace(LearningPathOptions, parser.parse_args(argv)).to_quantize_options()
+    try:
+        return _cmd_quantize(opts)
+    except ArmInt4Error as exc:
+        print(f"quantize_vllm_models.py: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("quantize_vllm_models.py: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

