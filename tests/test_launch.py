@@ -1,0 +1,269 @@
+"""arm_int4.launch: serving plans for recorded Arm machines, without vLLM.
+
+Run: .venv/bin/python -m pytest tests/test_launch.py -q
+Machines come from tests/fixtures/machines (hardware.from_dump); most Arm records carry no memory
+figure, so tests set mem_available_bytes themselves. Checkpoints are config.json + safetensors
+headers only (the data section is never read by the planner, so it is left out).
+"""
+
+import dataclasses
+import json
+import pathlib
+import shlex
+import struct
+
+import pytest
+
+from arm_int4 import cli, hardware, launch
+from arm_int4.errors import PreflightError, UsageError
+from arm_int4.hardware import parse_cpulist
+from arm_int4.launch import GiB, Profile, plan, read_checkpoint
+
+MACHINES = pathlib.Path(__file__).parent / "fixtures" / "machines"
+ARM_LSCPU = ["ampere-altra", "graviton2", "graviton3", "graviton4", "grace", "github-arm64-runner"]
+_ST = {"BF16": 2, "F32": 4, "I8": 1}
+
+
+def machine(name, mem_gib=None, **changes):
+    if name == "x86-amd-epyc-this-box":
+        m = hardware.detect(str(MACHINES / name / "root"), probe_runtime=False)
+    else:
+        m = hardware.from_dump(str(MACHINES / name))
+    if mem_gib is not None:
+        changes["mem_available_bytes"] = int(mem_gib * GiB)
+    return dataclasses.replace(m, **changes)
+
+
+def write_checkpoint(folder, *, hidden=4096, layers=32, heads=32, kv_heads=8, inter=14336, vocab=128256,
+                     scheme=None, group=32, bias=False, experts=0, config_extra=None):
+    """A Llama-shaped checkpoint: config.json + one safetensors header (no tensor data)."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hd = hidden // heads
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+           "intermediate_size": inter, "vocab_size": vocab, "max_position_embeddings": 131072,
+           "torch_dtype": "bfloat16", **(config_extra or {})}
+    if experts:
+        cfg["num_local_experts"] = experts
+    if scheme:
+        strategy = {"strategy": "group", "group_size": group} if scheme == "groupwise" else {"strategy": "channel"}
+        cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"],
+                        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False,
+                                    "observer": "minmax", **strategy},
+                        "input_activations": {"num_bits": 8, "type": "int", "symmetric": False,
+                                              "dynamic": True, "strategy": "token"}}}}
+    linears = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * hd, hidden),
+               "self_attn.v_proj": (kv_heads * hd, hidden), "self_attn.o_proj": (hidden, hidden),
+               "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    tensors = {"model.embed_tokens.weight": ("BF16", (vocab, hidden)), "lm_head.weight": ("BF16", (vocab, hidden)),
+               "model.norm.weight": ("BF16", (hidden,))}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = ("BF16", (hidden,))
+        for name, (out, inp) in linears.items():
+            if scheme:
+                tensors[p + name + ".weight"] = ("I8", (out, inp))
+                tensors[p + name + ".weight_scale"] = ("BF16", (out, inp // group if scheme == "groupwise" else 1))
+            else:
+                tensors[p + name + ".weight"] = ("BF16", (out, inp))
+            if bias and name.endswith(("q_proj", "k_proj", "v_proj")):
+                tensors[p + name + ".bias"] = ("BF16", (out,))
+    header, offset = {}, 0
+    for name, (dt, shape) in tensors.items():
+        n = _ST[dt]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama8b(tmp_path_factory):
+    return read_checkpoint(write_checkpoint(tmp_path_factory.mktemp("ck") / "llama8b"))
+
+
+def test_two_numa_nodes_give_two_ranks_with_disjoint_bind_lists(llama8b):
+    p = plan(machine("ampere-altra", 256), llama8b, reserve=0)
+    assert p.ranks == 2 and p.bind_lists == ("0-79", "80-159")
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-79|80-159"
+    assert p.argv[p.argv.index("--tensor-parallel-size") + 1] == "2"
+    d = plan(machine("ampere-altra", 256), llama8b)  # default: vLLM's one reserved CPU per rank
+    a, b = (set(parse_cpulist(x)) for x in d.bind_lists)
+    assert not a & b and a <= set(range(80)) and b <= set(range(80, 160)) and len(a) == len(b) == 79
+
+
+@pytest.mark.parametrize("name", ARM_LSCPU)
+def test_single_node_arm_machines_bind_one_rank_minus_the_reserve(name, llama8b):
+    m = machine(name, 64)
+    p = plan(m, llama8b)
+    if len(m.numa_nodes) == 1:
+        assert p.ranks == 1 and "--tensor-parallel-size" not in p.argv
+        assert len(parse_cpulist(p.bind_lists[0])) == m.logical_cpus - 1
+
+
+def test_container_cpuset_and_affinity_are_respected(llama8b):
+    p = plan(machine("graviton3", 64, cgroup_cpuset="8-15"), llama8b)
+    assert set(parse_cpulist(p.env["VLLM_CPU_OMP_THREADS_BIND"])) <= set(range(8, 16))
+    assert p.threads_per_rank == 7 and "cgroup cpuset" in "\n".join(p.reasons)
+    # a cpuset inside one node of a 2-node machine: one rank, only those CPUs
+    p = plan(machine("ampere-altra", 64, cgroup_cpuset="80-95", affinity="0-159"), llama8b, reserve=0)
+    assert p.ranks == 1 and p.bind_lists == ("80-95",)
+    # a CPU quota below the cpuset trims the thread count
+    p = plan(machine("graviton4", 64, cgroup_cpuset="0-15", cgroup_cpu_quota=4.0), llama8b, reserve=0)
+    assert p.threads_per_rank == 4
+
+
+def test_nobind_where_sched_setaffinity_is_forbidden(llama8b):
+    p = plan(machine("ampere-altra", 64), llama8b, can_bind=False)
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and p.ranks == 1
+    assert p.env["OMP_NUM_THREADS"] == "159" and not p.bind_lists
+
+
+@pytest.mark.parametrize("name", ARM_LSCPU + ["x86-amd-epyc-this-box"])
+@pytest.mark.parametrize("mem_gib", [24, 48, 200, 1000])
+def test_kv_cache_never_exceeds_available_memory(name, mem_gib, llama8b):
+    m = machine(name, mem_gib)
+    try:
+        p = plan(m, llama8b)
+    except PreflightError as exc:
+        assert "\n" not in str(exc) and "KV cache" in str(exc)
+        return
+    weights = launch.weights_in_memory(llama8b, p.dtype, m.arch)
+    assert p.kv_cache_gib >= launch.MIN_KV_CACHE_GIB
+    assert p.kv_cache_gib * p.ranks * GiB + weights < m.mem_available_bytes
+    assert p.env["VLLM_CPU_KVCACHE_SPACE"] == str(p.kv_cache_gib)
+
+
+def test_kv_cache_refusals_are_one_line(llama8b):
+    with pytest.raises(PreflightError, match="no room for the minimum 1 GiB KV cache") as e:
+        plan(machine("graviton3", 16), llama8b)
+    assert "\n" not in str(e.value)
+    with pytest.raises(PreflightError, match="larger than the .* available memory"):
+        plan(machine("graviton3", 64), llama8b, kv_cache_gib=60)
+    with pytest.raises(PreflightError, match="does not fit"):
+        plan(machine("graviton3", 64), llama8b, kv_cache_gib=1, max_model_len=131072)
+
+
+def test_kv_cache_is_capped_at_what_vllm_could_use(tmp_path):
+    tiny = read_checkpoint(write_checkpoint(tmp_path / "t", hidden=256, layers=2, heads=4, kv_heads=2,
+                                            inter=512, vocab=1024, config_extra={"max_position_embeddings": 2048}))
+    p = plan(machine("graviton4", 500), tiny)
+    assert p.kv_cache_gib == 1  # 1 KiB/token x 2048 tokens x 128 sequences = 256 MiB -> the 1 GiB minimum
+
+
+def test_groupwise_bias_rule_picks_fp32_on_arm_only(tmp_path):
+    gw_bias = read_checkpoint(write_checkpoint(tmp_path / "a", scheme="groupwise", bias=True, layers=2))
+    gw = read_checkpoint(write_checkpoint(tmp_path / "b", scheme="groupwise", layers=2))
+    cw_bias = read_checkpoint(write_checkpoint(tmp_path / "c", scheme="channelwise", bias=True, layers=2))
+    assert gw_bias.quantized_linear_bias and not gw.quantized_linear_bias and gw_bias.is_w4a8_groupwise
+    arm, x86 = machine("graviton4", 64), machine("x86-amd-epyc-this-box", 64)
+    assert "bf16" in arm.features and "avx512_bf16" in x86.features
+    p = plan(arm, gw_bias)
+    assert p.dtype == "float32" and any("garbage on Arm" in r for r in p.reasons)
+    assert plan(arm, gw_bias, Profile(dtype="bfloat16")).dtype == "float32"  # a profile cannot undo it
+    assert plan(x86, gw_bias).dtype == "bfloat16"
+    assert plan(arm, gw).dtype == "bfloat16" and plan(arm, cw_bias).dtype == "bfloat16"
+    assert plan(machine("graviton2", 64), gw).dtype == "float32"  # Neoverse N1: no bf16
+
+
+def test_checkpoint_facts_come_from_the_files_not_the_folder_name(tmp_path):
+    d = write_checkpoint(tmp_path / "model-w4a8dyn-minmax-groupwise-g32", scheme="channelwise", layers=1,
+                         config_extra={"attention_bias": False})
+    f = read_checkpoint(d)
+    assert f.scheme.granularity == "channelwise" and f.scheme.preset == "w4a8"
+    assert f.name == "model-w4a8dyn-minmax-groupwise-g32" and f.num_layers == 1
+    assert f.quantized_values == 4096 * 4096 * 2 + 1024 * 4096 * 2 + 14336 * 4096 * 3
+    dense = read_checkpoint(write_checkpoint(tmp_path / "w4a8-groupwise", layers=1))
+    assert dense.scheme is None and dense.quantized_values == 0
+
+
+def test_w4a8_moe_is_refused_off_arm_in_one_line(tmp_path):
+    moe = read_checkpoint(write_checkpoint(tmp_path / "moe", scheme="channelwise", experts=8, layers=1))
+    assert moe.is_moe
+    with pytest.raises(PreflightError, match="CPUExpertsInt4.*Arm CPUs only") as e:
+        plan(machine("x86-amd-epyc-this-box", 20), moe)
+    assert "\n" not in str(e.value)
+    assert plan(machine("graviton4", 64), moe).dtype == "bfloat16"
+
+
+def test_tcmalloc_is_preloaded_when_found(llama8b):
+    p = plan(machine("graviton4", 64, tcmalloc_path="/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4"), llama8b)
+    assert p.env["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+    assert "LD_PRELOAD" not in plan(machine("graviton4", 64), llama8b).env
+
+
+def test_extra_vllm_args_win_and_the_plan_drops_what_they_repeat(llama8b):
+    p = plan(machine("graviton4", 64), llama8b, extra_args=["--dtype", "float32", "--enforce-eager"])
+    assert p.argv.count("--dtype") == 1 and p.argv[-3:] == ("--dtype", "float32", "--enforce-eager")
+    assert p.dtype == "float32"
+    p = plan(machine("graviton4", 64), llama8b, extra_args=["--kv-cache-memory-bytes=4000000000"])
+    assert "VLLM_CPU_KVCACHE_SPACE" not in p.env  # the env var would override the flag
+    p = plan(machine("ampere-altra", 256), llama8b, extra_args=["-tp", "2"])
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "auto" and p.argv.count("-tp") == 1
+
+
+def test_profile_overrides_and_rejects_unknown_keys(tmp_path, llama8b):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"max_num_seqs": 8, "max_num_batched_tokens": 512, "block_size": 64,
+                             "enforce_eager": True, "reserve": 0, "meta": {"by": "tune"}}))
+    p = plan(machine("graviton4", 64), llama8b, Profile.load(str(f)))
+    a = p.argv
+    assert a[a.index("--max-num-seqs") + 1] == "8" and a[a.index("--max-num-batched-tokens") + 1] == "512"
+    assert a[a.index("--block-size") + 1] == "64" and "--enforce-eager" in a and p.bind_lists == ("0-63",)
+    for bad, match in (({"threads": 3}, "unknown key"), ({"max_num_seqs": "8"}, "whole number"),
+                       ({"bind": "all"}, "bind must be")):
+        f.write_text(json.dumps(bad))
+        with pytest.raises(UsageError, match=match):
+            Profile.load(str(f))
+
+
+def test_sharded_checkpoint_reads_the_shards_its_index_names(tmp_path):
+    d = write_checkpoint(tmp_path / "sharded", layers=1)
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}))
+    (d / "consolidated.safetensors").write_bytes(b"not a safetensors file")  # stray: not in the index
+    assert read_checkpoint(d).float_values == read_checkpoint(write_checkpoint(tmp_path / "one", layers=1)).float_values
+
+
+def test_plan_for_this_machine_live(tmp_path):
+    tiny = read_checkpoint(write_checkpoint(tmp_path / "t", hidden=256, layers=2, heads=4, kv_heads=2,
+                                            inter=512, vocab=1024))
+    m = hardware.detect(probe_runtime=False)
+    p = plan(m, tiny)
+    assert set(parse_cpulist(p.bind_lists[0])) <= set(parse_cpulist(m.affinity))
+    assert p.kv_cache_gib * GiB < m.mem_available_bytes
+
+
+def _parse_snippet(text):
+    env, cmd = {}, []
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.startswith("export "):
+            k, _, v = line[len("export "):].partition("=")
+            env[k] = shlex.split(v)[0]
+        elif line and not line.startswith("#"):
+            cmd = shlex.split(line)
+    return env, cmd
+
+
+def test_format_is_a_shell_snippet_that_round_trips(llama8b):
+    p = plan(machine("ampere-altra", 256), llama8b, extra_args=["--enforce-eager"])
+    env, cmd = _parse_snippet(p.format())
+    assert env == p.env and tuple(cmd) == p.argv
+    assert cmd[1:4] == ["-m", launch.SERVER_MODULE, "--model"]
+
+
+def test_cli_dry_run_prints_the_plan_on_stdout(tmp_path, capsys):
+    d = write_checkpoint(tmp_path / "tiny", hidden=256, layers=2, heads=4, kv_heads=2, inter=512, vocab=1024)
+    rc = cli.main(["serve", "--dry-run", "--port", "8123", "--kv-cache-gib", "1", str(d), "--", "--enforce-eager"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    env, cmd = _parse_snippet(out)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_TARGET_DEVICE"] == "cpu"
+    assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-1] == "--enforce-eager" and str(d) in cmd

@@ -1,0 +1,113 @@
+"""arm_int4.runner without vLLM: a stub server stands in for vLLM's API server.
+
+Run: .venv/bin/python -m pytest tests/test_runner.py -q
+The stub answers GET /health with 200 and starts a child that ignores SIGTERM (as a stuck engine
+core might), so stop() has to clean the whole process group.
+"""
+
+import os
+import socket
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from arm_int4 import runner
+from arm_int4.errors import PreflightError, RunError, UsageError
+from arm_int4.launch import Plan
+
+STUB = textwrap.dedent("""
+    import http.server, signal, subprocess, sys, time
+    delay, port = float(sys.argv[1]), int(sys.argv[2])
+    child = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    print("child", child.pid, flush=True)
+    if delay < 0:
+        print("RuntimeError: the stub failed on purpose", flush=True)
+        sys.exit(3)
+    time.sleep(delay)
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+        def log_message(self, *a):
+            pass
+    srv = http.server.HTTPServer(("127.0.0.1", port), H)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    srv.serve_forever()
+""")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plan(tmp_path, delay, port):
+    script = tmp_path / "stub.py"
+    script.write_text(STUB)
+    return Plan(env={"STUB": "1"}, argv=(sys.executable, str(script), str(delay), str(port)), reasons=(),
+                host="127.0.0.1", port=port, served_model_name="stub", model_dir=str(tmp_path), ranks=1,
+                bind_lists=(), threads_per_rank=None, dtype="bfloat16", kv_cache_gib=1, max_model_len=None)
+
+
+def _child_pid(log):
+    for _ in range(100):
+        for line in log.read_text().splitlines():
+            if line.startswith("child "):
+                return int(line.split()[1])
+        time.sleep(0.05)
+    raise AssertionError(log.read_text())
+
+
+def test_server_ready_then_stop_leaves_no_process(tmp_path):
+    port, log = _port(), tmp_path / "stub.log"
+    with runner.Server(_plan(tmp_path, 0.5, port), log=str(log), reap_grace=0.5) as server:
+        assert server.env["STUB"] == "1"
+        assert server.wait_ready(timeout=30, poll=0.1) >= 0.4
+        assert os.getpgid(server.pid) == server.pid  # its own process group
+        child = _child_pid(log)
+        assert runner.http_get("127.0.0.1", port, "/health")[0] == 200
+    assert server.proc.returncode == 0
+    assert not runner.group_pids(server.pid)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    runner.check_port("127.0.0.1", port)  # free again
+    with pytest.raises(UsageError, match="not a TCP port"):
+        runner.check_port("127.0.0.1", 0)
+
+
+def test_exit_before_ready_is_a_run_error_naming_the_log_line(tmp_path):
+    log = tmp_path / "stub.log"
+    server = runner.Server(_plan(tmp_path, -1, _port()), log=str(log), reap_grace=0.5).start()
+    with pytest.raises(RunError, match=r"exited with code 3 before it was ready: RuntimeError: the stub failed"):
+        server.wait_ready(timeout=30, poll=0.1)
+    server.stop()
+    assert not runner.group_pids(server.pid)
+
+
+def test_ready_timeout_stops_the_group(tmp_path):
+    server = runner.Server(_plan(tmp_path, 60, _port()), log=str(tmp_path / "stub.log"), reap_grace=0.5).start()
+    with pytest.raises(RunError, match="not ready after 1 s"):
+        server.wait_ready(timeout=1, poll=0.1)
+    assert server.proc.poll() is not None and not runner.group_pids(server.pid)
+
+
+def test_check_port_refuses_a_port_in_use_in_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(PreflightError, match=f"port {port} on 127.0.0.1 is already in use") as e:
+            runner.check_port("127.0.0.1", port)
+    assert "\n" not in str(e.value)
+
+
+def test_process_env_keeps_an_existing_ld_preload(tmp_path):
+    plan = _plan(tmp_path, 0, 1)
+    plan = Plan(**{**plan.__dict__, "env": {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4", "A": "1"}})
+    env = runner.process_env(plan, {"LD_PRELOAD": "/lib/other.so", "PATH": "/bin"})
+    assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/lib/other.so", "A": "1", "PATH": "/bin"}
+    assert runner.can_set_affinity() in (True, False)

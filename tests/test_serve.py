@@ -1,0 +1,167 @@
+"""`arm-int4 serve` end to end: a real vLLM OpenAI server on 127.0.0.1 with a tiny random Llama.
+
+Run: .venv/bin/python -m pytest tests/test_serve.py -q
+One server per module (engine start is ~20-45 s on 2 shared cores); the SIGINT test stops it and
+runs last. Eager mode, 512-token context and a 1 GiB KV cache keep the start short.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from arm_int4 import runner
+
+pytestmark = [
+    pytest.mark.requires_vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "arm_int4", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    """`arm-int4 serve` in a subprocess (as a user runs it), its output in a log file."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "arm_int4", "serve", "--port", str(port), "--kv-cache-gib", "1",
+             "--max-model-len", "512", str(tiny_llama), "--", "--enforce-eager", "--max-num-seqs", "4"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 300:
+            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            if "arm-int4 serve: ready in" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"not ready after 300 s:\n{log.read_text()[-3000:]}")
+        print(f"\nserver ready after {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:  # a test failed before the SIGINT test: clean up anyway
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_plan_is_printed_before_vllm_starts(server):
+    _, port, log = server
+    text = log.read_text(errors="replace")
+    assert "export VLLM_CPU_KVCACHE_SPACE=1" in text and "export VLLM_TARGET_DEVICE=cpu" in text
+    assert f"--port {port}" in text and "VLLM_CPU_OMP_THREADS_BIND" in text
+    assert "OpenMP thread binding info" in text  # vLLM read our bind list
+
+
+def test_completion_over_http_returns_text(server):
+    _, port, _ = server
+    assert runner.http_get("127.0.0.1", port, "/health")[0] == 200
+    status, body = runner.http_get("127.0.0.1", port, "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["id"] == "tiny-llama"
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": "tiny-llama", "prompt": "def main(", "max_tokens": 8, "temperature": 0}),
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    assert resp.status == 200, data
+    assert data["choices"][0]["text"] and data["usage"]["completion_tokens"] == 8
+
+
+def test_port_in_use_is_one_line_and_non_zero(server, tiny_llama):
+    _, port, _ = server
+    r = _cli("serve", "--port", port, tiny_llama)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert r.stderr.strip() == (
+        f"arm-int4 serve: error: port {port} on 127.0.0.1 is already in use: stop the server holding it "
+        "or pass --port N")
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_model_dir_is_one_line(tmp_path):
+    r = _cli("serve", tmp_path / "absent")
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("arm-int4 serve: error: model directory")
+
+
+def test_sigint_stops_vllm_with_no_orphans(server):
+    proc, port, log = server
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    names = " ".join(p.name() for p in tree)
+    assert len(tree) >= 3, names  # vLLM API server, engine core, worker (+ resource tracker)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to `arm-int4 serve`
+    rc = proc.wait(90)
+    print(f"\nstopped in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    assert rc == 130
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # orphans left as zombies are reaped by init shortly
+        alive = [p.pid for p in tree if _alive(p)]
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert not alive, f"left running: {alive}"
+    assert not runner.group_pids(proc.pid)
+    assert "stopping vLLM" in log.read_text(errors="replace")
+    with socket.socket() as s:  # the port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def test_every_planned_env_var_and_flag_exists_in_this_vllm(tmp_path):
+    """Guards against vLLM renaming things: the plan's env vars are in vllm.envs, and its argv
+    (a 2-rank Ampere Altra plan with every optional flag) parses with vLLM's own server parser."""
+    import dataclasses
+
+    from test_launch import machine, write_checkpoint
+
+    import vllm.envs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from arm_int4.launch import Profile, SERVER_MODULE, plan, read_checkpoint
+
+    facts = read_checkpoint(write_checkpoint(tmp_path / "m", scheme="channelwise", layers=1))
+    m = dataclasses.replace(machine("ampere-altra", 256), tcmalloc_path="/usr/lib/libtcmalloc_minimal.so.4")
+    p = plan(m, facts, Profile(enforce_eager=True), max_model_len=4096, reserve=4)
+    plans = [p, plan(m, facts, Profile(bind="auto"), reserve=4), plan(m, facts, can_bind=False)]
+    names = {k for q in plans for k in q.env} - {"OMP_NUM_THREADS", "LD_PRELOAD"}
+    assert names == {"VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                     "VLLM_CPU_NUM_OF_RESERVED_CPU"}
+    assert names <= set(vllm.envs.environment_variables)
+    assert p.argv[1:3] == ("-m", SERVER_MODULE) and importlib.util.find_spec(SERVER_MODULE)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(list(p.argv[3:]))
+    assert (args.model, args.host, args.port, args.dtype) == (str(tmp_path / "m"), "127.0.0.1", 8000, "float32")
+    assert (args.tensor_parallel_size, args.max_model_len, args.block_size) == (2, 4096, 128)
+    assert args.max_num_seqs == int(p.argv[p.argv.index("--max-num-seqs") + 1]) and args.enforce_eager
