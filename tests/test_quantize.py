@@ -319,3 +319,45 @@ def test_real_model_greedy_top1_agreement(smollm2, smollm2_int4, tmp_path):
         ranks = [r[len(p) - 1:] for r, p in zip(res["ranks"], base["prompt_token_ids"])]
         agree = sum(x == 1 for r in ranks for x in r) / sum(len(r) for r in ranks)
         assert agree >= 0.40, f"{name}: top-1 agreement {agree:.2f}"
+
+
+@pytest.mark.requires_quant_env
+def test_gptq_with_a_local_chat_dataset(tiny_llama, tmp_path):
+    """GPTQ (llmcompressor engine) on calibration rows rendered with the model's chat template."""
+    import textwrap
+
+    data = tmp_path / "calib.jsonl"
+    paragraphs = [p for p in textwrap.__doc__.split("\n\n") + json.__doc__.split("\n\n") if p.strip()]
+    with data.open("w") as f:
+        for i, p in enumerate(paragraphs * 4):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Explain part {i}."},
+                                             {"role": "assistant", "content": p}]}) + "\n")
+    out = tmp_path / "gptq"
+    r = run_cli("quantize", tiny_llama, "--algorithm", "gptq", "--dataset", data, "--num-samples", 16,
+                "--max-seq-len", 128, "--scheme", "groupwise", "--method", "minmax", "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "llmcompressor engine" in r.stdout
+    report = verify_dir(out)
+    assert report.layers == 14
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] == "static"
+    # GPTQ moves weights off the round-to-nearest grid: int values differ from RTN's somewhere
+    rtn = quantize(_opts(tiny_llama, tmp_path / "rtn", "groupwise", "minmax", 32)).output
+    a, b = _tensors(out), _tensors(rtn)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("proj.weight"))
+
+
+@pytest.mark.requires_quant_env
+@pytest.mark.parametrize("name", ["groupwise-minmax-g32",
+                                  pytest.param("channelwise-mse", marks=pytest.mark.slow)])
+def test_stream_equals_llmcompressor_on_the_real_model(name, smollm2, smollm2_int4, tmp_path):
+    """Same check as on the tiny model, on SmolLM2-135M (210 layers, hidden 576, tied embeddings)."""
+    scheme = {"groupwise-minmax-g32": Scheme("w4a8", "groupwise", 32, "minmax"),
+              "channelwise-mse": Scheme("w4a8", "channelwise", None, "mse")}[name]
+    ref = tmp_path / "llmc"
+    run_llmcompressor(smollm2, ref, scheme, ["lm_head"])
+    ours, theirs = _tensors(smollm2_int4[name]), _tensors(ref)
+    assert sorted(ours) == sorted(theirs)
+    differing = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert differing == []
+    assert _qconfig(smollm2_int4[name]) == _qconfig(ref)
