@@ -106,14 +106,22 @@ def sqnr_db(ref, out):
 
 
 def run_case(out_features=256, in_features=512, group=None, dtype="float32", bias=False, m=8, seed=0):
-    """One layer through vLLM's pack + apply; errors against the float64 reference."""
+    """One synthetic layer through vLLM's pack + apply; errors against the float64 reference."""
+    q, scale, b = make_layer(out_features, in_features, group, DTYPES[dtype], bias, seed)
+    return run_layer(q, scale, b, group, dtype, m, seed)
+
+
+def run_layer(q, scale, b, group, dtype, m, seed, **extra):
+    """Given checkpoint tensors (int8 q [out, in], scale, bias) through vLLM's pack + apply."""
     torch.manual_seed(seed)
     dt = DTYPES[dtype]
-    q, scale, b = make_layer(out_features, in_features, group, dt, bias, seed)
+    out_features, in_features = q.shape
+    scale = scale.to(dt)
+    b = None if b is None else b.to(dt)
     x = torch.randn(m, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(dt)
     group_size = in_features if group is None else group
     case = dict(out_features=out_features, in_features=in_features, group=group, dtype=dtype,
-                bias=bias, m=m, seed=seed)
+                bias=b is not None, m=m, seed=seed, **extra)
     try:
         w, _ = vllm_pack(q, scale, b, group_size)
         y = vllm_apply(x, w, group_size, in_features, out_features)
@@ -163,6 +171,12 @@ def main(argv=None):
         result["matmul"] = [run_case(**c) for c in MATMUL]
     if what in ("defect", "all"):
         result["defect"] = [run_case(**c) for c in DEFECT]
+    if what == "checkpoint":  # layers our quantizer wrote, exported by tests/arm/test_our_checkpoints.py
+        layers = torch.load(argv[1])  # [{"name", "config", "q", "scale", "group"}], plain tensors
+        result["checkpoint"] = [
+            run_layer(L["q"], L["scale"], None, L["group"], "bfloat16", m, 0, name=L["name"], config=L["config"])
+            for L in layers for m in (1, 8)
+        ]
     if what == "smoke":  # one small GEMV: enough to hit the dotprod kernel
         result["smoke"] = run_case(group=None, m=1)
     json.dump(result, sys.stdout)
