@@ -9,8 +9,8 @@ import json
 import sys
 
 from . import __version__
-from .errors import ArmInt4Error
-from .options import DemoOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
+from .errors import ArmInt4Error, EnvironmentMissing
+from .options import BuildOptions, DemoOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
 from .options import ServeOptions
 
 __all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
@@ -68,8 +68,34 @@ def _cmd_demo(opts: DemoOptions) -> int:
     return 0
 
 
+_BUILD_FLAGS = (("vllm_version", "--vllm-version"), ("source", "--source"), ("source_from", "--from"),
+                ("jobs", "--jobs"), ("out", "--out"), ("workdir", "--workdir"), ("offline_deps", "--offline-deps"),
+                ("machine_dump", "--machine-dump"), ("test_wheel", "--test-wheel"))
+
+
+def _cmd_build(opts: BuildOptions) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_vllm_cpu.sh"
+    if not script.is_file():
+        raise EnvironmentMissing(f"arm-int4 build needs a checkout of arm-int4 ({script} not found): "
+                                 "clone the repository and run it there")
+    args = []
+    for name, flag in _BUILD_FLAGS:
+        if getattr(opts, name) is not None:
+            args += [flag, str(getattr(opts, name))]
+    args += ["--dry-run"] * opts.dry_run + ["--no-test"] * opts.no_test
+    return subprocess.run(["bash", str(script), *args]).returncode  # the script's one-line errors pass through
+
+
 # name → (options class, handler, one-line help, examples epilog)
 COMMANDS = {
+    "build": (BuildOptions, _cmd_build,
+              "build vLLM's CPU wheel from source for this machine, record how, smoke-test it",
+              "examples:\n  arm-int4 build --dry-run\n"
+              "  arm-int4 build --dry-run --machine-dump tests/fixtures/machines/graviton2\n"
+              "  arm-int4 build --offline-deps /srv/vllm-deps --jobs 16"),
     "demo": (DemoOptions, _cmd_demo,
              "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, summarise",
              "examples:\n  arm-int4 demo\n  arm-int4 demo --output /tmp/demo"),

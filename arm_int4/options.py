@@ -12,6 +12,7 @@ from typing import List, Literal, Optional
 import argparse_dataclass
 
 __all__ = [
+    "BuildOptions",
     "DemoOptions",
     "InfoOptions",
     "LearningPathOptions",
@@ -140,3 +141,23 @@ class ServeOptions:
     reserve: Optional[int] = opt(None, "CPUs kept free of inference threads for vLLM's scheduler and API "
                                        "server, in total (default: 1 per rank, as vLLM)", metavar="N")
     dry_run: bool = opt(False, "print the plan as a shell snippet (export lines + command) and exit")
+
+
+@dataclass
+class BuildOptions:
+    """Every default is None: the defaults live once, in scripts/build_vllm_cpu.sh."""
+
+    vllm_version: Optional[str] = opt(None, "vLLM release to build (script default: the version arm-int4 runs)",
+                                      metavar="V")
+    source: Optional[str] = opt(None, "build this vLLM source tree instead (kept as is)", metavar="DIR")
+    source_from: Optional[str] = opt(None, "where a release comes from (script default: sdist)", args=["--from"],
+                                     choices=("sdist", "git"))
+    jobs: Optional[int] = opt(None, "compile jobs (script default: min(usable CPUs, memory / 4 GiB))", metavar="N")
+    out: Optional[str] = opt(None, "wheel + build record dir (script default: build/dist)", metavar="DIR")
+    workdir: Optional[str] = opt(None, "source tree, venvs, logs; kept (script default: build/work)", metavar="DIR")
+    offline_deps: Optional[str] = opt(None, "local oneDNN/ComputeLibrary (and wheels/, sdist) instead of github.com",
+                                      metavar="DIR")
+    machine_dump: Optional[str] = opt(None, "plan as a recorded machine (only with --dry-run)", metavar="DIR")
+    test_wheel: Optional[str] = opt(None, "only install WHL in a scratch venv and smoke-test it", metavar="WHL")
+    dry_run: bool = opt(False, "print the plan and exit (exit 1 if a check would stop the build)")
+    no_test: bool = opt(False, "skip the scratch-venv install and smoke test")
