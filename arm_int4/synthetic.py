@@ -83,8 +83,10 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int):
 
 
 def build_random_llama(out_dir: str | Path, shape: str | LlamaShape = "tiny", seed: int = 0,
-                       dtype: str = "bfloat16") -> Path:
-    """Write a random LlamaForCausalLM (safetensors, `dtype`) plus tokenizer into out_dir."""
+                       dtype: str = "bfloat16", **config_overrides) -> Path:
+    """Write a random LlamaForCausalLM (safetensors, `dtype`) plus tokenizer into out_dir.
+
+    config_overrides go to LlamaConfig, e.g. attention_bias=True for Qwen2-style q/k/v biases."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,6 +106,7 @@ def build_random_llama(out_dir: str | Path, shape: str | LlamaShape = "tiny", se
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     with torch.device("cpu"):
