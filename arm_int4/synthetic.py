@@ -43,6 +43,8 @@ SHAPES = {
     "tiny": LlamaShape(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=1024),
     # ≥ 200M parameters for the quantizer/serving benchmarks (≈ 222M, as in the notes).
     "200m": LlamaShape(hidden=2048, intermediate=5632, layers=4, heads=16, kv_heads=4, vocab=16384),
+    # TinyLlama-1.1B's shape: where the learning path's fp32 cast starts to cost real memory.
+    "1b": LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=16, kv_heads=4, vocab=32000),
 }
 
 

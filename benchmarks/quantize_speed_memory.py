@@ -8,6 +8,8 @@ Run: .venv/bin/python benchmarks/quantize_speed_memory.py [--shape 200m] [--meth
 (b) stream engine: tensor by tensor from the safetensors shards.
 Each runs as its own process, one after the other, on the same random Llama (bf16 on disk);
 wall time and that process's peak RSS (wait4's ru_maxrss) are recorded, with the machine load.
+This process stays small (no torch): a forked child's ru_maxrss includes the parent's image
+from before exec, so the model is built in a subprocess too.
 """
 
 import argparse
@@ -25,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from arm_int4.models import cache_home  # noqa: E402
 from arm_int4.quantize.llmc import quant_python  # noqa: E402
 from arm_int4.schemes import Scheme  # noqa: E402
-from arm_int4.synthetic import SHAPES, build_random_llama  # noqa: E402
+from arm_int4.synthetic import SHAPES  # noqa: E402
 
 
 def timed(argv, env=None) -> dict:
@@ -41,20 +43,27 @@ def timed(argv, env=None) -> dict:
 
 
 def largest_tensor_bytes(model: Path) -> int:
-    from arm_int4.quantize.preflight import read_checkpoint
+    from arm_int4.quantize.safetensors_io import ShardReader
 
-    return max(t.nbytes for ts in read_checkpoint(model).shards.values() for t in ts.values())
+    sizes = []
+    for f in model.glob("*.safetensors"):
+        with ShardReader(f) as r:
+            sizes += [t.nbytes for t in r.tensors.values()]
+    return max(sizes)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="200m", choices=sorted(SHAPES))
     ap.add_argument("--methods", nargs="+", default=["minmax", "mse"])
-    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks-quantize.json"))
+    ap.add_argument("--out", default=None, help="default: docs/benchmarks-quantize-{shape}.json")
     a = ap.parse_args()
+    a.out = a.out or str(REPO / "docs" / f"benchmarks-quantize-{a.shape}.json")
     model = cache_home() / "bench-models" / f"random-llama-{a.shape}"
     if not (model / "config.json").exists():
-        build_random_llama(model, a.shape, seed=0)
+        subprocess.run([sys.executable, "-c", "import sys; from arm_int4.synthetic import build_random_llama; "
+                        "build_random_llama(sys.argv[1], sys.argv[2], seed=0)", str(model), a.shape],
+                       check=True, cwd=REPO)
     largest = largest_tensor_bytes(model)
     rows = []
     for method in a.methods:
