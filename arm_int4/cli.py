@@ -10,7 +10,7 @@ import sys
 
 from . import __version__
 from .errors import ArmInt4Error, EnvironmentMissing
-from .options import BuildOptions, DemoOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
+from .options import BuildOptions, DemoOptions, EvalOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
 from .options import ServeOptions
 
 __all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
@@ -89,6 +89,30 @@ def _cmd_build(opts: BuildOptions) -> int:
     return subprocess.run(["bash", str(script), *args]).returncode  # the script's one-line errors pass through
 
 
+def _cmd_eval(opts: EvalOptions) -> int:
+    from . import evaluate, models
+
+    def log(m):
+        print(f"arm-int4: {m}", file=sys.stderr, flush=True)
+
+    dirs = [models.resolve(m, progress=log) for m in opts.models]
+    text = evaluate.load_text(opts.text)
+    kw = dict(max_len=opts.max_len, stride=opts.stride, dtype=opts.dtype, num_tokens=opts.num_tokens,
+              bos=not opts.no_bos, log=opts.log, progress=log)
+    if opts.baseline:
+        rows = evaluate.compare(models.resolve(opts.baseline, progress=log), dirs, text, **kw)
+    else:
+        rows = [evaluate.perplexity(d, text, **kw) for d in dirs]
+    if opts.format == "md":
+        print(evaluate.format_table(rows))
+    elif opts.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
 # name → (options class, handler, one-line help, examples epilog)
 COMMANDS = {
     "build": (BuildOptions, _cmd_build,
@@ -99,6 +123,12 @@ COMMANDS = {
     "demo": (DemoOptions, _cmd_demo,
              "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, summarise",
              "examples:\n  arm-int4 demo\n  arm-int4 demo --output /tmp/demo"),
+    "eval": (EvalOptions, _cmd_eval,
+             "perplexity through vLLM on a packaged text, optionally against an unquantized baseline",
+             "examples:\n"
+             "  arm-int4 eval ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise --baseline default\n"
+             "  arm-int4 eval ./m-cw ./m-g32 --baseline ./m --num-tokens 2048 --format json\n"
+             "  arm-int4 eval default --text notes.txt --num-tokens 0"),
     "info": (InfoOptions, _cmd_info, "describe this machine: CPU, ISA features, cores, NUMA, memory, INT4 kernel",
              "examples:\n  arm-int4 info\n  arm-int4 info --json"),
     "quantize": (

