@@ -63,7 +63,7 @@ def _cmd_serve(opts: ServeOptions) -> int:
 def _cmd_demo(opts: DemoOptions) -> int:
     from . import demo
 
-    rows = demo.run_demo(opts.output)
+    rows = demo.run_demo(opts.output, quick=opts.quick)
     print(demo.format_rows(rows))
     return 0
 
@@ -121,8 +121,8 @@ COMMANDS = {
               "  arm-int4 build --dry-run --machine-dump tests/fixtures/machines/graviton2\n"
               "  arm-int4 build --offline-deps /srv/vllm-deps --jobs 16"),
     "demo": (DemoOptions, _cmd_demo,
-             "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, summarise",
-             "examples:\n  arm-int4 demo\n  arm-int4 demo --output /tmp/demo"),
+             "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, perplexity, summary",
+             "examples:\n  arm-int4 demo\n  arm-int4 demo --quick --output /tmp/demo"),
     "eval": (EvalOptions, _cmd_eval,
              "perplexity through vLLM on a packaged text, optionally against an unquantized baseline",
              "examples:\n"

@@ -46,6 +46,7 @@ class InfoOptions:
 class DemoOptions:
     output: Optional[str] = opt(None, "where the demo's checkpoints go (default: ~/.cache/arm-int4/demo)",
                                 metavar="DIR")
+    quick: bool = opt(False, "score fewer tokens (128 instead of 512) in the perplexity step: for CI")
 
 
 @dataclass
