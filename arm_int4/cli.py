@@ -9,9 +9,9 @@ import json
 import sys
 
 from . import __version__
-from .errors import ArmInt4Error, EnvironmentMissing
+from .errors import ArmInt4Error, EnvironmentMissing, UsageError
 from .options import BuildOptions, DemoOptions, EvalOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
-from .options import ServeOptions
+from .options import BenchOptions, ServeOptions
 
 __all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
 
@@ -60,12 +60,34 @@ def _cmd_serve(opts: ServeOptions) -> int:
     return runner.serve_foreground(plan)
 
 
+def _cmd_bench(opts: BenchOptions) -> int:
+    from . import bench, launch, report
+
+    workload = bench.Workload(prompts=tuple(opts.prompt), gens=tuple(opts.gen), batches=tuple(opts.batch),
+                              repetitions=opts.repetitions, warmup=opts.warmup, seed=opts.seed)
+    report.check_targets(json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)
+    if opts.server:
+        from . import bench_server
+
+        if len(opts.models) > 1 or opts.vllm_args or opts.profile:
+            raise UsageError(f"--server {opts.server}: the server is already configured; give at most one MODEL "
+                             "(its checkpoint dir) and no --profile or vLLM args")
+        records = bench_server.run_server(opts.server, workload, model_dir=(opts.models or [None])[0])
+    else:
+        profile = launch.Profile.load(opts.profile) if opts.profile else None
+        records = bench.run(opts.models or ["default"], workload, profile=profile, reserve=opts.reserve,
+                            kv_cache_gib=opts.kv_cache_gib, extra_args=opts.vllm_args or (), log_dir=opts.log_dir,
+                            refresh_bandwidth=opts.refresh_bandwidth)
+    report.emit(records, json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)
+    return report.exit_code(records)
+
+
 def _cmd_demo(opts: DemoOptions) -> int:
     from . import demo
 
-    rows = demo.run_demo(opts.output, quick=opts.quick)
-    print(demo.format_rows(rows))
-    return 0
+    result = demo.run_demo(opts.output, quick=opts.quick, overwrite=opts.overwrite)
+    print(demo.format_rows(result))
+    return 1 if result.failed else 0
 
 
 _BUILD_FLAGS = (("vllm_version", "--vllm-version"), ("source", "--source"), ("source_from", "--from"),
@@ -115,13 +137,20 @@ def _cmd_eval(opts: EvalOptions) -> int:
 
 # name → (options class, handler, one-line help, examples epilog)
 COMMANDS = {
+    "bench": (BenchOptions, _cmd_bench,
+              "prefill/decode tok/s, TTFT, TPOT, GB/s of vLLM on this CPU; several models side by side",
+              "examples:\n  arm-int4 bench default\n"
+              "  arm-int4 bench ./m ./m-w4a8dyn-mse-channelwise -p 128 -n 64 -b 1 4 --json r.json --plot r.png\n"
+              "  arm-int4 bench ./m -- --enforce-eager\n"
+              "  arm-int4 bench --server http://127.0.0.1:8000 -b 1 4 16"),
     "build": (BuildOptions, _cmd_build,
               "build vLLM's CPU wheel from source for this machine, record how, smoke-test it",
               "examples:\n  arm-int4 build --dry-run\n"
               "  arm-int4 build --dry-run --machine-dump tests/fixtures/machines/graviton2\n"
               "  arm-int4 build --offline-deps /srv/vllm-deps --jobs 16"),
     "demo": (DemoOptions, _cmd_demo,
-             "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, perplexity, summary",
+             "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, perplexity, bench, "
+             "summary table + PNG",
              "examples:\n  arm-int4 demo\n  arm-int4 demo --quick --output /tmp/demo"),
     "eval": (EvalOptions, _cmd_eval,
              "perplexity through vLLM on a packaged text, optionally against an unquantized baseline",

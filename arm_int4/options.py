@@ -11,9 +11,10 @@ from typing import List, Literal, Optional
 
 import argparse_dataclass
 
-from . import evaluate  # light: its defaults only (no torch/vLLM at import)
+from . import bench, evaluate  # light: their defaults only (no torch/vLLM at import)
 
 __all__ = [
+    "BenchOptions",
     "BuildOptions",
     "DemoOptions",
     "EvalOptions",
@@ -46,7 +47,9 @@ class InfoOptions:
 class DemoOptions:
     output: Optional[str] = opt(None, "where the demo's checkpoints go (default: ~/.cache/arm-int4/demo)",
                                 metavar="DIR")
-    quick: bool = opt(False, "score fewer tokens (128 instead of 512) in the perplexity step: for CI")
+    quick: bool = opt(False, "a shorter run for CI: 128 tokens of perplexity instead of 512, bench batch 1 only "
+                             "with shorter prompts and outputs")
+    overwrite: bool = opt(False, "replace the demo's outputs in --output (the default cache dir is always reused)")
 
 
 @dataclass
@@ -187,3 +190,38 @@ class EvalOptions:
     format: Literal["md", "json", "jsonl"] = opt("md", "md: a table; json/jsonl: the full records")
     log: Optional[str] = opt(None, "append vLLM's logs here (default: a temp file, kept only on failure)",
                              metavar="FILE")
+
+
+@dataclass
+class BenchOptions:
+    models: List[str] = positional(
+        "models", "model dirs (quantized or not), hub ids, or 'default' (when none is given); several = one "
+                  "side-by-side table with speed-ups over the first unquantized one", nargs="*", metavar="MODEL")
+    vllm_args: Optional[List[str]] = opt(
+        None, "after --: engine args passed to vLLM unchanged and last (e.g. -- --enforce-eager)",
+        args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")
+    prompt: List[int] = opt(list(bench.PROMPTS), "prompt lengths in tokens", args=["-p", "--prompt"], nargs="+",
+                            type=int, metavar="N")
+    gen: List[int] = opt(list(bench.GENS), "tokens generated per request", args=["-n", "--gen"], nargs="+",
+                         type=int, metavar="N")
+    batch: List[int] = opt(list(bench.BATCHES), "concurrent requests per batch", args=["-b", "--batch"],
+                           nargs="+", type=int, metavar="N")
+    repetitions: int = opt(bench.REPETITIONS, "timed batches per test (mean ± sd over them)",
+                           args=["-r", "--repetitions"], metavar="N")
+    warmup: int = opt(bench.WARMUP, "untimed batches per test before the timed ones", metavar="N")
+    seed: int = opt(bench.SEED, "seed of the random prompt token ids and of vLLM", metavar="N")
+    json: Optional[str] = opt(None, "also write the records as JSON ('-': to stdout instead of the table)",
+                              metavar="FILE")
+    jsonl: Optional[str] = opt(None, "also write the records as JSON lines ('-': to stdout)", metavar="FILE")
+    csv: Optional[str] = opt(None, "also write the records as CSV ('-': to stdout)", metavar="FILE")
+    plot: Optional[str] = opt(None, "draw prefill and decode tok/s per model and test", metavar="FILE.png")
+    server: Optional[str] = opt(None, "time this running OpenAI-compatible server instead (batch = concurrent "
+                                      "clients); MODEL, if given, is its checkpoint dir (for GB/s)",
+                                metavar="URL")
+    profile: Optional[str] = opt(None, "a tuned profile (JSON from `arm-int4 tune`) as for serve", metavar="FILE")
+    kv_cache_gib: Optional[int] = opt(None, "KV cache per rank in whole GiB (default: sized from the workload "
+                                            "and available memory)", metavar="N")
+    reserve: Optional[int] = opt(None, "CPUs kept free of inference threads, as for serve", metavar="N")
+    log_dir: Optional[str] = opt(None, "keep every vLLM log here (default: temp files, kept only on failure)",
+                                 metavar="DIR")
+    refresh_bandwidth: bool = opt(False, "measure this machine's memory bandwidth again (it is cached)")

@@ -1,0 +1,335 @@
+"""arm_int4.bench: method pieces without vLLM, a fake OpenAI server for --server, and one shared
+real run (tiny random Llama, BF16 + W4A8 channelwise + a bad dir) for the engine assertions.
+
+Run: .venv/bin/python -m pytest tests/test_bench.py -q
+The engine run is module scoped: two eager engines (~30-60 s each on 2 shared cores), prompt 32,
+generate 16, batch 1 and 4, 2 repetitions.
+"""
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import platform
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from arm_int4 import bandwidth, bench, bench_server, cli, hardware, launch, report
+from arm_int4.checkpoint import read_checkpoint, weights_in_memory
+from arm_int4.errors import UsageError
+from arm_int4.report import Record
+
+requires_vllm = [pytest.mark.requires_vllm,
+                 pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")]
+WORKLOAD = bench.Workload(prompts=(32,), gens=(16,), batches=(1, 4), repetitions=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_w4a8(tiny_llama, tmp_path_factory):
+    from arm_int4.options import QuantizeOptions
+    from arm_int4.quantize import quantize
+
+    out = tmp_path_factory.mktemp("w4a8") / "tiny-llama-w4a8dyn-minmax-channelwise"
+    quantize(QuantizeOptions(model=str(tiny_llama), output=str(out), scheme="channelwise", method="minmax"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_w4a8_g32(tiny_llama, tmp_path_factory):
+    from arm_int4.options import QuantizeOptions
+    from arm_int4.quantize import quantize
+
+    out = tmp_path_factory.mktemp("w4a8") / "tiny-llama-w4a8dyn-mse-groupwise-g32"
+    quantize(QuantizeOptions(model=str(tiny_llama), output=str(out), scheme="groupwise", groupsize=32, method="mse"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def isolated_home(tmp_path_factory):
+    """Bandwidth cache and default-model cache in a temporary ARM_INT4_HOME."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("home")
+        mp.setenv("ARM_INT4_HOME", str(home))
+        yield home
+
+
+# ------------------------------------------------------------------------------- no vLLM
+def _plan(argv_tail, **kw) -> launch.Plan:
+    fields = dict(env={"VLLM_CPU_KVCACHE_SPACE": "1"}, argv=("python", "-m", launch.SERVER_MODULE, "--model", "/m",
+                  *argv_tail), reasons=(), host="127.0.0.1", port=8000, served_model_name="m", model_dir="/m",
+                  ranks=1, bind_lists=(), threads_per_rank=1, dtype="bfloat16", kv_cache_gib=1, max_model_len=48)
+    fields.update(kw)
+    return launch.Plan(**fields)
+
+
+def test_engine_kwargs_from_a_server_plan():
+    plan = _plan(["--host", "127.0.0.1", "--port", "8000", "--served-model-name", "m", "--dtype", "bfloat16",
+                  "--max-model-len", "48", "--block-size", "128", "--enforce-eager", "--no-enable-prefix-caching",
+                  "-tp", "2", "--compilation-config={\"mode\": 0}"])
+    assert bench.engine_kwargs(plan) == {
+        "dtype": "bfloat16", "max_model_len": 48, "block_size": 128, "enforce_eager": True,
+        "enable_prefix_caching": False, "tensor_parallel_size": 2, "compilation_config": {"mode": 0}}
+    with pytest.raises(UsageError, match="no --flag before it"):
+        bench.engine_kwargs(_plan(["stray"]))
+
+
+def test_workload_tests_and_validation():
+    w = bench.Workload(prompts=[128, 512], gens=[128], batches=[1, 8])
+    assert [t.name for t in w.tests()] == ["pp128 tg128 b1", "pp128 tg128 b8", "pp512 tg128 b1", "pp512 tg128 b8"]
+    assert w.max_model_len == 640 and (w.repetitions, w.warmup) == (bench.REPETITIONS, bench.WARMUP)
+    for bad in (dict(prompts=()), dict(batches=(0,)), dict(gens=(1.5,)), dict(repetitions=0), dict(warmup=-1)):
+        with pytest.raises(UsageError):
+            bench.Workload(**bad)
+
+
+def test_statistics_helpers():
+    assert bench._mean_sd([2.0, 4.0]) == (3.0, pytest.approx(2 ** 0.5))
+    assert bench._mean_sd([5.0]) == (5.0, 0.0) and bench._mean_sd([None]) == (None, None)
+    assert bench._pct([1, 2, 3, 4], 50) == 2.5 and bench._pct(range(101), 99) == 99
+
+
+def test_fill_from_worker_samples():
+    r = Record(model="m", model_name="m", quantization="bfloat16", quantized=False, test="pp10 tg5 b2",
+               prompt_tokens=10, gen_tokens=5, batch=2)
+    reps = [{"wall_s": 1.0, "ttft_s": [0.1, 0.2], "tpot_s": [0.05, 0.05], "gen_tokens": [5, 5]},
+            {"wall_s": 2.0, "ttft_s": [0.2, 0.4], "tpot_s": [0.1, 0.1], "gen_tokens": [5, 5]}]
+    bench._fill(r, reps, step_bytes=10**9, bw=100.0)
+    assert r.prefill_tok_s_samples == [100.0, 50.0]  # 2 * 10 tokens / slowest TTFT
+    assert r.decode_tok_s_samples == [40.0, 20.0]  # 2 streams / TPOT
+    assert r.total_tok_s_samples == [30.0, 15.0] and r.output_tok_s_samples == [10.0, 5.0]
+    assert r.achieved_gbs_samples == [20.0, 10.0] and r.bandwidth_pct == pytest.approx(15.0)
+    assert r.ttft_ms_requests == pytest.approx([100, 200, 200, 400]) and r.ttft_ms_p50 == pytest.approx(200)
+    assert r.decode_tok_s == 30.0 and r.decode_tok_s_sd == pytest.approx(200 ** 0.5)
+    assert not r.notes
+    bench._fill(r, reps, step_bytes=10**11, bw=100.0)  # 2000 GB/s from 100 GB/s memory: flagged
+    assert "not physical" in r.notes[0]
+
+
+def test_bytes_per_step_counts_what_decode_reads(tiny_llama, tiny_w4a8):
+    bf16, w4 = read_checkpoint(tiny_llama), read_checkpoint(tiny_w4a8)
+    embed = 1024 * 256 * 2  # the untied input embedding: one row per token, left out
+    step = bench.bytes_per_step
+    assert step(bf16, "bfloat16", "x86_64", 1, 0) == weights_in_memory(bf16, "bfloat16", "x86_64") - embed
+    kv = 2 * 2 * 2 * 64 * 2  # K and V x 2 layers x 2 KV heads x head dim 64 x bf16
+    assert step(bf16, "bfloat16", "x86_64", 4, 100) - step(bf16, "bfloat16", "x86_64", 1, 0) == 4 * 100 * kv
+    # x86's fallback reads an fp32-sized packed weight: more bytes than BF16; Arm's KleidiAI half a byte
+    assert step(w4, "bfloat16", "x86_64", 1, 0) > step(bf16, "bfloat16", "x86_64", 1, 0)
+    assert step(w4, "bfloat16", "aarch64", 1, 0) < step(bf16, "bfloat16", "x86_64", 1, 0)
+
+
+def test_triad_measures_with_one_and_all_threads():
+    r = bandwidth.measure_triad(array_mib=16, passes=2, threads=2)
+    assert set(r["samples_gbs"]) == {"1", "2"} and all(len(s) == 2 for s in r["samples_gbs"].values())
+    assert r["triad_gbs"] == max(max(s) for s in r["samples_gbs"].values()) > 0 and r["threads"] in (1, 2)
+
+
+def test_bandwidth_is_measured_once_per_machine(isolated_home, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bandwidth, "measure_triad", lambda **kw: calls.append(kw) or {"triad_gbs": 42.0 + len(calls)})
+    machine = hardware.detect(probe_runtime=False)
+    first = bandwidth.machine_bandwidth(machine)
+    assert first["triad_gbs"] == 43.0 and not first["cached"] and first["path"].startswith(str(isolated_home))
+    assert bandwidth.machine_bandwidth(machine)["cached"] and len(calls) == 1
+    assert bandwidth.machine_bandwidth(machine, refresh=True)["triad_gbs"] == 44.0
+    other = dataclasses.replace(machine, logical_cpus=(machine.logical_cpus or 1) * 2)
+    assert bandwidth.machine_key(other) != bandwidth.machine_key(machine)  # another machine measures again
+
+
+def test_unresolvable_models_are_recorded_without_an_engine(isolated_home, tmp_path):
+    logs = []
+    records = bench.run([str(tmp_path / "missing"), str(tmp_path)], WORKLOAD, progress=logs.append)
+    assert len(records) == 2 * len(WORKLOAD.tests()) and report.exit_code(records) == 1
+    assert all(r.error for r in records) and "not found" in records[0].error and "config.json" in records[2].error
+    assert records[0].cpu and records[0].arm_int4_version and any("error:" in m for m in logs)
+
+
+def test_cli_exit_code_and_json_for_a_failed_model(isolated_home, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "r.json"
+    proc = run_cli("bench", tmp_path / "missing", "-p", "8", "-n", "4", "-b", "1", "--json", out)
+    assert proc.returncode == 1, proc.stderr
+    assert "failed" in proc.stdout and json.loads(out.read_text())[0]["error"]
+
+
+# ------------------------------------------------------------------------------- --server, fake server
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Just enough of vLLM's OpenAI server: /v1/models, /tokenize, streamed /v1/completions with
+    a 30 ms first token then 10 ms per token, two tokens merged into one chunk once."""
+
+    seen: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, obj, status=200):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._json({"data": [{"id": "fake", "root": None, "max_model_len": 512}]})
+
+    def do_POST(self):
+        import time
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/tokenize":
+            return self._json({"tokens": list(range(5, 300))})
+        self.seen.append(body)
+        if body["max_tokens"] == 13:
+            return self._json({"error": "boom"}, 500)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        time.sleep(0.03)
+        sent = 0
+        while sent < body["max_tokens"]:
+            k = 2 if sent == 4 else 1
+            chunk = {"choices": [{"index": 0, "text": "x" * k, "token_ids": list(range(k))}]}
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+            sent += k
+            time.sleep(0.01)
+        self.wfile.write(b"data: " + json.dumps({"choices": [], "usage": {"completion_tokens": sent}}).encode()
+                         + b"\n\ndata: [DONE]\n\n")
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+
+
+def test_server_mode_times_streams(fake_server, isolated_home):
+    FakeOpenAI.seen.clear()
+    w = bench.Workload(prompts=(8,), gens=(12, 13), batches=(3,), repetitions=2, warmup=1)
+    records = bench_server.run_server(fake_server, w, progress=lambda m: None)
+    ok, bad = records
+    assert ok.mode == "server" and ok.model_name == "fake" and ok.error is None
+    assert len(FakeOpenAI.seen) == 3 * (1 + 2) + 3  # warm-up + repetitions, then the failing test's first round
+    assert all(len(b["prompt"]) == 8 and all(5 <= t < 300 for t in b["prompt"]) for b in FakeOpenAI.seen)
+    assert len(ok.ttft_ms_requests) == 6 and min(ok.ttft_ms_requests) >= 30
+    assert 9 <= ok.tpot_ms_p50 <= 40  # 10 ms per chunk; the merged chunk counts its two tokens
+    assert ok.output_tok_s_samples and all(x > 0 for x in ok.output_tok_s_samples)
+    assert ok.decode_tok_s == pytest.approx(3 / (ok.tpot_ms / 1e3), rel=0.2)
+    assert ok.achieved_gbs is None and "HTTP" in ok.excluded  # no checkpoint known: no GB/s
+    assert bad.error and "HTTP 500" in bad.error and report.exit_code(records) == 1
+
+
+def test_server_mode_refuses_non_http():
+    with pytest.raises(UsageError, match="http://HOST:PORT"):
+        bench_server.run_server("https://example.invalid", WORKLOAD)
+
+
+# ------------------------------------------------------------------------------- real engines
+@pytest.mark.requires_vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")
+def test_engine_failure_is_recorded_with_its_log(tiny_llama, isolated_home):
+    """vLLM refusing an engine argument: every test recorded as failed, the log kept and named."""
+    logs = []
+    records = bench.run([str(tiny_llama)], WORKLOAD, extra_args=("--no-such-engine-arg", "1"), progress=logs.append)
+    assert len(records) == 2 and report.exit_code(records) == 1
+    assert "no_such_engine_arg" in records[0].error and "vLLM log: " in records[0].error
+    log = records[0].error.rsplit("vLLM log: ", 1)[1].rstrip(")")
+    assert "no_such_engine_arg" in open(log).read()
+    assert any("vLLM log kept" in m for m in logs)
+    os.unlink(log)  # kept for the user on failure; this one was expected
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama, tiny_w4a8, tiny_w4a8_g32, isolated_home, tmp_path_factory):
+    """One bench over BF16 + two W4A8 variants + a bad dir, printed in every format (the CLI
+    handler's steps)."""
+    out = tmp_path_factory.mktemp("bench")
+    (out / "not-a-model").mkdir()  # a directory without config.json
+    err, md = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        records = bench.run([str(tiny_llama), str(out / "not-a-model"), str(tiny_w4a8), str(tiny_w4a8_g32)], WORKLOAD,
+                            profile=launch.Profile(enforce_eager=True))
+        paths = {k: str(out / f"bench.{k}") for k in ("json", "csv", "jsonl", "png")}
+        report.emit(records, md=md, json_path=paths["json"], csv_path=paths["csv"], jsonl_path=paths["jsonl"],
+                    plot_path=paths["png"])
+    return dict(records=records, stderr=err.getvalue(), md=md.getvalue(), paths=paths,
+                ok=[r for r in records if r.error is None], rc=report.exit_code(records))
+
+
+class TestEngineRun:
+    """Assertions over the one shared run (the `run` fixture)."""
+
+    pytestmark = requires_vllm
+
+    def test_records_have_every_field(self, run):
+        ok = run["ok"]
+        assert len(run["records"]) == 4 * 2 and len(ok) == 6, run["stderr"][-3000:]
+        for r in ok:
+            for name in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms", "total_tok_s", "output_tok_s",
+                         "achieved_gbs", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "bandwidth_gbs",
+                         "bandwidth_pct", "peak_rss_bytes", "model_bytes", "weights_in_memory_bytes", "bytes_per_step",
+                         "load_s", "dtype", "cpu", "arch", "torch_version", "vllm_version", "python_version", "time"):
+                assert getattr(r, name) not in (None, ""), name
+            assert r.cached_tokens == 0  # fresh random prompts: the prefix cache never helps
+            assert r.engine_args["enforce_eager"] is True and r.env["VLLM_TARGET_DEVICE"] == "cpu"
+            assert "tokenization" in r.excluded and r.repetitions == 2 and r.warmup == 1
+        w4 = [r for r in ok if r.quantized]
+        assert {r.quantization for r in w4} == {"w4a8 minmax-channelwise", "w4a8 mse-groupwise-g32"}
+        assert all("Dynamic4bitLinearKernel" in r.linear_kernels and r.int4_kernel for r in w4)
+        assert all(r.quantization == "bfloat16" and r.int4_kernel is None for r in ok if not r.quantized)
+
+    def test_raw_samples_one_per_repetition(self, run):
+        for r in run["ok"]:
+            for m in report.METRICS:
+                samples = getattr(r, m + "_samples")
+                assert len(samples) == WORKLOAD.repetitions, m
+                assert getattr(r, m + "_sd") >= 0
+                assert getattr(r, m) == pytest.approx(sum(samples) / len(samples))
+            assert len(r.ttft_ms_requests) == len(r.tpot_ms_requests) == WORKLOAD.repetitions * r.batch
+            assert r.ttft_ms_p50 <= r.ttft_ms_p99
+
+    def test_decode_is_physically_possible(self, run):
+        """decode tok/s x bytes read per token <= this machine's measured memory bandwidth."""
+        for r in run["ok"]:
+            per_token = r.bytes_per_step / r.batch
+            assert max(r.decode_tok_s_samples) * per_token <= r.bandwidth_gbs * 1e9, r.test
+            assert r.achieved_gbs == pytest.approx(r.decode_tok_s * per_token / 1e9)
+            assert 0 < r.bandwidth_pct < 100
+            assert r.peak_rss_bytes > r.weights_in_memory_bytes  # the engine holds at least its weights
+
+    def test_outputs_written(self, run):
+        p = run["paths"]
+        assert [d["test"] for d in json.load(open(p["json"]))] == [r.test for r in run["records"]]
+        assert len(open(p["jsonl"]).read().splitlines()) == len(run["records"])
+        assert len(open(p["csv"]).read().splitlines()) == 1 + len(run["records"])
+        assert open(p["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert run["md"].startswith("## arm-int4 bench") and "± " in run["md"]
+
+    def test_side_by_side_speed_up_columns(self, run):
+        md = run["md"]
+        assert "decode tok/s, side by side (× = speed-up over tiny-llama)" in md
+        head = next(line for line in md.splitlines() if line.startswith("| test | tiny-llama (bfloat16)"))
+        assert head.endswith("| tiny-llama-w4a8dyn-minmax-channelwise | × | tiny-llama-w4a8dyn-mse-groupwise-g32 | × |")
+        rows = md.split("decode tok/s, side by side")[1].split("###")[0]
+        assert rows.count("× |") >= 3 and "pp32 tg16 b4" in rows
+
+    @pytest.mark.skipif(platform.machine() != "x86_64", reason="the fallback warning is for x86")
+    def test_x86_fallback_warned_on_stderr(self, run):
+        for name in ("tiny-llama-w4a8dyn-minmax-channelwise", "tiny-llama-w4a8dyn-mse-groupwise-g32"):
+            assert f"warning: {name}: x86 reference fallback, not an Arm figure" in run["stderr"]
+        assert "x86 reference fallback, not an Arm figure" in run["md"]
+        assert "warning" not in run["md"]  # warnings go to stderr, the table to stdout
+
+    def test_failing_model_recorded_and_the_run_goes_on(self, run):
+        bad = [r for r in run["records"] if r.error]
+        assert [r.model_name for r in bad] == ["not-a-model", "not-a-model"] and "config.json" in bad[0].error
+        assert run["records"][-1].error is None and run["records"][-3].error is None  # models after the bad one ran
+        assert run["rc"] == 1 and "### failed" in run["md"]
