@@ -6,6 +6,7 @@ become one line and exit 2. Heavy imports happen inside the handlers, so `--help
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -213,13 +214,18 @@ def main(argv=None) -> int:
         return 2
     options_class, handler, _help, _epilog = COMMANDS[ns.command]
     try:
-        return handler(options_from_namespace(options_class, ns))
+        rc = handler(options_from_namespace(options_class, ns))
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return rc
     except ArmInt4Error as exc:
         print(f"arm-int4 {ns.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"arm-int4 {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `arm-int4 info | head`: the reader left; no traceback (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
 
 
 def learning_path_main(argv=None) -> int:

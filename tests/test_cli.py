@@ -83,3 +83,12 @@ def test_ci_runs_readme_command_2():
     assert len(commands) == 2, commands
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1].strip() in [line.strip() for line in ci]
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    """`arm-int4 info --json | head -1`: the reader leaves early; exit 141 quietly, as `cat` would."""
+    proc = subprocess.Popen([sys.executable, "-m", "arm_int4", "info", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody reads: the write fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err  # nothing on stderr: no traceback, no "ignored"
