@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from arm_int4 import bandwidth, bench, bench_server, cli, hardware, launch, report
+from arm_int4 import bandwidth, bench, bench_server, hardware, launch, report
 from arm_int4.checkpoint import read_checkpoint, weights_in_memory
 from arm_int4.errors import UsageError
 from arm_int4.report import Record
