@@ -311,9 +311,9 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
     configuration in the records (Record.config), e.g. a tune candidate."""
     env_info = env_info or environment(machine)
     tests, name = workload.tests(), facts.name + (f" [{label}]" if label else "")
+    tag = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", label) if label else ""  # "all-2t eager" -> "-all-2t-eager"
     log = Path(log_dir or tempfile.gettempdir()) / (
-        f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{'-' + label if label else ''}-{os.getpid()}-"
-        f"{time.time_ns()}.log")
+        f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="arm-int4-bench-"))  # job and result files only
     job = {"model": facts.path, "engine_kwargs": engine_kwargs(plan),

@@ -12,7 +12,7 @@ import sys
 from . import __version__
 from .errors import ArmInt4Error, EnvironmentMissing, UsageError
 from .options import BuildOptions, DemoOptions, EvalOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
-from .options import BenchOptions, ServeOptions
+from .options import BenchOptions, ServeOptions, TuneOptions
 
 __all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
 
@@ -136,6 +136,34 @@ def _cmd_eval(opts: EvalOptions) -> int:
     return 0
 
 
+def _cmd_tune(opts: TuneOptions) -> int:
+    from . import bench, hardware, models, report, tune
+
+    workload = bench.Workload(prompts=tuple(opts.prompt), gens=tuple(opts.gen), batches=tuple(opts.batch),
+                              repetitions=opts.repetitions, warmup=opts.warmup)
+    report.check_targets(json_path=opts.json)
+    model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
+    output = opts.output or tune.default_output(model_dir, opts.objective)
+    tune.check_output(output, opts.overwrite)  # before any engine starts
+    machine = hardware.detect()
+    outcome = tune.sweep(model_dir, objective=opts.objective, tpot_limit_ms=opts.tpot_limit_ms, workload=workload,
+                         modes=opts.modes, kinds=opts.placements, machine=machine, extra_args=opts.vllm_args or (),
+                         log_dir=opts.log_dir, bandwidth_gbs=tune.bandwidth_for(machine))
+    if outcome.profile is not None:
+        outcome.path = tune.write_profile(output, outcome.profile, overwrite=opts.overwrite)
+    report.emit(outcome.records, json_path=opts.json)
+    if opts.json != "-":
+        print("\n" + tune.format_summary(outcome, opts.objective, opts.tpot_limit_ms), end="")
+    if outcome.profile is None:
+        why = ("every candidate failed" if all(r.error for r in outcome.records) else
+               f"no batch size kept TPOT p50 within {opts.tpot_limit_ms:g} ms: raise --tpot-limit-ms or give "
+               "smaller -b sizes")
+        print(f"arm-int4 tune: error: no profile written: {why}", file=sys.stderr)
+        return 1
+    print(f"arm-int4 tune: profile written to {outcome.path}", file=sys.stderr)
+    return report.exit_code(outcome.records)
+
+
 # name → (options class, handler, one-line help, examples epilog)
 COMMANDS = {
     "bench": (BenchOptions, _cmd_bench,
@@ -178,6 +206,15 @@ COMMANDS = {
         "  arm-int4 serve default --dry-run                  # print the plan as a shell snippet\n"
         "  arm-int4 serve --port 8001 --kv-cache-gib 4 ./model -- --enforce-eager\n"
         "  arm-int4 serve --profile graviton4.json ./model",
+    ),
+    "tune": (
+        TuneOptions, _cmd_tune,
+        "sweep CPU binding, threads, eager vs compiled and batch size in vLLM; write the best as a profile",
+        "examples:\n"
+        "  arm-int4 tune ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise     # best batch-1 decode\n"
+        "  arm-int4 tune ./model --objective throughput --tpot-limit-ms 100 -b 1 4 16 --output m.json\n"
+        "  arm-int4 tune ./model --modes eager -p 64 -n 32 -r 2                # quick: no compiled engine\n"
+        "  arm-int4 serve --profile m.json ./model; arm-int4 bench --profile m.json ./model",
     ),
 }
 

@@ -11,9 +11,10 @@ from typing import List, Literal, Optional
 
 import argparse_dataclass
 
-from . import bench, evaluate  # light: their defaults only (no torch/vLLM at import)
+from . import bench, evaluate, tune  # light: their defaults only (no torch/vLLM at import)
 
 __all__ = [
+    "TuneOptions",
     "BenchOptions",
     "BuildOptions",
     "DemoOptions",
@@ -225,3 +226,41 @@ class BenchOptions:
     log_dir: Optional[str] = opt(None, "keep every vLLM log here (default: temp files, kept only on failure)",
                                  metavar="DIR")
     refresh_bandwidth: bool = opt(False, "measure this machine's memory bandwidth again (it is cached)")
+
+
+@dataclass
+class TuneOptions:
+    model: str = positional(
+        "model", "the model dir to tune for (quantized or not), a hub id, or 'default'", metavar="MODEL")
+    vllm_args: Optional[List[str]] = opt(
+        None, "after --: engine args passed to vLLM unchanged in every candidate (not written to the profile)",
+        args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")
+    objective: Literal["decode", "throughput"] = opt(
+        tune.OBJECTIVES[0], "decode: best batch-1 decode tok/s; throughput: best output tok/s among batch sizes "
+                            "whose per-request TPOT p50 is within --tpot-limit-ms (sets max_num_seqs)")
+    tpot_limit_ms: float = opt(tune.TPOT_LIMIT_MS, "TPOT p50 limit for --objective throughput, in ms",
+                               metavar="MS")
+    modes: List[str] = opt(list(tune.MODES), "compilation modes to try: eager (--enforce-eager, starts faster) "
+                                             "and compiled (vLLM's default)", nargs="+", choices=tune.MODES,
+                           metavar="MODE")
+    placements: List[str] = opt(list(tune.PLACEMENTS), "CPU placements to try, where they apply: all CPUs bound; "
+                                                       "reserve1 (one left to vLLM); half (16+ CPUs); numa (one "
+                                                       "rank per node, 2+ nodes); auto (vLLM's own binding)",
+                                nargs="+", choices=tune.PLACEMENTS, metavar="KIND")
+    output: Optional[str] = opt(None, "where the profile JSON goes (default: ./{model}-{objective}.profile.json)",
+                                metavar="FILE")
+    overwrite: bool = opt(False, "replace an existing --output file")
+    prompt: List[int] = opt(list(tune.PROMPTS), "prompt lengths in tokens", args=["-p", "--prompt"], nargs="+",
+                            type=int, metavar="N")
+    gen: List[int] = opt(list(tune.GENS), "tokens generated per request", args=["-n", "--gen"], nargs="+",
+                         type=int, metavar="N")
+    batch: List[int] = opt(list(tune.BATCHES), "concurrent requests per batch (throughput objective; decode "
+                                               "measures batch 1)", args=["-b", "--batch"], nargs="+", type=int,
+                           metavar="N")
+    repetitions: int = opt(tune.REPETITIONS, "timed batches per test (mean ± sd over them)",
+                           args=["-r", "--repetitions"], metavar="N")
+    warmup: int = opt(bench.WARMUP, "untimed batches per test before the timed ones", metavar="N")
+    json: Optional[str] = opt(None, "also write every candidate's records as JSON ('-': to stdout instead of "
+                                    "the tables)", metavar="FILE")
+    log_dir: Optional[str] = opt(None, "keep every vLLM log here (default: temp files, kept only on failure)",
+                                 metavar="DIR")
