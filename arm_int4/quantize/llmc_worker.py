@@ -2,7 +2,8 @@
 
 Run: QUANT_PYTHON arm_int4/quantize/llmc_worker.py JOB.json   (standalone: imports nothing of arm_int4)
 JOB.json = {"model": dir, "output": dir, "weights": {...}, "input_activations": {...}|null,
-            "ignore": [...], "algorithm": "rtn"|"gptq", "cast_fp32": bool, "calibration": {...}}
+            "ignore": [...], "algorithm": "rtn"|"gptq", "cast_fp32": bool, "calibration": {...}},
+           or a list of such jobs, run in turn in one process (llmcompressor's import is paid once).
 Imports only the quantization environment's stack (no vLLM), and prints one JSON line
 `{"ok": ..., ...}` last on stdout so the parent can read the outcome without parsing logs.
 """
@@ -82,13 +83,19 @@ def run(job):
 
 def main(argv):
     job = json.load(open(argv[1]))
-    try:
-        result = run(job)
-    except Exception as exc:  # reported to the parent as one line; the traceback goes to stderr
-        import traceback
+    results = []
+    for one in job if isinstance(job, list) else [job]:
+        try:
+            results.append(run(one))
+        except Exception as exc:  # reported to the parent as one line; the traceback goes to stderr
+            import traceback
 
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            traceback.print_exc()
+            results.append({"ok": False, "error": f"{one['model']}: {type(exc).__name__}: {exc}".splitlines()[0]})
+            break
+    result = results[0] if len(results) == 1 and not isinstance(job, list) else {
+        "ok": all(r["ok"] for r in results) and len(results) == len(job),
+        "error": next((r["error"] for r in results if not r["ok"]), None), "results": results}
     print(json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
 

@@ -2,7 +2,8 @@
 
 The model's Linear layers are found the way llmcompressor finds them (compressed-tensors'
 match_named_modules over the model built on the meta device, so no weights are loaded), then
-mapped onto the checkpoint's tensor names.
+mapped onto the checkpoint's tensor names. Mixture-of-experts layers: see moe.py — each expert's
+gate/up/down projection is a layer of its own, as llmcompressor's linearization makes it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from ..errors import PreflightError
 from ..schemes import Scheme
 from .safetensors_io import ShardReader, TensorInfo
 
-__all__ = ["Checkpoint", "QuantPlan", "read_checkpoint", "plan_quantization", "check_output"]
+__all__ = ["Checkpoint", "QuantPlan", "Layer", "read_checkpoint", "quantizable_layers", "plan_quantization",
+           "check_output"]
 
 
 @dataclass
@@ -43,6 +45,11 @@ class QuantPlan:
     scheme: Scheme
     ignore: list[str]
     targets: dict[str, TensorInfo]  # tensor name (`….weight`) → its header, in checkpoint order
+    renames: dict[str, str] = field(default_factory=dict)  # source tensor → output name (Mixtral w1 → gate_proj)
+    config_ignore: list[str] | None = None  # ignore list for config.json when not `ignore` (MoE: routers…)
+
+    def output_name(self, name: str) -> str:
+        return self.renames.get(name, name)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -63,16 +70,66 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return ck
 
 
-def _linear_modules(config_dir: Path, scheme_targets: list[str], ignore: list[str]) -> list[tuple[str, int]]:
-    """(module name, in_features) of every Linear llmcompressor would quantize."""
+@dataclass(frozen=True)
+class Layer:
+    """A Linear layer llmcompressor would quantize (a per-expert projection counts as one)."""
+
+    module: str  # model-side name
+    weight: str  # its weight's tensor name in a checkpoint llmcompressor writes
+    in_features: int
+    out_features: int
+    expert: bool = False
+
+
+@dataclass
+class ModelLayers:
+    layers: list[Layer]
+    ignored: list[str]  # checkpoint names of Linear-typed modules left unquantized (MoE ignore list)
+    moe: bool
+
+
+def quantizable_layers(config_dir: Path, scheme_targets: list[str], ignore: list[str]) -> ModelLayers:
+    """Layers llmcompressor would quantize, from the model built on the meta device (no weights)."""
     import torch
-    from compressed_tensors.utils import match_named_modules
+    from compressed_tensors.utils import match_name, match_named_modules
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .moe import expert_linears, linear_typed_modules
 
     config = AutoConfig.from_pretrained(str(config_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [(n, m.weight.shape[-1]) for n, m in match_named_modules(model, scheme_targets, ignore)]
+    experts = expert_linears(model)
+    if not experts:  # dense: the names as they are (the path every dense test pins)
+        return ModelLayers([Layer(n, f"{n}.weight", m.weight.shape[-1], m.weight.shape[0])
+                            for n, m in match_named_modules(model, scheme_targets, ignore)], [], False)
+    from .moe import checkpoint_namer
+
+    ck_name = checkpoint_namer(model)
+
+    def ignored(name: str) -> bool:
+        return any(match_name(name, t) or match_name(ck_name(name), t) for t in ignore)
+
+    layers = [Layer(n, ck_name(f"{n}.weight"), m.weight.shape[-1], m.weight.shape[0])
+              for n, m in match_named_modules(model, scheme_targets, ignore) if not ignored(n)]
+    if "Linear" in scheme_targets:
+        layers += [Layer(x.module, ck_name(f"{x.module}.weight"), x.in_features, x.out_features, True)
+                   for x in experts if not ignored(x.module)]
+    chosen = {x.module for x in layers}
+    return ModelLayers(layers, [ck_name(n) for n in linear_typed_modules(model) if n not in chosen], True)
+
+
+def _source_tensor(ck: Checkpoint, layer: Layer) -> tuple[str, TensorInfo | None]:
+    """The checkpoint tensor holding `layer`'s weight: its own name, or the hub's Mixtral w1/w3/w2."""
+    from .moe import LEGACY_NAMES
+
+    info = ck.tensor(layer.weight)
+    if info is None and layer.expert:
+        head, proj, _ = layer.weight.rsplit(".", 2)
+        legacy = f"{head}.{LEGACY_NAMES[proj]}.weight"
+        if ck.tensor(legacy) is not None:
+            return legacy, ck.tensor(legacy)
+    return layer.weight, info
 
 
 def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, require_safetensors: bool) -> QuantPlan:
@@ -89,15 +146,25 @@ def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, requ
             f"{ck.path}: no *.safetensors files — the stream engine reads safetensors; "
             "use --engine llmcompressor for .bin checkpoints"
         )
-    modules = _linear_modules(ck.path, ["Linear"], ignore)
+    found = quantizable_layers(ck.path, ["Linear"], ignore)
+    modules = found.layers
     if not modules:
         raise PreflightError(
             f"{ck.path}: no Linear layers left to quantize (ignore list: {' '.join(ignore) or 'none'})"
         )
     targets: dict[str, TensorInfo] = {}
-    for mod, _in_features in modules:
-        name = f"{mod}.weight"
-        info = ck.tensor(name)
+    renames: dict[str, str] = {}
+    for layer in modules:
+        mod = layer.module
+        name, info = _source_tensor(ck, layer)
+        if info is None and layer.expert:  # experts stored fused (3-D) or under unknown names
+            if not require_safetensors:
+                continue  # llmcompressor loads them through transformers' own conversion
+            fused = [t for ts in ck.shards.values() for t in ts.values() if len(t.shape) == 3]
+            raise PreflightError(
+                f"expert layer {layer.weight} is not in the checkpoint"
+                + (f" (its experts are stored fused: {fused[0].name} {list(fused[0].shape)})" if fused else "")
+                + " — use --engine llmcompressor")
         if info is None:
             if ck.shards:
                 raise PreflightError(
@@ -109,20 +176,27 @@ def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, requ
             raise PreflightError(f"layer {mod}: weight shape {list(info.shape)} is not 2-D")
         if info.dtype not in ("BF16", "F16", "F32"):
             raise PreflightError(f"layer {mod}: weight dtype {info.dtype} is not a float type")
+        if layer.expert and tuple(info.shape) != (layer.out_features, layer.in_features):
+            raise PreflightError(
+                f"expert layer {name}: shape {list(info.shape)} in the checkpoint, the model config says "
+                f"[{layer.out_features}, {layer.in_features}] — config.json and weights disagree")
         targets[name] = info
+        if name != layer.weight:
+            renames[name] = layer.weight
     g = scheme.group_size
     if g:
-        bad = [(n, cols) for n, cols in modules if cols % g]
+        bad = [(x.module, x.in_features) for x in modules if x.in_features % g]
         if bad:
             name, cols = bad[0]
             more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
-            divisors = [x for x in (32, 64, 128) if all(c % x == 0 for _, c in modules)]
+            divisors = [x for x in (32, 64, 128) if all(m.in_features % x == 0 for m in modules)]
             hint = f"use --groupsize {' or '.join(map(str, divisors))}" if divisors else "use --scheme channelwise"
             raise PreflightError(
                 f"--groupsize {g} does not divide the {cols} input features of layer "
                 f"{name}{more}: {hint}"
             )
-    return QuantPlan(ck, scheme, list(ignore), targets)
+    return QuantPlan(ck, scheme, list(ignore), targets, renames,
+                     found.ignored if found.moe else None)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -32,8 +32,9 @@ def _output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan) -> list[Tenso
     specs = []
     for t in sorted(tensors.values(), key=lambda t: t.begin):
         if t.name in plan.targets:
-            specs.append(TensorInfo(t.name, "I8", t.shape))
-            specs.append(TensorInfo(t.name + "_scale", t.dtype, _scale_shape(t, plan.scheme.group_size)))
+            out = plan.output_name(t.name)  # llmcompressor's name (Mixtral experts: w1 → gate_proj)
+            specs.append(TensorInfo(out, "I8", t.shape))
+            specs.append(TensorInfo(out + "_scale", t.dtype, _scale_shape(t, plan.scheme.group_size)))
         else:
             specs.append(TensorInfo(t.name, t.dtype, t.shape))
     return specs
@@ -57,7 +58,7 @@ def write_quant_config(src_config: dict, plan: QuantPlan, dst: Path) -> None:
         config_groups={"group_0": qscheme},
         format="int-quantized",
         quantization_status="compressed",
-        ignore=plan.ignore,
+        ignore=plan.ignore if plan.config_ignore is None else plan.config_ignore,
     )
     (dst / "config.json").write_text(json.dumps(src_config, indent=2, sort_keys=True))
     ModelCompressor(quantization_config=qconfig).update_config(str(dst))
@@ -86,8 +87,8 @@ def run_stream(plan: QuantPlan, dst: Path, progress: bool = True) -> dict:
                 value = reader.read(t.name)
                 if t.name in plan.targets:
                     q, scale = quantize_weight(value, args)
-                    writer.write(t.name, q)
-                    writer.write(t.name + "_scale", scale)
+                    writer.write(plan.output_name(t.name), q)
+                    writer.write(plan.output_name(t.name) + "_scale", scale)
                     del q, scale
                 else:
                     writer.write(t.name, value)

@@ -35,7 +35,7 @@ class VerifyReport:
 
 
 def verify_dir(path: str | Path) -> VerifyReport:
-    from .preflight import _linear_modules
+    from .preflight import quantizable_layers
 
     p = Path(path)
     cfg_file = p / "config.json"
@@ -50,7 +50,8 @@ def verify_dir(path: str | Path) -> VerifyReport:
     if qc.get("format") != "int-quantized":
         raise VerifyError(f"{p}: format {qc.get('format')!r}, expected 'int-quantized' (vLLM CPU's W4A8 layout)")
     group = next(iter(qc["config_groups"].values()))
-    expected = {f"{m}.weight" for m, _ in _linear_modules(p, group.get("targets") or ["Linear"], qc.get("ignore") or [])}
+    layers = quantizable_layers(p, group.get("targets") or ["Linear"], qc.get("ignore") or []).layers
+    expected = {x.weight for x in layers}
 
     files = sorted(f for f in p.glob("*.safetensors"))
     if not files:
