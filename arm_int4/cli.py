@@ -40,7 +40,12 @@ def _cmd_quantize(opts: QuantizeOptions) -> int:
         print(report.summary())
         return 0
     result = quantize.quantize(opts)
-    print(result.summary())
+    print(result.summary(), flush=True)
+    if opts.eval:
+        from . import lmeval, models
+
+        source = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
+        print(lmeval.quick_check(source, result.output, progress=lambda m: print(m, file=sys.stderr, flush=True)))
     return 0
 
 
@@ -73,14 +78,54 @@ def _cmd_bench(opts: BenchOptions) -> int:
         if len(opts.models) > 1 or opts.vllm_args or opts.profile:
             raise UsageError(f"--server {opts.server}: the server is already configured; give at most one MODEL "
                              "(its checkpoint dir) and no --profile or vLLM args")
+        if opts.vs_llamacpp:
+            raise UsageError("--vs-llamacpp runs beside bench's own vLLM engines (same threads): drop --server")
         records = bench_server.run_server(opts.server, workload, model_dir=(opts.models or [None])[0])
     else:
         profile = launch.Profile.load(opts.profile) if opts.profile else None
+        peer, first = None, (opts.models or ["default"])[0]
+        if opts.vs_llamacpp:  # env and GGUF settled before any engine starts
+            from . import llamacpp
+
+            say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+            peer = llamacpp.prepare(opts.vs_llamacpp, first, progress=say)
         records = bench.run(opts.models or ["default"], workload, profile=profile, reserve=opts.reserve,
                             kv_cache_gib=opts.kv_cache_gib, extra_args=opts.vllm_args or (), log_dir=opts.log_dir,
                             refresh_bandwidth=opts.refresh_bandwidth)
+        if peer:
+            records += llamacpp.run_like(peer, first, workload, profile=profile, reserve=opts.reserve,
+                                         kv_cache_gib=opts.kv_cache_gib, extra_args=opts.vllm_args or (),
+                                         log_dir=opts.log_dir, progress=say)
     report.emit(records, json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)
     return report.exit_code(records)
+
+
+def _cmd_tune(opts: TuneOptions) -> int:
+    from . import bench, hardware, models, report, tune
+
+    workload = bench.Workload(prompts=tuple(opts.prompt), gens=tuple(opts.gen), batches=tuple(opts.batch),
+                              repetitions=opts.repetitions, warmup=opts.warmup)
+    report.check_targets(json_path=opts.json)
+    model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
+    output = opts.output or tune.default_output(model_dir, opts.objective)
+    tune.check_output(output, opts.overwrite)  # before any engine starts
+    machine = hardware.detect()
+    outcome = tune.sweep(model_dir, objective=opts.objective, tpot_limit_ms=opts.tpot_limit_ms, workload=workload,
+                         modes=opts.modes, kinds=opts.placements, machine=machine, extra_args=opts.vllm_args or (),
+                         log_dir=opts.log_dir, bandwidth_gbs=tune.bandwidth_for(machine))
+    if outcome.profile is not None:
+        outcome.path = tune.write_profile(output, outcome.profile, overwrite=opts.overwrite)
+    report.emit(outcome.records, json_path=opts.json)
+    if opts.json != "-":
+        print("\n" + tune.format_summary(outcome, opts.objective, opts.tpot_limit_ms), end="")
+    if outcome.profile is None:
+        why = ("every candidate failed" if all(r.error for r in outcome.records) else
+               f"no batch size kept TPOT p50 within {opts.tpot_limit_ms:g} ms: raise --tpot-limit-ms or give "
+               "smaller -b sizes")
+        print(f"arm-int4 tune: error: no profile written: {why}", file=sys.stderr)
+        return 1
+    print(f"arm-int4 tune: profile written to {outcome.path}", file=sys.stderr)
+    return report.exit_code(outcome.records)
 
 
 def _cmd_demo(opts: DemoOptions) -> int:
@@ -113,55 +158,35 @@ def _cmd_build(opts: BuildOptions) -> int:
 
 
 def _cmd_eval(opts: EvalOptions) -> int:
-    from . import evaluate, models
+    from . import evaluate, lmeval, models
 
     def log(m):
         print(f"arm-int4: {m}", file=sys.stderr, flush=True)
 
+    if opts.output and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output))):
+        raise UsageError(f"--output {opts.output}: directory {os.path.dirname(os.path.abspath(opts.output))} "
+                         "does not exist")
     dirs = [models.resolve(m, progress=log) for m in opts.models]
-    text = evaluate.load_text(opts.text)
-    kw = dict(max_len=opts.max_len, stride=opts.stride, dtype=opts.dtype, num_tokens=opts.num_tokens,
-              bos=not opts.no_bos, log=opts.log, progress=log)
-    if opts.baseline:
-        rows = evaluate.compare(models.resolve(opts.baseline, progress=log), dirs, text, **kw)
-    else:
-        rows = [evaluate.perplexity(d, text, **kw) for d in dirs]
+    baseline = models.resolve(opts.baseline, progress=log) if opts.baseline else None
+    ppl_kwargs = dict(max_len=opts.max_len, stride=opts.stride, dtype=opts.dtype, num_tokens=opts.num_tokens,
+                      bos=not opts.no_bos, log=opts.log)
+    limit = int(opts.limit) if opts.limit >= 1 and opts.limit == int(opts.limit) else opts.limit
+    out = lmeval.run_eval(dirs, baseline=baseline, tasks=opts.tasks, text=opts.text, ppl_kwargs=ppl_kwargs,
+                          include_path=opts.include_path, progress=log, num_fewshot=opts.num_fewshot, limit=limit,
+                          batch_size=opts.batch_size, dtype=opts.dtype, log=opts.log)
+    if opts.output:
+        with open(opts.output, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2, default=str)
+        log(f"results saved to {opts.output}")
+    only_ppl = not out["tasks"]  # the perplexity-only output, as before lm-eval tasks existed
     if opts.format == "md":
-        print(evaluate.format_table(rows))
+        print(evaluate.format_table(out["perplexity"]) if only_ppl else lmeval.format_tables(out["rows"], out["tasks"]))
     elif opts.format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(out["perplexity"] if only_ppl else out, indent=2, default=str))
     else:
-        for r in rows:
+        for r in (out["perplexity"] if only_ppl else out["rows"]):
             print(json.dumps(r))
     return 0
-
-
-def _cmd_tune(opts: TuneOptions) -> int:
-    from . import bench, hardware, models, report, tune
-
-    workload = bench.Workload(prompts=tuple(opts.prompt), gens=tuple(opts.gen), batches=tuple(opts.batch),
-                              repetitions=opts.repetitions, warmup=opts.warmup)
-    report.check_targets(json_path=opts.json)
-    model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
-    output = opts.output or tune.default_output(model_dir, opts.objective)
-    tune.check_output(output, opts.overwrite)  # before any engine starts
-    machine = hardware.detect()
-    outcome = tune.sweep(model_dir, objective=opts.objective, tpot_limit_ms=opts.tpot_limit_ms, workload=workload,
-                         modes=opts.modes, kinds=opts.placements, machine=machine, extra_args=opts.vllm_args or (),
-                         log_dir=opts.log_dir, bandwidth_gbs=tune.bandwidth_for(machine))
-    if outcome.profile is not None:
-        outcome.path = tune.write_profile(output, outcome.profile, overwrite=opts.overwrite)
-    report.emit(outcome.records, json_path=opts.json)
-    if opts.json != "-":
-        print("\n" + tune.format_summary(outcome, opts.objective, opts.tpot_limit_ms), end="")
-    if outcome.profile is None:
-        why = ("every candidate failed" if all(r.error for r in outcome.records) else
-               f"no batch size kept TPOT p50 within {opts.tpot_limit_ms:g} ms: raise --tpot-limit-ms or give "
-               "smaller -b sizes")
-        print(f"arm-int4 tune: error: no profile written: {why}", file=sys.stderr)
-        return 1
-    print(f"arm-int4 tune: profile written to {outcome.path}", file=sys.stderr)
-    return report.exit_code(outcome.records)
 
 
 # name → (options class, handler, one-line help, examples epilog)
@@ -171,6 +196,7 @@ COMMANDS = {
               "examples:\n  arm-int4 bench default\n"
               "  arm-int4 bench ./m ./m-w4a8dyn-mse-channelwise -p 128 -n 64 -b 1 4 --json r.json --plot r.png\n"
               "  arm-int4 bench ./m -- --enforce-eager\n"
+              "  arm-int4 bench default --vs-llamacpp -p 128 -n 64 -b 1 4   # vLLM BF16 vs llama.cpp Q4_1\n"
               "  arm-int4 bench --server http://127.0.0.1:8000 -b 1 4 16"),
     "build": (BuildOptions, _cmd_build,
               "build vLLM's CPU wheel from source for this machine, record how, smoke-test it",
@@ -182,9 +208,12 @@ COMMANDS = {
              "summary table + PNG",
              "examples:\n  arm-int4 demo\n  arm-int4 demo --quick --output /tmp/demo"),
     "eval": (EvalOptions, _cmd_eval,
-             "perplexity through vLLM on a packaged text, optionally against an unquantized baseline",
+             "accuracy through vLLM: perplexity on a packaged text and lm-eval tasks, vs an unquantized baseline",
              "examples:\n"
              "  arm-int4 eval ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise --baseline default\n"
+             "  arm-int4 eval ./m-cw --baseline ./m --tasks perplexity opticks_cloze --num-fewshot 0 --limit 50\n"
+             "  arm-int4 eval ./m-cw --baseline ./m --tasks gsm8k --output gsm8k.json   # vLLM's INT4 doc (hub data)\n"
+             "  arm-int4 eval ./m-cw --tasks my_task --include-path ./my_tasks\n"
              "  arm-int4 eval ./m-cw ./m-g32 --baseline ./m --num-tokens 2048 --format json\n"
              "  arm-int4 eval default --text notes.txt --num-tokens 0"),
     "info": (InfoOptions, _cmd_info, "describe this machine: CPU, ISA features, cores, NUMA, memory, INT4 kernel",
@@ -198,15 +227,6 @@ COMMANDS = {
         "  arm-int4 quantize ./model --algorithm gptq --dataset calib.jsonl --output ./model-gptq\n"
         "  arm-int4 quantize --verify-only ./model-w4a8dyn-mse-channelwise",
     ),
-    "serve": (
-        ServeOptions, _cmd_serve,
-        "serve a model with vLLM's OpenAI-compatible server, env and engine args planned for this CPU",
-        "examples:\n"
-        "  arm-int4 serve ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise\n"
-        "  arm-int4 serve default --dry-run                  # print the plan as a shell snippet\n"
-        "  arm-int4 serve --port 8001 --kv-cache-gib 4 ./model -- --enforce-eager\n"
-        "  arm-int4 serve --profile graviton4.json ./model",
-    ),
     "tune": (
         TuneOptions, _cmd_tune,
         "sweep CPU binding, threads, eager vs compiled and batch size in vLLM; write the best as a profile",
@@ -215,6 +235,15 @@ COMMANDS = {
         "  arm-int4 tune ./model --objective throughput --tpot-limit-ms 100 -b 1 4 16 --output m.json\n"
         "  arm-int4 tune ./model --modes eager -p 64 -n 32 -r 2                # quick: no compiled engine\n"
         "  arm-int4 serve --profile m.json ./model; arm-int4 bench --profile m.json ./model",
+    ),
+    "serve": (
+        ServeOptions, _cmd_serve,
+        "serve a model with vLLM's OpenAI-compatible server, env and engine args planned for this CPU",
+        "examples:\n"
+        "  arm-int4 serve ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise\n"
+        "  arm-int4 serve default --dry-run                  # print the plan as a shell snippet\n"
+        "  arm-int4 serve --port 8001 --kv-cache-gib 4 ./model -- --enforce-eager\n"
+        "  arm-int4 serve --profile graviton4.json ./model",
     ),
 }
 

@@ -11,10 +11,9 @@ from typing import List, Literal, Optional
 
 import argparse_dataclass
 
-from . import bench, evaluate, tune  # light: their defaults only (no torch/vLLM at import)
+from . import bench, evaluate, llamacpp, lmeval, tune  # light: their defaults only (no torch/vLLM at import)
 
 __all__ = [
-    "TuneOptions",
     "BenchOptions",
     "BuildOptions",
     "DemoOptions",
@@ -23,6 +22,7 @@ __all__ = [
     "LearningPathOptions",
     "QuantizeOptions",
     "ServeOptions",
+    "TuneOptions",
     "add_options",
     "options_from_namespace",
 ]
@@ -83,6 +83,8 @@ class QuantizeOptions:
                                 metavar="DIR")
     overwrite: bool = opt(False, "replace an existing output dir")
     verify_only: bool = opt(False, "only check MODEL (a quantized dir) against its quantization_config")
+    eval: bool = opt(False, "after quantizing, run the quick offline check: perplexity of the new dir vs MODEL "
+                            "through vLLM (arm-int4 eval --num-tokens 256), and print the delta")
 
 
 _Q = {f.name: f for f in fields(QuantizeOptions)}
@@ -109,7 +111,7 @@ def _describe_default(f) -> str:
         d = " ".join(map(str, f.default_factory()))
     else:
         return ""
-    if isinstance(d, bool) or d is None:
+    if isinstance(d, bool) or d is None or d == "":
         return ""
     return f" (default: {d})"
 
@@ -122,6 +124,8 @@ def add_options(parser: argparse.ArgumentParser, options_class) -> None:
         f = by_name.get(action.dest)
         if f is not None and action.help:
             action.help += _describe_default(f)
+        if f is not None and "const" in f.metadata:  # nargs="?": the value of a bare flag
+            action.const = f.metadata["const"]
 
 
 def options_from_namespace(options_class, ns: argparse.Namespace):
@@ -191,13 +195,26 @@ class EvalOptions:
     format: Literal["md", "json", "jsonl"] = opt("md", "md: a table; json/jsonl: the full records")
     log: Optional[str] = opt(None, "append vLLM's logs here (default: a temp file, kept only on failure)",
                              metavar="FILE")
+    tasks: List[str] = opt(list(lmeval.TASKS), f"what to score: '{lmeval.PERPLEXITY}' (the --text check), "
+                                               "'opticks_cloze' (a packaged multiple-choice task, offline), or lm-eval "
+                                               "task names (e.g. gsm8k, as in vLLM's INT4 doc; hub data needs network)",
+                           nargs="+", metavar="TASK")
+    num_fewshot: int = opt(lmeval.NUM_FEWSHOT, "lm-eval tasks: few-shot examples per prompt", metavar="N")
+    limit: float = opt(lmeval.LIMIT, "lm-eval tasks: documents per task (a fraction if < 1; 0: all)", metavar="N")
+    batch_size: str = opt(lmeval.BATCH_SIZE, "lm-eval tasks: requests per vLLM call ('auto': all at once)",
+                          metavar="auto|N")
+    include_path: Optional[str] = opt(None, "lm-eval tasks: a directory of task YAML files (local data: "
+                                            "dataset_path: json + data_files)", metavar="DIR")
+    output: Optional[str] = opt(None, "also save every record (perplexity, lm-eval results and samples) as JSON",
+                                metavar="FILE")
 
 
 @dataclass
 class BenchOptions:
-    models: List[str] = positional(
-        "models", "model dirs (quantized or not), hub ids, or 'default' (when none is given); several = one "
-                  "side-by-side table with speed-ups over the first unquantized one", nargs="*", metavar="MODEL")
+    models: List[str] = field(default_factory=list, metadata=dict(  # none given: [] ('default'), not a crash
+        args=["models"], help="model dirs (quantized or not), hub ids, or 'default' (when none is given); several = "
+                              "one side-by-side table with speed-ups over the first unquantized one",
+        nargs="*", metavar="MODEL"))
     vllm_args: Optional[List[str]] = opt(
         None, "after --: engine args passed to vLLM unchanged and last (e.g. -- --enforce-eager)",
         args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")
@@ -226,6 +243,11 @@ class BenchOptions:
     log_dir: Optional[str] = opt(None, "keep every vLLM log here (default: temp files, kept only on failure)",
                                  metavar="DIR")
     refresh_bandwidth: bool = opt(False, "measure this machine's memory bandwidth again (it is cached)")
+    vs_llamacpp: Optional[str] = opt(
+        None, "also run llama.cpp (llama-cpp-python, set up by ARM_INT4_LLAMACPP=1 scripts/setup.sh) on the same "
+              "tests and threads as the first MODEL, in the same table; FILE.gguf, or no value: the shipped Q4_1 "
+              "GGUF for 'default', else llama.cpp's own conversion of MODEL to Q4_1 (put MODEL first)",
+        nargs="?", const=llamacpp.AUTO, type=str, metavar="GGUF")
 
 
 @dataclass

@@ -191,9 +191,11 @@ def format_markdown(records) -> str:
     modes = {r.mode for r in records}
     out.append(f"- method: {r0.warmup} untimed warm-up batch(es), then {r0.repetitions} timed repetitions per test; "
                "mean ± sd over repetitions, p50/p99 over all requests; "
-               + ("vLLM's offline engine in a fresh subprocess per configuration" if "offline" in modes else "")
-               + (" / " if len(modes) > 1 else "")
-               + ("an OpenAI server over HTTP, one client per concurrent request" if "server" in modes else ""))
+               + " / ".join(text for mode, text in (
+                   ("offline", "vLLM's offline engine in a fresh subprocess per configuration"),
+                   ("server", "an OpenAI server over HTTP, one client per concurrent request"),
+                   ("llamacpp", "llama.cpp (llama-cpp-python) in a subprocess, batch B = B parallel sequences in "
+                                "one context")) if mode in modes))
     for ex in dict.fromkeys(r.excluded for r in records if r.excluded):
         out.append(f"- not timed: {ex}")
     starts = {_who(r): r.load_s for r in records if r.load_s is not None}
@@ -221,6 +223,8 @@ def format_markdown(records) -> str:
     out.append("")
     out += _side_by_side(records, "decode_tok_s", "decode tok/s")
     out += _side_by_side(records, "prefill_tok_s", "prefill tok/s")
+    if any(r.batch > 1 for r in records):  # aggregate throughput: generated tokens / wall time, all streams
+        out += _side_by_side(records, "output_tok_s", "output tok/s")
     for note in dict.fromkeys(n for r in records for n in r.notes):
         out.append(f"> note: {note}")
     failed = [r for r in records if r.error is not None]

@@ -13,6 +13,10 @@
 #                         Default: on aarch64 PyTorch's CPU index; on x86_64 pip's own configuration
 #                         (this project's build machines carry the wheel locally). "none" = pip only.
 #   ARM_INT4_NO_QUANT=1   skip the quantization environment
+#   ARM_INT4_LLAMACPP=1   also build $ARM_INT4_HOME/envs/llamacpp: llama-cpp-python 0.3.36 compiled
+#                         from source, the peer of `arm-int4 bench --vs-llamacpp` (off by default;
+#                         ~15-25 min on 2 cores). See llamacpp_cmake_args below for the flags.
+#   ARM_INT4_LLAMACPP_CMAKE_ARGS  replace the computed llama.cpp CMake flags entirely
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -112,5 +116,67 @@ if [ "${ARM_INT4_NO_QUANT:-0}" != 1 ]; then
     mkdir -p "$home/envs"
     mapfile -t quant_deps < <(deps_of quant)
     build_env "$quant_venv" "$(key_of "${quant_deps[@]}")" "${quant_deps[@]}"
+fi
+
+# llama.cpp flags that build on x86_64 and aarch64 alike: never GGML_NATIVE (the native x86 build
+# turned on AMX here and segfaulted); instead the instruction sets the CPU reports, named
+# explicitly, so the same rule works on any host and the flags are recorded in the env's key file.
+llamacpp_cmake_args() {  # $1 = machine (uname -m), $2 = a /proc/cpuinfo file
+    local arch=$1 flags
+    flags=$(grep -m1 -E '^(flags|Features)' "$2" 2>/dev/null | cut -d: -f2 || true)
+    has() { [[ " $flags " == *" $1 "* ]]; }
+    local args=(-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
+    case "$arch" in
+        x86_64)
+            local f opt
+            for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 \
+                     avx512_vnni:AVX512_VNNI avx512vbmi:AVX512_VBMI avx512_bf16:AVX512_BF16; do
+                opt=${f#*:}
+                if has "${f%%:*}"; then args+=("-DGGML_$opt=ON"); else args+=("-DGGML_$opt=OFF"); fi
+            done
+            args+=(-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF) ;;
+        aarch64)
+            # -march from the features the kernel lists: dotprod (asimddp), fp16 (asimdhp),
+            # i8mm and sve, on top of armv8.2-a (Neoverse N1 and later).
+            local march=armv8.2-a
+            has asimddp && march+=+dotprod
+            has asimdhp && march+=+fp16
+            has i8mm && march+=+i8mm
+            has sve && march+=+sve
+            args+=("-DGGML_CPU_ARM_ARCH=$march") ;;
+    esac
+    printf '%s\n' "${args[*]}"
+}
+
+if [ "${ARM_INT4_LLAMACPP:-0}" = 1 ]; then
+    llamacpp_venv=$home/envs/llamacpp
+    llamacpp_pkg="llama-cpp-python==0.3.36"
+    llamacpp_args=${ARM_INT4_LLAMACPP_CMAKE_ARGS:-$(llamacpp_cmake_args "$arch" /proc/cpuinfo)}
+    llamacpp_key=$(key_of "$llamacpp_pkg" "$llamacpp_args")
+    mkdir -p "$home/envs"
+    if [ -f "$llamacpp_venv/.arm-int4-key" ] && [ "$(cat "$llamacpp_venv/.arm-int4-key")" = "$llamacpp_key" ]; then
+        log "$llamacpp_venv is up to date"
+    else
+        log "building $llamacpp_venv: $llamacpp_pkg from source with CMAKE_ARGS=$llamacpp_args"
+        [ -x "$llamacpp_venv/bin/python" ] || "$py" -m venv "$llamacpp_venv"
+        rm -f "$llamacpp_venv/.arm-int4-key"
+        pip_in "$llamacpp_venv" install -q --upgrade pip >/dev/null
+        CMAKE_ARGS=$llamacpp_args CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+            pip_in "$llamacpp_venv" install -q --no-cache-dir --no-binary llama-cpp-python "$llamacpp_pkg"
+        # llama.cpp's own HF -> GGUF converter (and its gguf-py) from the same sdist: the wheel
+        # does not install them; `bench --vs-llamacpp` runs it with the serving env's torch.
+        share=$llamacpp_venv/share/llama.cpp
+        sdist=$(mktemp -d)
+        "$llamacpp_venv/bin/python" -m pip download -q --no-deps --no-binary :all: "$llamacpp_pkg" -d "$sdist" \
+            2> >(grep -v "^WARNING: Location '" >&2)
+        tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist"
+        rm -rf "$share" && mkdir -p "$share"
+        src=$(echo "$sdist"/llama_cpp_python-*/vendor/llama.cpp)
+        cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$share/"
+        rm -rf "$sdist"
+        "$llamacpp_venv/bin/python" -c 'import llama_cpp' || die "llama_cpp does not import in $llamacpp_venv"
+        printf '%s\n' "$llamacpp_args" >"$llamacpp_venv/cmake-args.txt"
+        printf '%s\n' "$llamacpp_key" >"$llamacpp_venv/.arm-int4-key"
+    fi
 fi
 log "ready: $serve_venv/bin/arm-int4"

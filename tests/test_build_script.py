@@ -70,7 +70,8 @@ esac
 def test_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    files = [SCRIPT, LIB, REPO / "build" / "shims" / "ninja", REPO / "build" / "vllm-0.32.0.conf"]
+    files = [SCRIPT, LIB, REPO / "build" / "shims" / "ninja", REPO / "build" / "vllm-0.32.0.conf",
+             REPO / "scripts" / "setup.sh", REPO / "scripts" / "arm_emulation.sh", REPO / ".ci" / "run"]
     r = subprocess.run(["shellcheck", "-x", *map(str, files)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
 
