@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,12 +36,11 @@ def test_docs_cli_md_is_generated_from_help():
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
-def test_help_is_instant_and_shows_defaults(argv):
-    t0 = time.time()
-    r = subprocess.run([str(ARM_INT4), *argv], capture_output=True, text=True)
-    elapsed = time.time() - t0
+def test_help_works_and_shows_defaults(argv):
+    """Instant --help is checked structurally (test_help_imports_nothing_heavy), not by a timer."""
+    r = subprocess.run([str(ARM_INT4), *argv], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"})  # no line wrap inside "(default: …)"
     assert r.returncode == 0 and "usage: arm-int4" in r.stdout
-    assert elapsed < 1.0, f"{argv}: {elapsed:.2f} s (a heavy import at module level?)"
     if argv[0] == "quantize":
         assert "(default: mse)" in r.stdout and "(default: 32)" in r.stdout
 
