@@ -231,8 +231,11 @@ def _wait_for_tmp(parent: Path, proc, timeout=240):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_interrupted_run_leaves_nothing_behind(sig, smollm2, tmp_path):
     out = tmp_path / "out"
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored (no KeyboardInterrupt): give the child a terminal's default, as Ctrl-C meets.
     proc = subprocess.Popen([sys.executable, "-m", "arm_int4", "quantize", str(smollm2), "--output", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tmp = _wait_for_tmp(tmp_path, proc)
     proc.send_signal(sig)
     proc.wait(timeout=60)
