@@ -34,7 +34,15 @@ def main(path, out_path):
         result["ranks"] = ranks
     with open(out_path, "w") as f:
         json.dump(result, f)
+    return llm
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    llm = main(sys.argv[1], sys.argv[2])
+    # Stop the engine core and worker while the interpreter is intact, then skip interpreter
+    # teardown: vLLM 0.32 sometimes aborts there ("terminate called without an active exception",
+    # SIGABRT) after the work is done. arm_int4/engine_worker.py does the same.
+    llm.llm_engine.engine_core.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
