@@ -1,6 +1,6 @@
 """Times generation with one vLLM engine; started by arm_int4.bench, one process per configuration.
 
-Run: VENV_PYTHON arm_int4/bench_worker.py JOB.json   (standalone: imports nothing of arm_int4)
+Run: VENV_PYTHON arm_int4/bench_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "engine_kwargs": {LLM(...) keyword args}, "tests": [[prompt, gen, batch], ...],
             "warmup": int, "repetitions": int, "seed": int, "result": path, "rss_interval_s": float}
 Writes JOB["result"] (rewritten atomically after each test, so a crash keeps finished tests):
@@ -22,11 +22,12 @@ so a fresh interpreter is the only clean slate. The `__main__` guard is required
 """
 
 import json
-import os
 import random
 import sys
 import threading
 import time
+
+from worker_io import one_line, write_json_atomic  # sibling module (this script's dir)
 
 
 class RssSampler(threading.Thread):
@@ -62,16 +63,6 @@ class RssSampler(threading.Thread):
         self._stop.set()
 
 
-def _write(path, result):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f)
-    os.replace(tmp, path)
-
-
-def _one_line(exc):
-    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:400]
-
 
 def run_batch(llm, params, pool, prompt, batch, rng):
     """One timed batch: `batch` requests of `prompt` random token ids each."""
@@ -97,7 +88,7 @@ def main(argv):
         job = json.load(f)
     out = job["result"]
     result = {"ok": False, "error": None, "tests": []}
-    _write(out, result)
+    write_json_atomic(out, result)
     sampler = RssSampler(job.get("rss_interval_s", 0.25))
     sampler.start()
     try:
@@ -128,20 +119,20 @@ def main(argv):
                 import traceback
 
                 traceback.print_exc()
-                entry["error"] = _one_line(exc)
+                entry["error"] = one_line(exc)
             sampler.sample()
             entry["peak_rss_bytes"] = sampler.peak
             result["tests"].append(entry)
-            _write(out, result)
+            write_json_atomic(out, result)
         result["ok"] = True
     except Exception as exc:  # the engine did not start (or died): reported to the parent in one line
         import traceback
 
         traceback.print_exc()
-        result["error"] = _one_line(exc)
+        result["error"] = one_line(exc)
     finally:
         sampler.stop()
-        _write(out, result)
+        write_json_atomic(out, result)
     return 0 if result["ok"] else 1
 
 

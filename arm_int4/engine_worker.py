@@ -1,6 +1,6 @@
 """Scores token windows with a vLLM engine; started by arm_int4.evaluate, one process per model.
 
-Run: VENV_PYTHON arm_int4/engine_worker.py JOB.json   (standalone: imports nothing of arm_int4)
+Run: VENV_PYTHON arm_int4/engine_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "dtype": "auto"|"bfloat16"|"float32"|..., "max_model_len": int,
             "max_num_batched_tokens": int,
             "windows": [[token ids], ...], "score_from": [first scored position per window],
@@ -20,6 +20,8 @@ import json
 import os
 import sys
 import time
+
+from worker_io import shutdown_engines  # sibling module (this script's dir)
 
 
 _ENGINE = []  # the LLM, so main() can shut it down on any exit path
@@ -65,16 +67,6 @@ def score(job):
     return result
 
 
-def _shutdown():
-    """Stop the engine core and its worker now, while the interpreter is intact (best effort)."""
-    for llm in _ENGINE:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # an API change here must not lose a finished measurement
-            import traceback
-
-            traceback.print_exc()
-
 
 def main(argv):
     with open(argv[1], encoding="utf-8") as f:
@@ -86,7 +78,7 @@ def main(argv):
 
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-    _shutdown()
+    shutdown_engines(_ENGINE)
     print(json.dumps(result), flush=True)
     sys.stderr.flush()
     # Skip interpreter teardown: a C++ static destructor in vLLM's stack sometimes aborts there

@@ -1,7 +1,7 @@
 """Times llama.cpp (llama-cpp-python's C API) on a GGUF; started by arm_int4.llamacpp.
 
 Run: $ARM_INT4_HOME/envs/llamacpp/bin/python arm_int4/llamacpp_worker.py JOB.json
-(standalone: imports nothing of arm_int4; runs in the llama.cpp env that scripts/setup.sh builds
+(standalone: imports only its stdlib-only sibling worker_io.py; runs in the llama.cpp env that scripts/setup.sh builds
 with ARM_INT4_LLAMACPP=1).
 JOB.json = {"gguf": path, "threads": int, "tests": [[prompt, gen, batch], ...], "warmup": int,
             "repetitions": int, "seed": int, "result": path}
@@ -27,22 +27,13 @@ decode step as "prompt eval", so they only separate prefill from decode at batch
 
 import ctypes
 import json
-import os
 import random
 import resource
 import sys
 import time
 
+from worker_io import one_line, write_json_atomic  # sibling module (this script's dir)
 
-def _write(path, result):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f)
-    os.replace(tmp, path)
-
-
-def _one_line(exc):
-    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:400]
 
 
 def _peak_rss():
@@ -136,7 +127,7 @@ def main(argv):
         job = json.load(f)
     out = job["result"]
     result = {"ok": False, "error": None, "tests": []}
-    _write(out, result)
+    write_json_atomic(out, result)
     engine = model = None
     try:
         import llama_cpp as L
@@ -174,26 +165,26 @@ def main(argv):
                 import traceback
 
                 traceback.print_exc()
-                entry["error"] = _one_line(exc)
+                entry["error"] = one_line(exc)
             finally:
                 if engine is not None:
                     engine.close()
                     engine = None
             entry["peak_rss_bytes"] = _peak_rss()
             result["tests"].append(entry)
-            _write(out, result)
+            write_json_atomic(out, result)
         result["ok"] = True
     except Exception as exc:  # the model did not load (or llama_cpp is missing): one line to the parent
         import traceback
 
         traceback.print_exc()
-        result["error"] = _one_line(exc)
+        result["error"] = one_line(exc)
     finally:
         if model:
             import llama_cpp as L
 
             L.llama_model_free(model)
-        _write(out, result)
+        write_json_atomic(out, result)
     return 0 if result["ok"] else 1
 
 

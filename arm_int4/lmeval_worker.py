@@ -1,6 +1,6 @@
 """Runs lm-eval tasks on one model through lm-eval's vLLM backend; started by arm_int4.lmeval.
 
-Run: VENV_PYTHON arm_int4/lmeval_worker.py JOB.json RESULT.json   (standalone: imports nothing of arm_int4)
+Run: VENV_PYTHON arm_int4/lmeval_worker.py JOB.json RESULT.json   (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "tasks": [names], "include_path": [dirs], "num_fewshot": int|null,
             "limit": int|float|null, "batch_size": "auto"|int, "dtype": str, "max_model_len": int|null,
             "max_num_batched_tokens": int|null, "seed": int}
@@ -24,6 +24,8 @@ import json
 import os
 import sys
 import time
+
+from worker_io import shutdown_engines  # sibling module (this script's dir)
 
 _ENGINE = []
 
@@ -95,15 +97,6 @@ def run(job):
             "vllm_version": vllm_version, "lm_eval_version": lm_eval_version}
 
 
-def _shutdown():
-    for llm in _ENGINE:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # an API change here must not lose a finished measurement
-            import traceback
-
-            traceback.print_exc()
-
 
 def main(argv):
     with open(argv[1], encoding="utf-8") as f:
@@ -115,7 +108,7 @@ def main(argv):
 
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:400]}
-    _shutdown()
+    shutdown_engines(_ENGINE)
     with open(argv[2] + ".tmp", "w", encoding="utf-8") as f:
         json.dump(result, f, default=str)
     os.replace(argv[2] + ".tmp", argv[2])
