@@ -1,7 +1,7 @@
 """Speed of vLLM on this CPU: prompt lengths x generation lengths x batch sizes, as Records.
 
 Method (also in docs/bench.md; every record says what it excludes):
-- One fresh engine subprocess per configuration (arm_int4/bench_worker.py), started with the
+- One fresh engine subprocess per configuration (arm_int4/workers/bench_worker.py), started with the
   same Plan `arm-int4 serve` would use (launch.plan), max-model-len sized to the workload.
 - Per test: `warmup` untimed batches of the test's own shape, then `repetitions` timed ones.
   A batch is B requests of P random prompt token ids (fresh per request: no tokenization, no
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, bandwidth, hardware, launch, models, runner
+from . import __version__, bandwidth, hardware, launch, models, runner, workers
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
 from .errors import ArmInt4Error, UsageError
 from .report import Record
@@ -39,7 +39,7 @@ __all__ = ["PROMPTS", "GENS", "BATCHES", "REPETITIONS", "WARMUP", "SEED", "Test"
 
 # Defaults, written once (the CLI's BenchOptions reads these): llama-bench's spirit.
 PROMPTS, GENS, BATCHES, REPETITIONS, WARMUP, SEED = (128, 512), (128,), (1, 8), 3, 1, 0
-WORKER = Path(__file__).with_name("bench_worker.py")
+WORKER = workers.path("bench")
 # Bytes a decode step reads per int4 weight: KleidiAI's packed layout holds two per byte on Arm;
 # vLLM's x86 reference fallback keeps an fp32-sized packed weight (measured, see NOTES).
 INT4_READ_BYTES = {"aarch64": 0.5, "x86_64": 4}

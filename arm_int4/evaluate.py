@@ -13,7 +13,7 @@ What is scored (docs/accuracy.md has the why):
   the log-probability of the actual prompt token at each position (fp32 log_softmax of the
   logits, vllm/v1/worker/gpu_model_runner.py). perplexity = exp(sum of -logprob / scored tokens).
 
-vLLM runs in a fresh subprocess per model (arm_int4/engine_worker.py), so what is measured is
+vLLM runs in a fresh subprocess per model (arm_int4/workers/perplexity_worker.py), so what is measured is
 what `arm-int4 serve` serves: same loader, same W4A8 kernel, same dtype.
 """
 
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from . import workers
 from .errors import EnvironmentMissing, ModelError, RunError, UsageError
 from .schemes import scheme_from_config
 
@@ -50,7 +51,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Defaults, written once (the CLI's EvalOptions reads these). NUM_TOKENS caps the text: the whole
 # packaged text is ~146k tokens, hours for the x86 W4A8 fallback (~10 tokens/s here).
 MAX_LEN, STRIDE, NUM_TOKENS, DTYPE = 512, 256, 4096, "auto"
-WORKER = Path(__file__).with_name("engine_worker.py")
+WORKER = workers.path("perplexity")
 _KERNEL_LINE = re.compile(r"Using (\w+) for (\w+)")  # vLLM: "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int"
 
 

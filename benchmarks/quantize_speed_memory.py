@@ -4,7 +4,7 @@
 Run: .venv/bin/python benchmarks/quantize_speed_memory.py [--shape 200m] [--methods minmax mse]
      [--out docs/benchmarks-quantize.json]
 (a) learning path: load in transformers, cast to fp32, llmcompressor oneshot, save
-    (arm_int4/quantize/llmc_worker.py with cast_fp32, in the quantization environment);
+    (arm_int4/workers/llmc_worker.py with cast_fp32, in the quantization environment);
 (b) stream engine: tensor by tensor from the safetensors shards.
 Each runs as its own process, one after the other, on the same random Llama (bf16 on disk);
 wall time and that process's peak RSS (wait4's ru_maxrss) are recorded, with the machine load.
@@ -74,7 +74,7 @@ def main():
                 "model": str(model), "output": f"{tmp}/lp", "weights": scheme.weight_args(),
                 "input_activations": scheme.input_args(), "ignore": ["lm_head"], "algorithm": "rtn",
                 "cast_fp32": True}))
-            lp = timed([str(quant_python()), str(REPO / "arm_int4/quantize/llmc_worker.py"), str(job)])
+            lp = timed([str(quant_python()), str(REPO / "arm_int4/workers/llmc_worker.py"), str(job)])
             st = timed([sys.executable, "-m", "arm_int4", "quantize", str(model), "--method", method,
                         "--output", f"{tmp}/stream"])
         row = {"method": method, "scheme": "channelwise", "learning_path": lp, "stream": st,

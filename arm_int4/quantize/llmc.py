@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import workers
 from ..errors import EnvironmentMissing, RunError
 from ..models import cache_home
 from ..schemes import Scheme
@@ -63,7 +64,7 @@ def run_llmcompressor_jobs(job: dict | list[dict]) -> dict:
         json.dump(job, f)
     try:
         proc = subprocess.run(
-            [str(quant_python()), str(Path(__file__).with_name("llmc_worker.py")), f.name],
+            [str(quant_python()), str(workers.path("llmc")), f.name],
             stdout=subprocess.PIPE, stderr=sys.stderr, text=True, env=env,
         )
     finally:

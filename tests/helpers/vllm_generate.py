@@ -41,7 +41,7 @@ if __name__ == "__main__":
     llm = main(sys.argv[1], sys.argv[2])
     # Stop the engine core and worker while the interpreter is intact, then skip interpreter
     # teardown: vLLM 0.32 sometimes aborts there ("terminate called without an active exception",
-    # SIGABRT) after the work is done. arm_int4/engine_worker.py does the same.
+    # SIGABRT) after the work is done. arm_int4/workers/perplexity_worker.py does the same.
     llm.llm_engine.engine_core.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,6 +1,6 @@
 """Times generation with one vLLM engine; started by arm_int4.bench, one process per configuration.
 
-Run: VENV_PYTHON arm_int4/bench_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
+Run: VENV_PYTHON arm_int4/workers/bench_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "engine_kwargs": {LLM(...) keyword args}, "tests": [[prompt, gen, batch], ...],
             "warmup": int, "repetitions": int, "seed": int, "result": path, "rss_interval_s": float}
 Writes JOB["result"] (rewritten atomically after each test, so a crash keeps finished tests):

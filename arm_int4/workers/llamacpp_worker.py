@@ -1,6 +1,6 @@
 """Times llama.cpp (llama-cpp-python's C API) on a GGUF; started by arm_int4.llamacpp.
 
-Run: $ARM_INT4_HOME/envs/llamacpp/bin/python arm_int4/llamacpp_worker.py JOB.json
+Run: $ARM_INT4_HOME/envs/llamacpp/bin/python arm_int4/workers/llamacpp_worker.py JOB.json
 (standalone: imports only its stdlib-only sibling worker_io.py; runs in the llama.cpp env that scripts/setup.sh builds
 with ARM_INT4_LLAMACPP=1).
 JOB.json = {"gguf": path, "threads": int, "tests": [[prompt, gen, batch], ...], "warmup": int,

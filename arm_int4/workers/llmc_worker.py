@@ -1,6 +1,6 @@
 """Runs inside the quantization environment (llmcompressor); started by arm_int4.quantize.llmc.
 
-Run: QUANT_PYTHON arm_int4/quantize/llmc_worker.py JOB.json   (standalone: imports nothing of arm_int4)
+Run: QUANT_PYTHON arm_int4/workers/llmc_worker.py JOB.json   (standalone: imports nothing of arm_int4)
 JOB.json = {"model": dir, "output": dir, "weights": {...}, "input_activations": {...}|null,
             "ignore": [...], "algorithm": "rtn"|"gptq", "cast_fp32": bool, "calibration": {...}},
            or a list of such jobs, run in turn in one process (llmcompressor's import is paid once).

@@ -1,6 +1,6 @@
 """Scores token windows with a vLLM engine; started by arm_int4.evaluate, one process per model.
 
-Run: VENV_PYTHON arm_int4/engine_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
+Run: VENV_PYTHON arm_int4/workers/perplexity_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "dtype": "auto"|"bfloat16"|"float32"|..., "max_model_len": int,
             "max_num_batched_tokens": int,
             "windows": [[token ids], ...], "score_from": [first scored position per window],

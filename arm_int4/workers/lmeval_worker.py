@@ -1,6 +1,6 @@
 """Runs lm-eval tasks on one model through lm-eval's vLLM backend; started by arm_int4.lmeval.
 
-Run: VENV_PYTHON arm_int4/lmeval_worker.py JOB.json RESULT.json   (standalone: imports only its stdlib-only sibling worker_io.py)
+Run: VENV_PYTHON arm_int4/workers/lmeval_worker.py JOB.json RESULT.json   (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "tasks": [names], "include_path": [dirs], "num_fewshot": int|null,
             "limit": int|float|null, "batch_size": "auto"|int, "dtype": str, "max_model_len": int|null,
             "max_num_batched_tokens": int|null, "seed": int}
@@ -114,7 +114,7 @@ def main(argv):
     os.replace(argv[2] + ".tmp", argv[2])
     sys.stdout.flush()
     sys.stderr.flush()
-    # As engine_worker: skip interpreter teardown (a C++ destructor in vLLM's stack sometimes aborts).
+    # As perplexity_worker: skip interpreter teardown (a C++ destructor in vLLM's stack sometimes aborts).
     os._exit(0 if result["ok"] else 1)
 
 

@@ -1,4 +1,4 @@
-"""Stdlib-only helpers shared by the engine worker scripts (bench_worker, engine_worker,
+"""Stdlib-only helpers shared by the engine worker scripts (bench_worker, perplexity_worker,
 lmeval_worker, llamacpp_worker).
 
 The workers run by file path, possibly in another venv (llama.cpp's), and import nothing of the
