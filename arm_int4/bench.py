@@ -34,7 +34,7 @@ from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_c
 from .errors import ArmInt4Error, UsageError
 from .report import Record
 
-__all__ = ["PROMPTS", "GENS", "BATCHES", "REPETITIONS", "WARMUP", "SEED", "Test", "Workload", "engine_kwargs",
+__all__ = ["PROMPTS", "GENS", "BATCHES", "REPETITIONS", "WARMUP", "SEED", "Test", "Workload",
            "plan_for", "run_plan", "run", "environment", "bytes_per_step", "INT4_READ_BYTES"]
 
 # Defaults, written once (the CLI's BenchOptions reads these): llama-bench's spirit.
@@ -210,36 +210,6 @@ def _fill(rec: Record, reps: list, step_bytes: Optional[int], bw: Optional[float
 
 
 # ------------------------------------------------------------------------------- offline engine
-def engine_kwargs(plan: launch.Plan) -> dict:
-    """LLM(...) keyword arguments from a server Plan's argv: `--max-num-seqs 8` -> max_num_seqs=8,
-    `--enforce-eager` -> True, `--no-enable-prefix-caching` -> enable_prefix_caching=False. Values
-    are parsed as JSON where they are JSON (numbers, booleans, objects), else kept as text. The
-    server-only flags (--host, --port, --served-model-name) and --model are dropped."""
-    argv = list(plan.argv)
-    args = argv[argv.index("--model"):] if "--model" in argv else []
-    out, i = {}, 0
-    while i < len(args):
-        name, eq, val = args[i].partition("=")
-        if not name.startswith("-"):
-            raise UsageError(f"vLLM argument {args[i]!r} has no --flag before it: bench passes only --flags to LLM()")
-        if not eq:
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            val = nxt if nxt is not None and not re.match(r"-+[A-Za-z]", nxt) else None  # "-1" is a value
-            i += val is not None
-        i += 1
-        key = {"tp": "tensor_parallel_size"}.get(name.lstrip("-").replace("-", "_"), name.lstrip("-").replace("-", "_"))
-        if val is None and key.startswith("no_"):
-            out[key[3:]] = False
-            continue
-        try:
-            out[key] = True if val is None else json.loads(val)
-        except ValueError:
-            out[key] = val
-    for k in ("model", "host", "port", "served_model_name"):
-        out.pop(k, None)
-    return out
-
-
 def plan_for(model_dir, machine: hardware.Machine, workload: Workload, profile: Optional[launch.Profile] = None, *,
              reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None, extra_args=()) -> tuple:
     """(CheckpointFacts, Plan) as `arm-int4 serve` would plan it, max-model-len sized to the workload
@@ -248,7 +218,7 @@ def plan_for(model_dir, machine: hardware.Machine, workload: Workload, profile: 
     plan = launch.plan(machine, facts, profile, reserve=reserve, kv_cache_gib=kv_cache_gib,
                        max_model_len=None if profile and profile.max_model_len else workload.max_model_len,
                        extra_args=extra_args, can_bind=runner.can_set_affinity())
-    engine_kwargs(plan)  # refuse unusable vLLM args here, before any engine starts
+    plan.engine_kwargs()  # refuse unusable vLLM args here, before any engine starts
     return facts, plan
 
 
@@ -316,7 +286,7 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
         f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="arm-int4-bench-"))  # job and result files only
-    job = {"model": facts.path, "engine_kwargs": engine_kwargs(plan),
+    job = {"model": facts.path, "engine_kwargs": plan.engine_kwargs(),
            "tests": [[t.prompt, t.gen, t.batch] for t in tests], "warmup": workload.warmup,
            "repetitions": workload.repetitions, "seed": workload.seed, "result": str(tmp / "result.json"),
            "rss_interval_s": 0.25}

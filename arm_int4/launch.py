@@ -9,6 +9,7 @@ v1/worker/cpu_worker.py, engine/arg_utils.py); docs/serve.md says where.
 import dataclasses
 import json
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -126,6 +127,35 @@ class Plan:
             i += take
         lines.append(" \\\n    ".join(cmd))
         return "\n".join(lines)
+
+    def engine_kwargs(self) -> dict:
+        """LLM(...) keyword arguments from a server Plan's argv: `--max-num-seqs 8` -> max_num_seqs=8,
+        `--enforce-eager` -> True, `--no-enable-prefix-caching` -> enable_prefix_caching=False. Values
+        are parsed as JSON where they are JSON (numbers, booleans, objects), else kept as text. The
+        server-only flags (--host, --port, --served-model-name) and --model are dropped."""
+        argv = list(self.argv)
+        args = argv[argv.index("--model"):] if "--model" in argv else []
+        out, i = {}, 0
+        while i < len(args):
+            name, eq, val = args[i].partition("=")
+            if not name.startswith("-"):
+                raise UsageError(f"vLLM argument {args[i]!r} has no --flag before it: bench passes only --flags to LLM()")
+            if not eq:
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                val = nxt if nxt is not None and not re.match(r"-+[A-Za-z]", nxt) else None  # "-1" is a value
+                i += val is not None
+            i += 1
+            key = {"tp": "tensor_parallel_size"}.get(name.lstrip("-").replace("-", "_"), name.lstrip("-").replace("-", "_"))
+            if val is None and key.startswith("no_"):
+                out[key[3:]] = False
+                continue
+            try:
+                out[key] = True if val is None else json.loads(val)
+            except ValueError:
+                out[key] = val
+        for k in ("model", "host", "port", "served_model_name"):
+            out.pop(k, None)
+        return out
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -70,11 +70,11 @@ def test_engine_kwargs_from_a_server_plan():
     plan = _plan(["--host", "127.0.0.1", "--port", "8000", "--served-model-name", "m", "--dtype", "bfloat16",
                   "--max-model-len", "48", "--block-size", "128", "--enforce-eager", "--no-enable-prefix-caching",
                   "-tp", "2", "--compilation-config={\"mode\": 0}"])
-    assert bench.engine_kwargs(plan) == {
+    assert plan.engine_kwargs() == {
         "dtype": "bfloat16", "max_model_len": 48, "block_size": 128, "enforce_eager": True,
         "enable_prefix_caching": False, "tensor_parallel_size": 2, "compilation_config": {"mode": 0}}
     with pytest.raises(UsageError, match="no --flag before it"):
-        bench.engine_kwargs(_plan(["stray"]))
+        _plan(["stray"]).engine_kwargs()
 
 
 def test_workload_tests_and_validation():

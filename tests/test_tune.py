@@ -214,7 +214,7 @@ def test_real_sweep_writes_a_profile_that_serve_and_bench_apply(real_sweep, tiny
     assert f"export VLLM_CPU_OMP_THREADS_BIND={bind}" in snippet
     live = hardware.detect(probe_runtime=False)
     _, plan = bench.plan_for(str(tiny_llama), live, bench.Workload((16,), (8,), (1,), 1), prof)
-    kw = bench.engine_kwargs(plan)
+    kw = plan.engine_kwargs()
     assert kw["max_num_seqs"] == prof.max_num_seqs and kw["enforce_eager"] is True
     assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == bind
 
