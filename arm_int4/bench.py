@@ -13,24 +13,21 @@ Method (also in docs/bench.md; every record says what it excludes):
 `--server URL` (arm_int4/bench_server.py) times a running OpenAI server instead.
 """
 
-import dataclasses
 import datetime
 import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, bandwidth, hardware, launch, models, runner, workers
-from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
+from . import __version__, bandwidth, hardware, launch, models, runner
+from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, weights_in_memory
 from .errors import ArmInt4Error, UsageError
 from .report import Record
 
@@ -39,12 +36,10 @@ __all__ = ["PROMPTS", "GENS", "BATCHES", "REPETITIONS", "WARMUP", "SEED", "Test"
 
 # Defaults, written once (the CLI's BenchOptions reads these): llama-bench's spirit.
 PROMPTS, GENS, BATCHES, REPETITIONS, WARMUP, SEED = (128, 512), (128,), (1, 8), 3, 1, 0
-WORKER = workers.path("bench")
 # Bytes a decode step reads per int4 weight: KleidiAI's packed layout holds two per byte on Arm;
 # vLLM's x86 reference fallback keeps an fp32-sized packed weight (measured, see NOTES).
 INT4_READ_BYTES = {"aarch64": 0.5, "x86_64": 4}
 # vLLM's log: "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int"
-_KERNEL_LINE = re.compile(r"Using (\w+Kernel) for (\w+)")
 OFFLINE_EXCLUDED = ("tokenization (prompts are token ids) and detokenization (off); engine start; "
                     "random prompt generation")
 SERVER_EXCLUDED = ("prompt tokenization (prompts are token ids); included: HTTP, SSE framing and the "
@@ -211,15 +206,12 @@ def _fill(rec: Record, reps: list, step_bytes: Optional[int], bw: Optional[float
 
 # ------------------------------------------------------------------------------- offline engine
 def plan_for(model_dir, machine: hardware.Machine, workload: Workload, profile: Optional[launch.Profile] = None, *,
-             reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None, extra_args=()) -> tuple:
+             ranks: Optional[int] = None, reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None, extra_args=()) -> tuple:
     """(CheckpointFacts, Plan) as `arm-int4 serve` would plan it, max-model-len sized to the workload
     (unless the profile sets one): a smaller KV cache, same kernels."""
-    facts = read_checkpoint(model_dir)
-    plan = launch.plan(machine, facts, profile, reserve=reserve, kv_cache_gib=kv_cache_gib,
-                       max_model_len=None if profile and profile.max_model_len else workload.max_model_len,
-                       extra_args=extra_args, can_bind=runner.can_set_affinity())
-    plan.engine_kwargs()  # refuse unusable vLLM args here, before any engine starts
-    return facts, plan
+    return launch.engine_plan(model_dir, machine, profile, ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib,
+                              max_model_len=None if profile and profile.max_model_len else workload.max_model_len,
+                              extra_args=extra_args, can_bind=runner.can_set_affinity())
 
 
 def _kernel_note(facts: CheckpointFacts, machine: hardware.Machine) -> Optional[str]:
@@ -239,38 +231,6 @@ def _base_record(facts, test: Test, workload: Workload, where: dict, **kw) -> Re
                   batch=test.batch, repetitions=workload.repetitions, warmup=workload.warmup, **where, **kw)
 
 
-def _run_worker(plan: launch.Plan, tmp: Path, log: Path, name: str, progress) -> tuple:
-    """Start bench_worker.py under the plan's environment, in its own process group (runner.Server),
-    report each finished test, reap every process it left. -> (result dict, failure or None)."""
-    worker_plan = dataclasses.replace(plan, argv=(plan.argv[0], str(WORKER), str(tmp / "job.json")))
-    base_env = dict(os.environ)
-    base_env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # a slow fallback step is not a hang
-    server = runner.Server(worker_plan, log=str(log), env=base_env)
-    result, shown = {}, 0
-    try:
-        server.start()
-        while True:
-            rc = server.proc.poll()
-            try:
-                result = json.loads((tmp / "result.json").read_text())
-            except (OSError, ValueError):
-                pass
-            for entry in result.get("tests", [])[shown:]:
-                progress(f"{name}: {Test(*_entry_key(entry)).name}: " + (
-                    f"failed: {entry['error']}" if entry["error"] else _quick(entry)))
-            shown = len(result.get("tests", []))
-            if rc is not None:
-                break
-            time.sleep(1.0)
-    except ArmInt4Error as exc:
-        return result, str(exc)
-    finally:
-        server.stop()
-    if result.get("ok"):
-        return result, None
-    return result, result.get("error") or f"engine subprocess exited with code {server.proc.returncode}"
-
-
 def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, machine: hardware.Machine,
              bandwidth_gbs: Optional[float] = None, label: str = "", log_dir=None, env_info: Optional[dict] = None,
              progress: Callable[[str], None] = _stderr) -> list:
@@ -282,32 +242,32 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
     env_info = env_info or environment(machine)
     tests, name = workload.tests(), facts.name + (f" [{label}]" if label else "")
     tag = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", label) if label else ""  # "all-2t eager" -> "-all-2t-eager"
-    log = Path(log_dir or tempfile.gettempdir()) / (
-        f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="arm-int4-bench-"))  # job and result files only
-    job = {"model": facts.path, "engine_kwargs": plan.engine_kwargs(),
-           "tests": [[t.prompt, t.gen, t.batch] for t in tests], "warmup": workload.warmup,
-           "repetitions": workload.repetitions, "seed": workload.seed, "result": str(tmp / "result.json"),
-           "rss_interval_s": 0.25}
+    log = Path(log_dir) / f"{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log" if log_dir else None
+    job = {"model": facts.path, "tests": [[t.prompt, t.gen, t.batch] for t in tests], "warmup": workload.warmup,
+           "repetitions": workload.repetitions, "seed": workload.seed, "rss_interval_s": 0.25}
     warn = _kernel_note(facts, machine)
     if warn:
         progress(f"warning: {facts.name}: {warn}")
-    progress(f"{name}: starting vLLM for {len(tests)} test(s) (log: {log})")
-    try:
-        (tmp / "job.json").write_text(json.dumps(job))
-        result, failure = _run_worker(plan, tmp, log, name, progress)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log_text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    progress(f"{name}: starting vLLM for {len(tests)} test(s)" + (f" (log: {log})" if log else ""))
+    shown = 0
+
+    def on_update(result: dict) -> None:
+        nonlocal shown
+        for entry in result.get("tests", [])[shown:]:
+            progress(f"{name}: {Test(*_entry_key(entry)).name}: " + (
+                f"failed: {entry['error']}" if entry["error"] else _quick(entry)))
+        shown = len(result.get("tests", []))
+
+    run = runner.run_worker("bench", job, plan=plan, log=log, on_update=on_update)
+    result, failure, log = run.result, run.error, run.log
     dtype = plan.dtype if plan.dtype in FLOAT_BYTES else "bfloat16"
     common = dict(
         weights_in_memory_bytes=weights_in_memory(facts, dtype, machine.arch), model_bytes=_model_bytes(facts.path),
         kv_bytes_per_token=kv_bytes_per_token(facts, dtype), bandwidth_gbs=bandwidth_gbs, dtype=plan.dtype,
-        threads=plan.threads_per_rank, engine_args=job["engine_kwargs"], env=dict(plan.env), config=label,
+        threads=plan.threads_per_rank, engine_args=plan.engine_kwargs(), env=dict(plan.env), config=label,
         int4_kernel=machine.int4_kernel if facts.scheme else None, excluded=OFFLINE_EXCLUDED,
         notes=[n for n in (_provenance(facts.path), warn) if n], load_s=result.get("load_s"),
-        linear_kernels=sorted({m.group(1) for m in _KERNEL_LINE.finditer(log_text)}))
+        linear_kernels=run.linear_kernels)
     where = {**env_info, "vllm_version": result.get("vllm_version") or env_info.get("vllm_version"),
              "torch_version": result.get("torch_version") or env_info.get("torch_version")}
     done = {_entry_key(e): e for e in result.get("tests", [])}
@@ -324,8 +284,6 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
         records.append(rec)
     if any(r.error for r in records):
         progress(f"{name}: failed; vLLM log kept: {log}")
-    elif not log_dir:
-        log.unlink(missing_ok=True)
     return records
 
 
@@ -354,7 +312,7 @@ def _failed(spec: str, workload: Workload, env: dict, error: str) -> list:
 
 
 def run(model_specs, workload: Workload = Workload(), *, profile: Optional[launch.Profile] = None,
-        reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None, extra_args=(), log_dir=None,
+        ranks: Optional[int] = None, reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None, extra_args=(), log_dir=None,
         refresh_bandwidth: bool = False, progress: Callable[[str], None] = _stderr) -> list:
     """Bench each MODEL (dir, hub id or 'default') in turn, one engine at a time. A model that
     cannot be resolved or planned is recorded as failed and the others still run."""
@@ -363,7 +321,7 @@ def run(model_specs, workload: Workload = Workload(), *, profile: Optional[launc
     for spec in model_specs:
         try:
             facts, plan = plan_for(models.resolve(spec, progress=progress), machine, workload, profile,
-                                   reserve=reserve, kv_cache_gib=kv_cache_gib, extra_args=extra_args)
+                                   ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib, extra_args=extra_args)
         except ArmInt4Error as exc:
             progress(f"error: {spec}: {exc}")
             records += _failed(spec, workload, env, str(exc))

@@ -55,7 +55,7 @@ def _cmd_serve(opts: ServeOptions) -> int:
     model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
     facts = launch.read_checkpoint(model_dir)
     profile = launch.Profile.load(opts.profile) if opts.profile else None
-    plan = launch.plan(hardware.detect(probe_runtime=False), facts, profile, reserve=opts.reserve,
+    plan = launch.plan(hardware.detect(probe_runtime=False), facts, profile, ranks=opts.ranks, reserve=opts.reserve,
                        kv_cache_gib=opts.kv_cache_gib, max_model_len=opts.max_model_len, host=opts.host,
                        port=opts.port, extra_args=opts.vllm_args or (), can_bind=runner.can_set_affinity())
     if opts.dry_run:
@@ -89,11 +89,12 @@ def _cmd_bench(opts: BenchOptions) -> int:
 
             say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
             peer = llamacpp.prepare(opts.vs_llamacpp, first, progress=say)
-        records = bench.run(opts.models or ["default"], workload, profile=profile, reserve=opts.reserve,
+        records = bench.run(opts.models or ["default"], workload, profile=profile, ranks=opts.ranks,
+                            reserve=opts.reserve,
                             kv_cache_gib=opts.kv_cache_gib, extra_args=opts.vllm_args or (), log_dir=opts.log_dir,
                             refresh_bandwidth=opts.refresh_bandwidth)
         if peer:
-            records += llamacpp.run_like(peer, first, workload, profile=profile, reserve=opts.reserve,
+            records += llamacpp.run_like(peer, first, workload, profile=profile, ranks=opts.ranks, reserve=opts.reserve,
                                          kv_cache_gib=opts.kv_cache_gib, extra_args=opts.vllm_args or (),
                                          log_dir=opts.log_dir, progress=say)
     report.emit(records, json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)

@@ -25,34 +25,24 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import os
-import re
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from . import workers
-from .errors import EnvironmentMissing, ModelError, RunError, UsageError
+from .errors import EnvironmentMissing, ModelError, UsageError
 from .schemes import scheme_from_config
 
 __all__ = [
     "DEFAULT_TEXT", "DTYPES", "MAX_LEN", "NUM_TOKENS", "STRIDE", "TEXTS", "PackagedText", "Text", "Window",
     "check_comparable", "compare", "format_table", "load_text", "model_fingerprint", "perplexity",
-    "quantization_label", "score_windows", "sliding_windows", "tokenize",
+    "quantization_label", "score_windows", "engine_plan", "check_env", "read_config", "provenance_note", "sliding_windows", "tokenize",
 ]
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Defaults, written once (the CLI's EvalOptions reads these). NUM_TOKENS caps the text: the whole
 # packaged text is ~146k tokens, hours for the x86 W4A8 fallback (~10 tokens/s here).
 MAX_LEN, STRIDE, NUM_TOKENS, DTYPE = 512, 256, 4096, "auto"
-WORKER = workers.path("perplexity")
-_KERNEL_LINE = re.compile(r"Using (\w+) for (\w+)")  # vLLM: "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int"
 
 
 # ------------------------------------------------------------------------------------ texts
@@ -157,7 +147,7 @@ def sliding_windows(ids: Sequence[int], *, max_len: int, stride: int, bos_id: Op
 
 
 # ------------------------------------------------------------------------------------ model facts
-def _config(model_dir: Path) -> dict:
+def read_config(model_dir: Path) -> dict:
     try:
         return json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -185,7 +175,7 @@ def _tokenizer(model_dir: Path):
 
 def model_fingerprint(model_dir: Union[str, Path], tokenizer=None) -> dict:
     """What must match for two models' perplexities to be comparable on the same text."""
-    cfg = _config(Path(model_dir))
+    cfg = read_config(Path(model_dir))
     text = cfg.get("text_config") or cfg
     tok = tokenizer or _tokenizer(Path(model_dir))
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
@@ -221,93 +211,55 @@ def tokenize(model_dir: Union[str, Path], text: Union[str, Text], num_tokens: Op
 
 
 # ------------------------------------------------------------------------------------ vLLM
-def _check_env() -> None:
+def check_env() -> None:
     if importlib.util.find_spec("vllm") is None:
         raise EnvironmentMissing(f"perplexity runs vLLM, which {sys.executable} cannot import: run it with the "
                                  "serving environment's python (.venv/bin/python; scripts/setup.sh builds it)")
 
 
-def _log_tail(path: Path) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            tail = [line.strip() for line in deque(f, 200) if line.strip()]
-    except OSError:
-        return ""
-    errors = [line for line in tail if "Error" in line]
-    return (errors or tail or ["(empty log)"])[-1][:300]
+def engine_plan(model_dir: Union[str, Path], *, max_model_len: int, dtype: str = "auto", batched_tokens=None):
+    """The launch plan for scoring `model_dir` (what `arm-int4 serve` would run: dtype, guards, binding,
+    KV sizing), eager, with `max_model_len`; dtype "auto" leaves it to the plan. -> (facts, Plan)."""
+    from . import hardware, launch, runner
 
-
-def _reap(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Kill the worker (on Ctrl-C) and whatever vLLM left in its process group (its own session)."""
-    from .runner import group_pids
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    deadline = time.monotonic() + grace  # vLLM's engine core and worker exit with their parent
-    while group_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    extra = ["--max-num-batched-tokens", str(batched_tokens)] if batched_tokens else []
+    if dtype != "auto":
+        extra += ["--dtype", dtype]
+    return launch.engine_plan(model_dir, hardware.detect(probe_runtime=False), launch.Profile(enforce_eager=True),
+                              max_model_len=max_model_len, extra_args=extra, can_bind=runner.can_set_affinity())
 
 
 def score_windows(model_dir: Union[str, Path], windows: Sequence[Window], *, dtype: str = "auto",
                   return_token_logprobs: bool = False, log: Optional[Union[str, Path]] = None,
-                  progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Run the windows through a fresh vLLM engine; the worker's result plus `linear_kernels`.
+                  progress: Optional[Callable[[str], None]] = None, plan=None) -> dict:
+    """Run the windows through a fresh vLLM engine planned by launch.plan; the worker's result plus
+    `linear_kernels` (from vLLM's log) and `dtype` (what the plan chose).
 
     vLLM's log goes to `log` (default: a temporary file, removed on success, named on failure)."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    _check_env()
+    from . import runner
+
+    check_env()
     model_dir = Path(model_dir)
     max_model_len = max(len(w.ids) for w in windows) + 1  # the prompt + the 1 generated token
-    job = {"model": str(model_dir), "dtype": dtype, "seed": 0, "max_model_len": max_model_len,
-           # one window per engine step: the x86 W4A8 fallback computes ~10 prompt tokens/s here, and
-           # vLLM's default 4096-token step outlived its 300 s execute_model RPC timeout
-           "max_num_batched_tokens": max_model_len,
-           "windows": [list(w.ids) for w in windows], "score_from": [w.score_from for w in windows],
-           "return_token_logprobs": return_token_logprobs}
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; windows are short
-    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # one slow step is not a hang
-    env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"  # keep stdout for the one result line
-    keep_log = log is not None
-    log_path = Path(log) if log else Path(tempfile.mkstemp(prefix=f"arm-int4-eval-{model_dir.name}-", suffix=".log")[1])
-    fd, job_path = tempfile.mkstemp(prefix="arm-int4-eval-job-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(job, f)
+    # one window per engine step: the x86 W4A8 fallback computes ~10 prompt tokens/s here, and
+    # vLLM's default 4096-token step outlived its 300 s execute_model RPC timeout
+    if plan is None or (plan.max_model_len or 0) < max_model_len:
+        _, plan = engine_plan(model_dir, max_model_len=max_model_len, dtype=dtype, batched_tokens=max_model_len)
+    job = {"model": str(model_dir), "seed": 0, "windows": [list(w.ids) for w in windows],
+           "score_from": [w.score_from for w in windows], "return_token_logprobs": return_token_logprobs}
     if progress:
-        progress(f"scoring {len(windows)} windows of {model_dir} with vLLM (log: {log_path})")
-    try:
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen([sys.executable, str(WORKER), job_path], stdout=subprocess.PIPE, stderr=logf,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            try:
-                stdout, _ = proc.communicate()
-            finally:
-                _reap(proc)
-    finally:
-        os.unlink(job_path)
-    lines = stdout.decode("utf-8", "replace").strip().splitlines()
-    try:
-        result = json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
-        result = {}
-    if proc.returncode != 0 or not result.get("ok"):
-        reason = result.get("error") or f"worker exited with code {proc.returncode}: {_log_tail(log_path)}"
-        raise RunError(f"vLLM could not score {model_dir}: {reason} (log: {log_path})")
-    log_text = log_path.read_text(encoding="utf-8", errors="replace")
-    result["linear_kernels"] = sorted({m.group(1) for m in _KERNEL_LINE.finditer(log_text)
-                                       if m.group(1).endswith("Kernel")})
-    if not keep_log:
-        log_path.unlink(missing_ok=True)
+        progress(f"scoring {len(windows)} windows of {model_dir} with vLLM, dtype {plan.dtype}"
+                 + (f" (log: {log})" if log else ""))
+    run = runner.run_worker("perplexity", job, plan=plan, log=log)
+    result = run.check(f"vLLM could not score {model_dir}")
+    result["linear_kernels"] = run.linear_kernels
+    result["dtype"] = plan.dtype
     return result
 
 
-def _provenance_note(model_dir: Path) -> Optional[str]:
+def provenance_note(model_dir: Path) -> Optional[str]:
     """The note arm_int4.models writes beside a converted model (quantize copies it along)."""
     try:
         return json.loads((model_dir / "arm-int4-provenance.json").read_text()).get("note")
@@ -325,20 +277,22 @@ def perplexity(model_dir: Union[str, Path], text: Union[str, Text], *, max_len: 
     num_tokens: score only the first N text tokens (None or 0: all). bos=False: no BOS prefix."""
     model_dir = Path(model_dir)
     text = Text.of(text)
-    cfg = _config(model_dir)
+    cfg = read_config(model_dir)
     limit = (cfg.get("text_config") or cfg).get("max_position_embeddings")
     if limit and max_len > limit:
         raise UsageError(f"--max-len {max_len} exceeds the model's max_position_embeddings ({limit})")
+    # planned first: a checkpoint the plan refuses (e.g. W4A8 MoE off Arm) is refused before any work
+    _, plan = engine_plan(model_dir, max_model_len=max_len + 1, dtype=dtype, batched_tokens=max_len + 1)
     ids, bos_id = tokenize(model_dir, text, num_tokens)
     windows = sliding_windows(ids, max_len=max_len, stride=stride, bos_id=bos_id if bos else None)
-    result = score_windows(model_dir, windows, dtype=dtype, log=log, progress=progress)
+    result = score_windows(model_dir, windows, dtype=dtype, log=log, progress=progress, plan=plan)
     nll, scored = sum(result["nll"]), sum(result["counts"])
     computed = sum(len(w.ids) for w in windows)
     return {
         "model": str(model_dir),
         "model_name": model_dir.name,
         "quantization": quantization_label(cfg),
-        "dtype": dtype,
+        "dtype": result["dtype"],
         "text": text.name,
         "text_sha256": text.sha256,
         "text_tokens": len(ids),
@@ -354,7 +308,7 @@ def perplexity(model_dir: Union[str, Path], text: Union[str, Text], *, max_len: 
         "tokens_per_s": computed / result["score_seconds"] if result["score_seconds"] else None,  # incl. overlap
         "linear_kernels": result["linear_kernels"],
         "vllm_version": result["vllm_version"],
-        "provenance": _provenance_note(model_dir),
+        "provenance": provenance_note(model_dir),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -90,6 +90,12 @@ class Machine:
     numa_nodes: tuple[tuple[int, str], ...]  # (node id, canonical cpulist "0-79")
     mem_total_bytes: int | None
     mem_available_bytes: int | None
+    # (node, total, available) per NUMA node with memory, available as vLLM 0.32 counts it before it
+    # allocates a rank's KV cache on that node: MemFree + Active(file) + Inactive(file) + SReclaimable
+    # of /sys/devices/system/node/nodeN/meminfo (vllm/utils/cpu_resource_utils.py get_memory_node_info)
+    node_memory: tuple[tuple[int, int, int], ...] | None
+    cgroup_mem_limit: int | None  # bytes; memory.max (v2) / memory.limit_in_bytes (v1); None = no limit
+    cgroup_mem_usage: int | None  # bytes; memory.current / memory.usage_in_bytes
     cgroup_version: str | None  # "v1" or "v2"
     cgroup_cpu_quota: float | None  # CPUs allowed by cpu.max / cfs_quota_us; None = no limit
     cgroup_cpuset: str | None  # cgroup's effective cpus (cpulist)
@@ -206,6 +212,30 @@ def _meminfo(text: str) -> tuple[int | None, int | None]:
     kb = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.M))  # /proc/meminfo counts KiB
     total, avail = _int(kb.get("MemTotal")), _int(kb.get("MemAvailable"))
     return (total * 1024 if total else None), (avail * 1024 if avail else None)
+
+
+def _node_memory(node_dir: str) -> tuple[tuple[int, int, int], ...] | None:
+    """(node, total, available) from nodeN/meminfo, available computed as vLLM computes it."""
+    out = []
+    for path in glob.glob(os.path.join(node_dir, "node[0-9]*", "meminfo")):
+        kb = {k: int(v) * 1024 for k, v in re.findall(r"^Node \d+ ([\w()]+):\s+(\d+) kB", _read(path) or "", re.M)}
+        if kb.get("MemTotal"):
+            avail = sum(kb.get(k, 0) for k in ("MemFree", "Active(file)", "Inactive(file)", "SReclaimable"))
+            out.append((int(os.path.basename(os.path.dirname(path))[4:]), kb["MemTotal"], avail))
+    return tuple(sorted(out)) or None
+
+
+def _cgroup_memory(root: str) -> tuple[int | None, int | None]:
+    """(limit, usage) in bytes from the files vLLM 0.32 reads (cpu_resource_utils.py); None = none."""
+    cg = os.path.join(root, "sys/fs/cgroup")
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit = _int((_read(os.path.join(cg, limit_file)) or "").strip())
+        if limit is not None:
+            if limit >= 1 << 62:  # v1's "unlimited" sentinel
+                return None, None
+            return limit, _int((_read(os.path.join(cg, usage_file)) or "").strip())
+    return None, None
 
 
 def _numa_from_dir(node_dir: str) -> list[tuple[int, str]]:
@@ -450,9 +480,11 @@ def detect(root: str = "/", *, probe_runtime: bool = True) -> Machine:
         sources.append(os.path.join(cpu_dir, "online"))
     extra["physical_cores"], extra["sockets"] = _topology(cpu_dir)
     extra["numa_nodes"] = _numa_from_dir(node_dir)
+    extra["node_memory"] = _node_memory(node_dir)
     meminfo = _read(os.path.join(root, "proc/meminfo"))
     if meminfo:
         extra["mem_total_bytes"], extra["mem_available_bytes"] = _meminfo(meminfo)
+    extra["cgroup_mem_limit"], extra["cgroup_mem_usage"] = _cgroup_memory(root)
     extra["cgroup_version"], extra["cgroup_cpu_quota"], extra["cgroup_cpuset"] = _cgroup(root)
     if root == "/" and hasattr(os, "sched_getaffinity"):
         extra["affinity"] = format_cpulist(os.sched_getaffinity(0))
@@ -492,7 +524,8 @@ def from_dump(folder: str) -> Machine:
         lscpu, sources = parse_lscpu_text(text), sources + ["lscpu.txt"]
     if not sources:
         raise UsageError(f"no cpuinfo, lscpu.json or lscpu.txt in {folder!r}: add at least one")
-    extra = {"numa_nodes": _numa_from_dir(os.path.join(folder, "node"))}
+    extra = {"numa_nodes": _numa_from_dir(os.path.join(folder, "node")),
+             "node_memory": _node_memory(os.path.join(folder, "node"))}
     meminfo = _read(os.path.join(folder, "meminfo"))
     if meminfo:
         extra["mem_total_bytes"], extra["mem_available_bytes"] = _meminfo(meminfo)

@@ -21,7 +21,8 @@ from .hardware import MOE_KERNEL_RULE, Machine, format_cpulist, parse_cpulist
 
 __all__ = [
     "GiB", "SERVER_MODULE", "MIN_KV_CACHE_GIB", "HEADROOM_BYTES", "HEADROOM_BYTES_PER_RANK",
-    "Profile", "Plan", "plan",
+    "NODE_HEADROOM_BYTES", "NODE_HEADROOM_BYTES_PER_RANK",
+    "Profile", "Plan", "plan", "engine_plan", "cpu_sets",
     # re-exported from .checkpoint: the planner's other input
     "CheckpointFacts", "read_checkpoint", "weights_in_memory", "kv_bytes_per_token",
 ]
@@ -38,6 +39,11 @@ MIN_KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE is parsed with int(): whole GiB o
 # activations and the OS, plus 1 GiB per worker rank.
 HEADROOM_BYTES = 3 * GiB
 HEADROOM_BYTES_PER_RANK = 1 * GiB
+# The same, against the memory of the NUMA node a rank is bound to, which is what vLLM checks before
+# it allocates the KV cache (after the weights are loaded). NODE_HEADROOM_* are set from a measured
+# start: see docs/serve.md ("KV cache sizing").
+NODE_HEADROOM_BYTES = 3 * GiB
+NODE_HEADROOM_BYTES_PER_RANK = 1 * GiB
 DEFAULT_MAX_SEQS_PER_RANK = 128  # vLLM 0.32 CPU default for the OpenAI server (arg_utils.py)
 DEFAULT_BATCHED_TOKENS_PER_RANK = 2048  # idem
 DEFAULT_BLOCK_SIZE = 128  # platforms/cpu.py default when unset; it prefers multiples of 32
@@ -166,8 +172,13 @@ def _has_bf16(machine: Machine) -> bool:
     return any(f in machine.features for f in want)
 
 
+def _bias_guard(machine: Machine, facts: CheckpointFacts) -> bool:
+    """Groupwise W4A8 + Linear biases on Arm: vLLM 0.32 needs float32 activations (docs/known-issues.md)."""
+    return bool(facts.is_w4a8_groupwise and facts.quantized_linear_bias and machine.arch == "aarch64")
+
+
 def _choose_dtype(machine, facts, profile_dtype, why) -> str:
-    if facts.is_w4a8_groupwise and facts.quantized_linear_bias and machine.arch == "aarch64":
+    if _bias_guard(machine, facts):
         if profile_dtype and profile_dtype != "float32":
             why.append(f"profile dtype {profile_dtype} ignored: see the next line")
         why.append("dtype float32: groupwise W4A8 + Linear biases + bf16 gives garbage on Arm in vLLM 0.32 "
@@ -184,7 +195,7 @@ def _choose_dtype(machine, facts, profile_dtype, why) -> str:
     return "float32"
 
 
-def _cpu_sets(machine: Machine) -> list:
+def cpu_sets(machine: Machine) -> list:
     """Usable CPU ids per NUMA node (affinity ∩ cgroup cpuset; empty nodes dropped); [] if unknown."""
     nodes = [set(parse_cpulist(c)) for _, c in machine.numa_nodes]
     if not nodes and machine.logical_cpus:
@@ -204,12 +215,35 @@ def _heads_split(facts: CheckpointFacts, ranks: int) -> bool:
     return h % ranks == 0 and (kv % ranks == 0 if kv >= ranks else ranks % kv == 0)
 
 
-def _place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, tp_from_user, why):
+def _split(cpus: list, parts: int) -> list:
+    """`parts` equal contiguous slices of one node's CPUs (a remainder is left unbound: tensor-parallel
+    ranks wait for the slowest, so unequal thread counts only waste the extra CPUs)."""
+    size = len(cpus) // parts
+    return [cpus[k * size:(k + 1) * size] for k in range(parts)]
+
+
+def _rank_lists(per_node: list, ranks: int) -> list:
+    """CPU lists for `ranks` ranks: one rank = every CPU; otherwise ranks spread evenly over the
+    nodes (node k gets ranks // nodes, the first ranks % nodes one more) and each node's CPUs split
+    between its ranks. [] when some node would give a rank no CPU."""
+    if ranks == 1:
+        return [sorted(set().union(*map(set, per_node)))]
+    nodes = per_node[:ranks]
+    counts = [ranks // len(nodes) + (1 if k < ranks % len(nodes) else 0) for k in range(len(nodes))]
+    lists = [chunk for n, c in zip(nodes, counts) for chunk in _split(list(n), c)]
+    return lists if all(lists) else []
+
+
+def _place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
     """-> (ranks, bind lists, threads per rank, env)."""
     env = {}
-    per_node = _cpu_sets(machine)
+    per_node = cpu_sets(machine)
     usable = machine.usable_cpus()
     if not can_bind or bind_mode == "nobind":
+        if ranks_wanted and ranks_wanted > 1:
+            raise PreflightError(f"{ranks_wanted} tensor-parallel ranks need their own CPUs, but "
+                                 + ("this process may not set CPU affinity (container policy)" if not can_bind
+                                    else "the profile says bind: nobind") + ": use one rank")
         reserve = 1 if reserve is None else reserve
         threads = (usable - reserve if usable > reserve else usable) if usable else None
         why.append("VLLM_CPU_OMP_THREADS_BIND=nobind: " + (
@@ -221,9 +255,13 @@ def _place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, tp_from_u
             env["OMP_NUM_THREADS"] = str(threads)
         return 1, (), threads, env
     smt = (machine.threads_per_core or 1) > 1 and machine.arch == "x86_64"
-    if bind_mode == "auto" or not per_node or smt or tp_from_user:
+    more_ranks_than_nodes = bool(ranks_wanted and per_node and ranks_wanted > len(per_node))
+    if bind_mode == "auto" or not per_node or (smt and not more_ranks_than_nodes):
+        if ranks_wanted and ranks_wanted > max(len(per_node), 1) and bind_mode == "auto":
+            raise PreflightError(f"{ranks_wanted} ranks with VLLM_CPU_OMP_THREADS_BIND=auto: vLLM binds one rank per "
+                                 f"NUMA node and this machine has {len(per_node) or 'an unknown number of'} node(s) "
+                                 "(\"Not enough allowed NUMA nodes\"): drop bind: auto so the plan gives each rank its CPUs")
         reason = ("from the profile" if bind_mode == "auto" else
-                  "--tensor-parallel-size given in the vLLM args" if tp_from_user else
                   "x86 SMT: vLLM's auto binding keeps one logical CPU per physical core" if smt else
                   "CPU ids unknown in this machine record")
         env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
@@ -231,28 +269,44 @@ def _place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, tp_from_u
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserve)
         why.append(f"VLLM_CPU_OMP_THREADS_BIND=auto ({reason}): vLLM binds rank N to the N-th allowed "
                    "NUMA node and reserves VLLM_CPU_NUM_OF_RESERVED_CPU (default 1 per rank) for its scheduler")
-        return 1, (), None, env
-    ranks = len(per_node) if ranks_wanted is None else min(ranks_wanted, len(per_node))
+        ranks = ranks_wanted or 1
+        return ranks, (), None, env
+    ranks = len(per_node) if ranks_wanted is None else ranks_wanted
     if ranks > 1 and not _heads_split(facts, ranks):
+        if ranks_wanted:
+            raise PreflightError(f"{facts.name}: {facts.num_heads} attention heads ({facts.num_kv_heads} KV heads) do "
+                                 f"not split over {ranks} tensor-parallel ranks: choose a rank count that divides them")
         why.append(f"{facts.num_heads} attention heads do not split over {ranks} ranks: one rank spans all nodes")
         ranks = 1
-    lists = [list(n) for n in per_node[:ranks]] if ranks > 1 else [sorted(set().union(*per_node))]
+    lists = _rank_lists(per_node, ranks)
+    if not lists:
+        raise PreflightError(f"{ranks} ranks do not fit {sum(map(len, per_node))} usable CPUs on {len(per_node)} NUMA "
+                             "node(s): each rank needs at least one CPU of its own; use fewer ranks")
     if usable and sum(map(len, lists)) > usable:  # a CPU quota below the cpuset: trim evenly
         lists = [c[:max(1, usable // ranks)] for c in lists]
         why.append(f"cgroup CPU quota {machine.cgroup_cpu_quota:g}: {usable} threads in all")
     total = sum(map(len, lists))
     reserve = ranks if reserve is None else reserve
-    if reserve and total <= reserve:
-        why.append(f"no CPU reserved: {total} usable CPU(s) cannot spare {reserve}")
+    if reserve and total - reserve < ranks:
+        why.append(f"no CPU reserved: {total} usable CPU(s) for {ranks} rank(s) cannot spare {reserve}")
         reserve = 0
     per_rank = [reserve // ranks] * ranks  # vLLM's split: the remainder goes to the last ranks
     for i in range(ranks - 1, ranks - 1 - reserve % ranks, -1):
         per_rank[i] += 1
+    if any(len(c) - k < 1 for c, k in zip(lists, per_rank)):
+        why.append(f"no CPU reserved: a rank would be left without CPUs after reserving {reserve}")
+        reserve, per_rank = 0, [0] * ranks
     lists = [c[:len(c) - k] if k else c for c, k in zip(lists, per_rank)]
     bind = tuple(format_cpulist(c) for c in lists)
     env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind)
-    scope = (f"one rank per NUMA node ({ranks} nodes), --tensor-parallel-size {ranks}" if ranks > 1
-             else "one rank")
+    if ranks > len(per_node):
+        # vLLM's own "auto" binding refuses this ("Not enough allowed NUMA nodes to bind threads of N
+        # local CPUWorkers"); explicit per-rank lists work (tensor parallel on one socket).
+        scope = f"{ranks} tensor-parallel ranks on {len(per_node)} NUMA node(s), each with its own CPUs"
+    elif ranks > 1:
+        scope = f"one rank per NUMA node ({ranks} nodes), --tensor-parallel-size {ranks}"
+    else:
+        scope = "one rank"
     limits = " ∩ ".join(x for x, v in (("affinity", machine.affinity), ("cgroup cpuset", machine.cgroup_cpuset)) if v)
     why.append(f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}: {scope}"
                + (f", only CPUs in {limits}" if limits else "")
@@ -275,7 +329,44 @@ def _extra_flags(extra) -> dict:
     return out
 
 
-def _kv_cache(machine, facts, dtype, ranks, requested, context, why) -> int:
+def _rank_nodes(machine: Machine, ranks: int, bind: tuple) -> list:
+    """The NUMA node whose memory each rank's KV cache is allocated on: vLLM binds a rank's memory to
+    the node of the first CPU it may run on (v1/worker/cpu_worker.py); "auto" binds rank N to the
+    N-th allowed node. [] when the machine record has no NUMA facts."""
+    node_of = {cpu: node for node, cpus in machine.numa_nodes for cpu in parse_cpulist(cpus)}
+    if not node_of:
+        return []
+    if bind:
+        return [node_of.get(parse_cpulist(b)[0], 0) for b in bind]
+    nodes = [node for node, _ in machine.numa_nodes]
+    usable = [c for cs in cpu_sets(machine) for c in cs]
+    first = node_of.get(usable[0], nodes[0]) if usable else nodes[0]
+    return nodes[:ranks] if ranks > 1 else [first]
+
+
+def _node_budgets(machine: Machine, rank_nodes: list, weights: int) -> dict:
+    """{node: (bytes each of its ranks may give the KV cache, available, ranks there, the same without
+    headroom)} from memory
+    as vLLM will count it when it allocates: the node's available memory (clamped by the cgroup's
+    limit - usage, as vLLM clamps it) minus the weights its ranks load there (tensor-parallel ranks
+    hold 1/ranks each), the front processes, and each rank's own overhead (NODE_HEADROOM_*)."""
+    avail_of = {n: a for n, _, a in machine.node_memory or ()}
+    if machine.cgroup_mem_limit is not None:
+        room = machine.cgroup_mem_limit - (machine.cgroup_mem_usage or 0)
+        avail_of = {n: min(a, max(room, 0)) for n, a in avail_of.items()}
+    out = {}
+    for node in dict.fromkeys(rank_nodes):
+        if node not in avail_of:
+            continue
+        here = rank_nodes.count(node)
+        free = (avail_of[node] - weights * here // len(rank_nodes) - NODE_HEADROOM_BYTES
+                - NODE_HEADROOM_BYTES_PER_RANK * here)
+        hard = (avail_of[node] - weights * here // len(rank_nodes)) // here  # what vLLM itself would accept
+        out[node] = (free // here, avail_of[node], here, hard)
+    return out
+
+
+def _kv_cache(machine, facts, dtype, ranks, bind, requested, context, why) -> int:
     avail, weights = machine.mem_available_bytes, weights_in_memory(facts, dtype, machine.arch)
     headroom = HEADROOM_BYTES + HEADROOM_BYTES_PER_RANK * ranks
     g = lambda b: f"{b / GiB:.1f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.0f} MiB"  # noqa: E731
@@ -285,19 +376,32 @@ def _kv_cache(machine, facts, dtype, ranks, requested, context, why) -> int:
                    "(vLLM checks it against the node's memory at start)")
         return kv
     free = avail - weights - headroom
-    budget = free // ranks // GiB
+    budget, limit_by = free // ranks, f"{g(avail)} available - weights {g(weights)} - headroom {g(headroom)}"
+    hard = (avail - weights) // ranks
+    nodes = _node_budgets(machine, _rank_nodes(machine, ranks, bind), weights)
+    if nodes:
+        node, (node_budget, node_avail, here, node_hard) = min(nodes.items(), key=lambda kv_: kv_[1][0])
+        hard = min(hard, min(v[3] for v in nodes.values()))
+        if node_budget < budget:
+            budget = node_budget
+            limit_by = (f"NUMA node {node}: {g(node_avail)} available as vLLM counts it"
+                        + (" (cgroup-limited)" if machine.cgroup_mem_limit is not None else "")
+                        + f", {here} rank(s) there, minus their weights and {g(NODE_HEADROOM_BYTES)} + "
+                          f"{g(NODE_HEADROOM_BYTES_PER_RANK)}/rank headroom")
+    budget_gib = budget // GiB
     if requested is not None:
-        if requested * ranks * GiB + weights > avail:
+        if requested * GiB > hard:
             raise PreflightError(
-                f"KV cache {requested} GiB x {ranks} rank(s) + weights {g(weights)} is larger than the "
-                f"{g(avail)} of available memory: lower --kv-cache-gib (at most {max(budget, 0)})")
-        why.append(f"VLLM_CPU_KVCACHE_SPACE={requested}: as requested ({g(avail)} available, weights {g(weights)})")
+                f"KV cache {requested} GiB per rank does not fit: {limit_by} leaves {g(max(budget, 0))} per rank "
+                f"({g(max(hard, 0))} with no headroom at all), and vLLM refuses a KV cache larger than its node's "
+                f"free memory: lower --kv-cache-gib (at most {max(budget_gib, 0)} recommended)")
+        why.append(f"VLLM_CPU_KVCACHE_SPACE={requested}: as requested ({limit_by}: {g(max(budget, 0))} per rank)")
         return requested
-    if budget < MIN_KV_CACHE_GIB:
+    if budget_gib < MIN_KV_CACHE_GIB:
         raise PreflightError(
-            f"no room for the minimum {MIN_KV_CACHE_GIB} GiB KV cache per rank: {g(avail)} available - "
-            f"weights {g(weights)} - headroom {g(headroom)} = {g(free)}; free memory or use a smaller model")
-    kv, capped = budget, ""
+            f"no room for the minimum {MIN_KV_CACHE_GIB} GiB KV cache per rank: {limit_by} = {g(budget)} per rank; "
+            "free memory or use a smaller model")
+    kv, capped = budget_gib, ""
     per_tok = kv_bytes_per_token(facts, dtype)
     if per_tok and context:
         # the default max-num-seqs, each at full context, is all the KV cache vLLM could ever use
@@ -305,13 +409,13 @@ def _kv_cache(machine, facts, dtype, ranks, requested, context, why) -> int:
         if need < kv:
             kv, capped = need, (f"; capped at {need} GiB, enough for {DEFAULT_MAX_SEQS_PER_RANK} sequences x "
                                 f"{context} tokens per rank")
-    why.append(f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {g(avail)} available - weights {g(weights)} - "
-               f"headroom {g(headroom)}, split over {ranks} rank(s), whole GiB{capped}")
+    why.append(f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {limit_by}, split over {ranks} rank(s), "
+               f"whole GiB{capped}")
     return kv
 
 
 def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = None, *,
-         reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None,
+         ranks: Optional[int] = None, reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None,
          max_model_len: Optional[int] = None, host: str = "127.0.0.1", port: int = 8000,
          extra_args=(), can_bind: bool = True, python: str = sys.executable) -> Plan:
     """Decide env + engine args. Keyword values win over the profile, the profile over the rules.
@@ -333,12 +437,22 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
     for key, val in (("reserve", reserve), ("kv_cache_gib", kv_cache_gib), ("max_model_len", max_model_len)):
         if val is not None and val < (0 if key == "reserve" else 1):
             raise UsageError(f"--{key.replace('_', '-')} {val} is out of range")
-    dtype = flags.get("--dtype") or _choose_dtype(machine, facts, p.dtype, why)
+    if ranks is not None and ranks < 1:
+        raise UsageError(f"--ranks {ranks} is out of range: use 1 or more tensor-parallel ranks")
+    user_dtype = flags.get("--dtype")
+    if user_dtype and user_dtype != "float32" and _bias_guard(machine, facts):
+        raise PreflightError(
+            f"--dtype {user_dtype} with {facts.name} (groupwise W4A8 with Linear biases) on Arm gives wrong outputs in "
+            "vLLM 0.32 (docs/known-issues.md): drop --dtype (the plan picks float32) or pass --dtype float32")
+    dtype = user_dtype or _choose_dtype(machine, facts, p.dtype, why)
     if dtype not in FLOAT_BYTES:
         dtype = _choose_dtype(machine, facts, None, [])  # "auto"/"half": size memory as the plan would
+    tp = flags.get("--tensor-parallel-size")
+    if tp is not None and not str(tp).isdigit():
+        raise UsageError(f"--tensor-parallel-size {tp!r} is not a whole number")
+    ranks_wanted = int(tp) if tp is not None else ranks if ranks is not None else p.ranks
     ranks, bind, threads, env = _place(
-        machine, facts, p.ranks, reserve if reserve is not None else p.reserve, p.bind, can_bind,
-        "--tensor-parallel-size" in flags, why)
+        machine, facts, ranks_wanted, reserve if reserve is not None else p.reserve, p.bind, can_bind, why)
     env = {"VLLM_TARGET_DEVICE": "cpu", **env}
     why.insert(0, "VLLM_TARGET_DEVICE=cpu: picks vLLM's CPU platform even where a 'vllm' dist is also installed")
     mml = int(flags["--max-model-len"]) if str(flags.get("--max-model-len") or "").isdigit() else (
@@ -347,7 +461,7 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
         kv = None  # the env var would override the flag (platforms/cpu.py "Legacy setting")
         why.append("KV cache: --kv-cache-memory-bytes from the vLLM args (VLLM_CPU_KVCACHE_SPACE not set)")
     else:
-        kv = _kv_cache(machine, facts, dtype, ranks, kv_cache_gib if kv_cache_gib is not None else p.kv_cache_gib,
+        kv = _kv_cache(machine, facts, dtype, ranks, bind, kv_cache_gib if kv_cache_gib is not None else p.kv_cache_gib,
                        mml or facts.max_position_embeddings, why)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
     if machine.tcmalloc_path and p.tcmalloc is not False:
@@ -410,3 +524,18 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
                 served_model_name=flags.get("--served-model-name") or facts.name, model_dir=facts.path,
                 ranks=ranks, bind_lists=bind, threads_per_rank=threads, dtype=dtype, kv_cache_gib=kv,
                 max_model_len=mml)
+
+
+def engine_plan(model_dir, machine: Machine, profile: Optional[Profile] = None, *, ranks: Optional[int] = None,
+                reserve: Optional[int] = None,
+                kv_cache_gib: Optional[int] = None, max_model_len: Optional[int] = None, extra_args=(),
+                can_bind: bool = True, python: str = sys.executable) -> tuple:
+    """(CheckpointFacts, Plan) for an offline engine (bench, tune, eval, lm-eval, the demo), planned
+    exactly as `arm-int4 serve` plans the server; vLLM args the offline engine cannot take are
+    refused here, before anything starts."""
+    facts = read_checkpoint(model_dir)
+    p = plan(machine, facts, profile, ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib,
+             max_model_len=max_model_len,
+             extra_args=extra_args, can_bind=can_bind, python=python)
+    p.engine_kwargs()
+    return facts, p

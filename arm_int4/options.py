@@ -152,6 +152,8 @@ class ServeOptions:
                                              "by the KV cache)", metavar="TOKENS")
     reserve: Optional[int] = opt(None, "CPUs kept free of inference threads for vLLM's scheduler and API "
                                        "server, in total (default: 1 per rank, as vLLM)", metavar="N")
+    ranks: Optional[int] = opt(None, "tensor-parallel ranks, each bound to its own CPUs (several may share a NUMA "
+                                     "node); default: one per NUMA node (vLLM's --tensor-parallel-size)", metavar="N")
     dry_run: bool = opt(False, "print the plan as a shell snippet (export lines + command) and exit")
 
 
@@ -240,6 +242,7 @@ class BenchOptions:
     kv_cache_gib: Optional[int] = opt(None, "KV cache per rank in whole GiB (default: sized from the workload "
                                             "and available memory)", metavar="N")
     reserve: Optional[int] = opt(None, "CPUs kept free of inference threads, as for serve", metavar="N")
+    ranks: Optional[int] = opt(None, "tensor-parallel ranks, each bound to its own CPUs, as for serve", metavar="N")
     log_dir: Optional[str] = opt(None, "keep every vLLM log here (default: temp files, kept only on failure)",
                                  metavar="DIR")
     refresh_bandwidth: bool = opt(False, "measure this machine's memory bandwidth again (it is cached)")

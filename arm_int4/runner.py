@@ -1,27 +1,51 @@
-"""Start, watch and stop vLLM servers (any long-running subprocess) without leaving orphans.
+"""The one door for every process arm-int4 starts: vLLM servers and the worker scripts.
 
-A server runs in its own session and process group (start_new_session), so the terminal's
-Ctrl-C reaches only us: we forward SIGINT/SIGTERM to vLLM's API server, which shuts its engine
-core and workers down itself, then kill whatever is left in the group. Readiness is vLLM's
-GET /health answering 200. bench/tune reuse Server; `arm-int4 serve` uses serve_foreground.
+- run_worker(name, job, plan=...): one worker script (arm_int4/workers/NAME_worker.py) in a fresh
+  process: job in (JSON file), one result out (JSON file, rewritten as it goes for progress), the
+  log kept on failure, the whole process group reaped on any exit (Ctrl-C included). A worker that
+  starts vLLM (ENGINE_WORKERS) must be given a launch.Plan: its interpreter, environment and
+  engine arguments all come from the plan, so the plan's guards (MoE refusal, dtype, CPU binding,
+  KV sizing) hold for bench, tune, eval, lm-eval and the demo alike.
+- Server / serve_foreground(plan): vLLM's OpenAI server from a plan (`arm-int4 serve`, bench --server
+  tests). It runs in its own session and process group (start_new_session), so the terminal's
+  Ctrl-C reaches only us: we forward SIGINT/SIGTERM to vLLM's API server, which shuts its engine
+  core and workers down itself, then kill whatever is left in the group. Readiness is vLLM's
+  GET /health answering 200.
+
+Nothing else in arm_int4 calls subprocess.Popen (tests/test_layering.py checks).
 """
 
 import errno
 import http.client
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
+import psutil
+
+from . import workers
 from .errors import PreflightError, RunError, UsageError
 from .launch import Plan
 
-__all__ = ["Server", "serve_foreground", "check_port", "can_set_affinity", "process_env", "group_pids",
-           "http_get"]
+__all__ = ["ENGINE_WORKERS", "KERNEL_LINE", "linear_kernels", "WorkerRun", "run_worker", "Server", "serve_foreground", "check_port",
+           "can_set_affinity", "process_env", "group_pids", "http_get", "log_tail"]
+
+# Workers that start a vLLM engine: run_worker refuses them without a launch.Plan.
+ENGINE_WORKERS = frozenset({"bench", "perplexity", "lmeval"})
+# vLLM logs the kernel each layer type chose: "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int",
+# "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" (vllm/model_executor/layers/quantization).
+KERNEL_LINE = re.compile(r"Using (\w+Kernel) for (\w+)")
 
 
 def check_port(host: str, port: int) -> None:
@@ -66,19 +90,47 @@ def process_env(plan: Plan, base: Optional[dict] = None) -> dict:
 
 
 def group_pids(pgid: int) -> list:
-    """Live processes (not zombies) whose process group is pgid, read from /proc."""
+    """Live processes (not zombies) whose process group is pgid."""
     pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for p in psutil.process_iter(["status"]):
         try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
-        except OSError:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                pids.append(p.pid)
+        except (OSError, psutil.Error):  # gone meanwhile, or not ours to ask
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry))
     return pids
+
+
+def reap_group(pgid: int, grace: float = 5.0) -> None:
+    """Give the group `grace` s to exit by itself (vLLM's engine core and workers follow their
+    parent), then SIGKILL whatever is left and wait briefly for init to reap it."""
+    deadline = time.monotonic() + grace
+    while group_pids(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_pids(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 5
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def linear_kernels(log_text: str) -> list:
+    """The linear kernels vLLM says it chose, from its log (sorted, each once)."""
+    return sorted({m.group(1) for m in KERNEL_LINE.finditer(log_text)})
+
+
+def log_tail(path, lines: int = 200) -> str:
+    """The last error-looking line of a log (else its last line), at most 300 characters."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            tail = [line.strip() for line in deque(f, lines) if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in tail if "Error" in line or "error" in line]
+    return (errors or tail or ["(empty log)"])[-1][:300]
 
 
 def _probe_host(host: str) -> str:
@@ -159,13 +211,7 @@ class Server:
     def _log_hint(self) -> str:
         if not self.log:
             return " (its log is above)"
-        try:
-            with open(self.log, encoding="utf-8", errors="replace") as f:
-                tail = [line.strip() for line in deque(f, 200) if line.strip()]
-        except OSError:
-            return ""
-        errors = [line for line in tail if "Error" in line or "error" in line]
-        return f": {(errors or tail or ['(empty log)'])[-1][:300]} (log: {self.log})"
+        return f": {log_tail(self.log)} (log: {self.log})"
 
     def send_signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
@@ -191,31 +237,126 @@ class Server:
         return self.proc.returncode
 
     def _reap_group(self) -> None:
-        pgid, wait = self.proc.pid, self.reap_grace
         if self.proc.poll() is None:
             try:
-                os.killpg(pgid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
-        # the engine core and workers notice their parent is gone and exit; give them `wait` s
-        deadline = time.monotonic() + wait
-        while group_pids(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if group_pids(pgid):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 5  # orphans are reaped by init (or a subreaper)
-            while group_pids(pgid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        reap_group(self.proc.pid, self.reap_grace)  # the engine core and workers follow their parent
 
     def __enter__(self) -> "Server":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class WorkerRun:
+    """What a worker left: its result (the JSON object it wrote, {} if none), exit code, log."""
+
+    name: str
+    result: dict
+    returncode: Optional[int]
+    log: Path  # kept when the run failed or a log path was given; removed otherwise
+    error: Optional[str]  # None when the worker wrote {"ok": true} and exited 0
+    linear_kernels: list  # what vLLM's log says it chose (engine workers), else []
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def check(self, what: str) -> dict:
+        """The result, or RunError "{what}: {error} (log: …)" in one line."""
+        if self.error:
+            raise RunError(f"{what}: {self.error} (log: {self.log})")
+        return self.result
+
+
+def run_worker(name: str, job: dict, *, plan: Optional[Plan] = None, python: Optional[str] = None,
+               env: Optional[dict] = None, log=None, on_update: Optional[Callable[[dict], None]] = None,
+               cpus=None, poll: float = 0.5) -> WorkerRun:
+    """Run arm_int4/workers/{name}_worker.py on `job` in a fresh process group and wait for it.
+
+    plan: required for ENGINE_WORKERS (bench, perplexity, lmeval): the interpreter is plan.argv[0],
+    the environment is ours + plan.env, and job["engine_kwargs"] = plan.engine_kwargs() (the job
+    may not set its own). Other workers (llmc, llamacpp) name their interpreter with `python`.
+    env: extra variables on top (never over the plan's). log: a file for the worker's stdout+stderr
+    (appended, kept); None = a temporary file kept only on failure. on_update: called with the
+    result each time the worker rewrites it (progress). cpus: CPU ids to pin the worker to."""
+    if name in ENGINE_WORKERS and plan is None:
+        raise TypeError(f"worker {name!r} starts vLLM: it runs only from a launch.Plan (runner.run_worker(plan=...))")
+    if plan is not None:
+        if "engine_kwargs" in job:
+            raise TypeError("job['engine_kwargs'] comes from the plan: put engine settings in launch.plan()")
+        job = {**job, "engine_kwargs": plan.engine_kwargs()}
+        python = plan.argv[0]
+        base = {**os.environ, **(env or {})}
+        base.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # a slow fallback step is not a hang
+        full_env = process_env(plan, base)
+    else:
+        full_env = {**os.environ, **(env or {})}
+    python = python or sys.executable
+    keep = log is not None
+    if log is None:
+        fd, log = tempfile.mkstemp(prefix=f"arm-int4-{name}-", suffix=".log")
+        os.close(fd)
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"arm-int4-{name}-job-"))
+    job_path, result_path = tmp / "job.json", tmp / "result.json"
+    job_path.write_text(json.dumps(job))
+    result: dict = {}
+    seen = None
+
+    def read_result() -> None:
+        nonlocal result, seen
+        try:
+            text = result_path.read_text()
+            if text != seen:
+                result, seen = json.loads(text), text
+                if on_update:
+                    on_update(result)
+        except (OSError, ValueError):
+            pass
+
+    def child_setup() -> None:
+        _term_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    proc = None
+    try:
+        with open(log, "ab") as out:
+            try:
+                proc = subprocess.Popen([str(python), str(workers.path(name)), str(job_path), str(result_path)],
+                                        env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=child_setup)
+            except OSError as exc:
+                raise RunError(f"cannot start {python}: {exc.strerror}") from None
+            while proc.poll() is None:
+                read_result()
+                time.sleep(poll)
+        read_result()
+    finally:
+        if proc is not None:
+            if proc.poll() is None:  # Ctrl-C or an error on our side: nothing of it may outlive us
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+            reap_group(proc.pid)
+        shutil.rmtree(tmp, ignore_errors=True)
+    error = None
+    if proc.returncode != 0 or not result.get("ok"):
+        error = result.get("error") or f"{name} worker exited with code {proc.returncode}: {log_tail(log)}"
+    kernels = linear_kernels(log.read_text(encoding="utf-8", errors="replace")) if plan is not None else []
+    if error is None and not keep:
+        log.unlink(missing_ok=True)
+    return WorkerRun(name=name, result=result, returncode=proc.returncode, log=log, error=error,
+                     linear_kernels=kernels)
 
 
 def serve_foreground(plan: Plan, *, ready_timeout: Optional[float] = None, out=None) -> int:

@@ -37,7 +37,7 @@ __all__ = ["OBJECTIVES", "TPOT_LIMIT_MS", "MODES", "PLACEMENTS", "PROMPTS", "GEN
 OBJECTIVES = ("decode", "throughput")
 TPOT_LIMIT_MS = 100.0  # Arm's benchmarking guide judges throughput under a 100 ms TPOT
 MODES = ("eager", "compiled")
-PLACEMENTS = ("all", "reserve1", "half", "numa", "auto")  # applicable ones only (see placements)
+PLACEMENTS = ("all", "reserve1", "half", "numa", "tp2", "auto")  # applicable ones only (see placements)
 PROMPTS, GENS, BATCHES, REPETITIONS = (128,), (64,), (1, 4, 16), 2
 
 
@@ -59,7 +59,7 @@ def placements(machine: hardware.Machine, kinds=PLACEMENTS) -> list:
     if bad:
         raise UsageError(f"--placements {' '.join(bad)}: choose from {', '.join(PLACEMENTS)}")
     cpus = machine.usable_cpus() or machine.logical_cpus or 1
-    nodes = len(launch._cpu_sets(machine)) or 1
+    nodes = len(launch.cpu_sets(machine)) or 1
     half = cpus // 2
     table = {
         "all": (True, Candidate(f"all-{cpus}t", launch.Profile(ranks=1, reserve=0),
@@ -71,6 +71,10 @@ def placements(machine: hardware.Machine, kinds=PLACEMENTS) -> list:
                                        "bandwidth")),
         "numa": (nodes > 1, Candidate(f"numa{nodes}-ranks", launch.Profile(ranks=nodes, reserve=nodes),
                                       f"one tensor-parallel rank per NUMA node ({nodes}), one CPU each reserved")),
+        "tp2": (nodes == 1 and cpus >= 2, Candidate(f"tp2-{cpus // 2 - (1 if cpus >= 4 else 0)}t",
+                                                    launch.Profile(ranks=2, reserve=2 if cpus >= 4 else 0),
+                                                    "two tensor-parallel ranks on one NUMA node, each with half of "
+                                                    "the CPUs" + (", one CPU each reserved" if cpus >= 4 else ""))),
         "auto": (True, Candidate("vllm-auto", launch.Profile(bind="auto"),
                                  "vLLM's default: VLLM_CPU_OMP_THREADS_BIND=auto, one reserved CPU per rank")),
     }
@@ -213,6 +217,9 @@ def sweep(model_dir, *, objective: str = OBJECTIVES[0], tpot_limit_ms: float = T
         try:
             facts, plan = bench.plan_for(model_dir, machine, wl, c.profile, extra_args=extra_args)
         except ArmInt4Error as exc:
+            if (c.profile.ranks or 1) > 1 and "do not split" in str(exc):  # this model's heads: not a failure
+                progress(f"tune: {c.label}: skipped: {exc}")
+                return
             if not by_label:  # the very first plan failed: the model or vLLM args are unusable
                 raise
             progress(f"tune: {c.label}: cannot plan: {exc}")

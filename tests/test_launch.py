@@ -128,15 +128,19 @@ def test_nobind_where_sched_setaffinity_is_forbidden(llama8b):
 @pytest.mark.parametrize("name", ARM_LSCPU + ["x86-amd-epyc-this-box"])
 @pytest.mark.parametrize("mem_gib", [24, 48, 200, 1000])
 def test_kv_cache_never_exceeds_available_memory(name, mem_gib, llama8b):
-    m = machine(name, mem_gib)
-    try:
-        p = plan(m, llama8b)
-    except PreflightError as exc:
-        assert "\n" not in str(exc) and "KV cache" in str(exc)
+    m = machine(name, mem_gib, node_memory=None)  # the system-wide rule (per-node: the tests below)
+    ref = plan(machine(name, 10**6, node_memory=None), llama8b)  # the dtype and ranks the plan picks here (fp32 without bf16)
+    weights = launch.weights_in_memory(llama8b, ref.dtype, m.arch)
+    headroom = launch.HEADROOM_BYTES + launch.HEADROOM_BYTES_PER_RANK * ref.ranks
+    if weights + headroom + ref.ranks * GiB > m.mem_available_bytes:  # refused exactly when 1 GiB does not fit
+        with pytest.raises(PreflightError, match="no room for the minimum 1 GiB KV cache"):
+            plan(m, llama8b)
         return
-    weights = launch.weights_in_memory(llama8b, p.dtype, m.arch)
+    p = plan(m, llama8b)
     assert p.kv_cache_gib >= launch.MIN_KV_CACHE_GIB
-    assert p.kv_cache_gib * p.ranks * GiB + weights < m.mem_available_bytes
+    assert p.kv_cache_gib * p.ranks * GiB + weights + headroom <= m.mem_available_bytes
+    # and it uses what there is, to the whole GiB (no cap applies: 128 x 131072 tokens is far more)
+    assert (p.kv_cache_gib + 1) * p.ranks * GiB + weights + headroom > m.mem_available_bytes
     assert p.env["VLLM_CPU_KVCACHE_SPACE"] == str(p.kv_cache_gib)
 
 
@@ -144,10 +148,43 @@ def test_kv_cache_refusals_are_one_line(llama8b):
     with pytest.raises(PreflightError, match="no room for the minimum 1 GiB KV cache") as e:
         plan(machine("graviton3", 16), llama8b)
     assert "\n" not in str(e.value)
-    with pytest.raises(PreflightError, match="larger than the .* available memory"):
-        plan(machine("graviton3", 64), llama8b, kv_cache_gib=60)
+    # 64 - 15 GiB of weights = 49 GiB: 49 is accepted (no headroom asked of an explicit size), 50 is not
+    assert plan(machine("graviton3", 64), llama8b, kv_cache_gib=49).kv_cache_gib == 49
+    with pytest.raises(PreflightError, match="KV cache 50 GiB per rank does not fit.*at most 45"):
+        plan(machine("graviton3", 64), llama8b, kv_cache_gib=50)
     with pytest.raises(PreflightError, match="does not fit"):
         plan(machine("graviton3", 64), llama8b, kv_cache_gib=1, max_model_len=131072)
+
+
+def _node_mem(m, *nodes_gib):
+    return dataclasses.replace(m, node_memory=tuple((i, int(t * GiB), int(a * GiB)) for i, (t, a) in enumerate(nodes_gib)))
+
+
+def test_kv_cache_is_sized_from_the_node_vllm_checks(llama8b):
+    """This box's shape (the issue's report): MemAvailable 23 GiB but NUMA node 0 holds 17.7 GiB with
+    15.2 available; vLLM binds the rank's memory to node 0 and refuses a KV cache above that."""
+    m = _node_mem(machine("graviton4", 23.0), (17.7, 15.2))
+    tiny = read_checkpoint(write_checkpoint(m and pathlib.Path(__import__("tempfile").mkdtemp()) / "t", hidden=576,
+                                            layers=30, heads=9, kv_heads=3, inter=1536, vocab=49152))
+    p = plan(m, tiny, max_model_len=8192 * 16)  # a context long enough that no cap applies
+    weights = launch.weights_in_memory(tiny, p.dtype, m.arch)
+    node_budget = 15.2 * GiB - weights - launch.NODE_HEADROOM_BYTES - launch.NODE_HEADROOM_BYTES_PER_RANK
+    assert p.kv_cache_gib == int(node_budget // GiB) == 10  # not 18 (from MemAvailable), which vLLM refused
+    assert "NUMA node 0" in "\n".join(p.reasons)
+    with pytest.raises(PreflightError, match="KV cache 18 GiB per rank does not fit: NUMA node 0"):
+        plan(m, tiny, kv_cache_gib=18)
+
+
+def test_kv_cache_per_rank_follows_each_ranks_node(llama8b):
+    m = _node_mem(machine("ampere-altra", 256), (128, 100), (128, 40))  # node 1 is busy
+    p = plan(m, llama8b, reserve=0)
+    assert p.ranks == 2
+    # float32 on Altra (no bf16): 30 GiB of weights, half on each node; node 1 decides (40 - 15 - 3 - 1 = 21)
+    assert p.kv_cache_gib == 21
+    cg = dataclasses.replace(m, cgroup_mem_limit=int(60 * GiB), cgroup_mem_usage=int(10 * GiB))
+    assert plan(cg, llama8b, reserve=0).kv_cache_gib == 21  # the pod's 50 GiB of room: node 1's 40 still decides
+    cg = dataclasses.replace(m, cgroup_mem_limit=int(40 * GiB), cgroup_mem_usage=int(10 * GiB))
+    assert plan(cg, llama8b, reserve=0).kv_cache_gib == 11  # 30 GiB of room clamps both nodes: 30 - 15 - 4
 
 
 def test_kv_cache_is_capped_at_what_vllm_could_use(tmp_path):
@@ -205,7 +242,8 @@ def test_extra_vllm_args_win_and_the_plan_drops_what_they_repeat(llama8b):
     p = plan(machine("graviton4", 64), llama8b, extra_args=["--kv-cache-memory-bytes=4000000000"])
     assert "VLLM_CPU_KVCACHE_SPACE" not in p.env  # the env var would override the flag
     p = plan(machine("ampere-altra", 256), llama8b, extra_args=["-tp", "2"])
-    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "auto" and p.argv.count("-tp") == 1
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-78|80-158" and p.argv.count("-tp") == 1
+    assert "--tensor-parallel-size" not in p.argv  # the user's -tp stands for it
 
 
 def test_profile_overrides_and_rejects_unknown_keys(tmp_path, llama8b):
@@ -267,3 +305,58 @@ def test_cli_dry_run_prints_the_plan_on_stdout(tmp_path, capsys):
     env, cmd = _parse_snippet(out)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_TARGET_DEVICE"] == "cpu"
     assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-1] == "--enforce-eager" and str(d) in cmd
+
+
+# ---------------------------------------------------------------- tensor parallel inside one node
+@pytest.mark.parametrize("how", ["ranks", "vllm-arg", "profile"])
+def test_two_ranks_on_one_node_get_their_own_cpus(how, llama8b):
+    """vLLM 0.32's auto binding refuses 2 ranks on 1 node ("Not enough allowed NUMA nodes to bind
+    threads of 2 local CPUWorkers"); explicit per-rank lists run (seen here: TP=2 with "0|1")."""
+    m = machine("graviton4", 256)
+    kw = {"ranks": {"ranks": 2}, "vllm-arg": {"extra_args": ["--tensor-parallel-size", "2"]},
+          "profile": {"profile": Profile(ranks=2)}}[how]
+    p = plan(m, llama8b, **kw)
+    assert p.ranks == 2 and p.bind_lists == ("0-30", "32-62")  # halves of 0-63, one CPU each reserved
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-30|32-62" and p.threads_per_rank == 31
+    assert p.argv.count("--tensor-parallel-size") == 1
+    assert p.argv[p.argv.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_ranks_on_this_two_cpu_box_and_their_limits(llama8b):
+    m = machine("x86-amd-epyc-this-box", 64, affinity="0-1", node_memory=None)
+    p = plan(m, llama8b, ranks=2)
+    assert p.bind_lists == ("0", "1") and p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"  # no CPU to spare
+    assert "no CPU reserved" in "\n".join(p.reasons)
+    with pytest.raises(PreflightError, match="3 ranks do not fit 2 usable CPUs"):
+        plan(m, llama8b, ranks=3)
+    with pytest.raises(PreflightError, match="do not split over 3 tensor-parallel ranks"):
+        plan(machine("graviton4", 256), llama8b, ranks=3)  # 32 heads / 8 KV heads
+    with pytest.raises(PreflightError, match="vLLM binds one rank per NUMA node"):
+        plan(machine("graviton4", 256), llama8b, Profile(bind="auto"), ranks=2)
+    with pytest.raises(UsageError, match="--ranks 0"):
+        plan(m, llama8b, ranks=0)
+    with pytest.raises(PreflightError, match="one rank"):
+        plan(m, llama8b, ranks=2, can_bind=False)
+
+
+def test_four_ranks_on_two_nodes_split_each_node(llama8b):
+    p = plan(machine("ampere-altra", 512), llama8b, ranks=4, reserve=0)
+    assert p.bind_lists == ("0-39", "40-79", "80-119", "120-159")
+
+
+def test_multi_host_pipeline_parallel_is_passed_to_vllm(llama8b):
+    """docs/serve.md: across hosts, vLLM's pipeline parallel over Ray; the plan binds the local ranks."""
+    p = plan(machine("graviton4", 256), llama8b, ranks=2,
+             extra_args=["--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"])
+    a = p.argv
+    assert a[a.index("--pipeline-parallel-size") + 1] == "2" and a[a.index("--distributed-executor-backend") + 1] == "ray"
+    assert a[a.index("--tensor-parallel-size") + 1] == "2" and p.bind_lists == ("0-30", "32-62")
+
+
+def test_explicit_half_precision_is_refused_where_the_bias_guard_applies(tmp_path):
+    ck = read_checkpoint(write_checkpoint(tmp_path / "gb", scheme="groupwise", bias=True, layers=1))
+    with pytest.raises(PreflightError, match="--dtype bfloat16 .* gives wrong outputs"):
+        plan(machine("graviton4", 64), ck, extra_args=["--dtype", "bfloat16"])
+    assert plan(machine("graviton4", 64), ck, extra_args=["--dtype", "float32"]).dtype == "float32"
+    assert plan(machine("graviton4", 64), ck).dtype == "float32"
+    assert plan(machine("x86-amd-epyc-this-box", 20), ck, extra_args=["--dtype", "bfloat16"]).dtype == "bfloat16"

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from arm_int4 import cloze, evaluate as ev, lmeval
+from arm_int4 import cloze, evaluate as ev, lmeval, workers
 from conftest import run_cli
 
 
@@ -80,7 +80,7 @@ except md.PackageNotFoundError:
 print(json.dumps({"before": before, "after": after, "module": mod.version("vllm"), "vllm": vllm.__version__,
                   "cls": mod.VLLM.__name__}))
 """
-    worker_dir = str(lmeval.WORKER.parent)
+    worker_dir = str(workers.DIR)
     r = subprocess.run([sys.executable, "-c", code, worker_dir], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

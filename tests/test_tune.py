@@ -13,11 +13,17 @@ import os
 import shlex
 
 import pytest
-from test_launch import machine, write_checkpoint
+from test_launch import machine as _machine
+from test_launch import write_checkpoint
 
 from arm_int4 import bench, cli, hardware, launch, tune
 from arm_int4.errors import UsageError
 from arm_int4.report import Record
+
+def machine(name, mem_gib=None, **changes):
+    """A recorded machine with system-wide memory only (placement is what these tests are about)."""
+    return _machine(name, mem_gib, **{"node_memory": None, **changes})
+
 
 @pytest.fixture(scope="module")
 def llama8b(tmp_path_factory):
@@ -128,20 +134,23 @@ def test_sweep_is_staged_records_failures_and_exits_1(tmp_path, monkeypatch, cap
     monkeypatch.setattr(tune.hardware, "detect", lambda *a, **k: box)
     monkeypatch.setattr(tune.bandwidth, "machine_bandwidth", lambda *a, **k: {"triad_gbs": 20.0})
     calls = []
-    speeds = {"all-2t eager": None, "reserve1-1t eager": 30.0, "vllm-auto eager": 20.0, "reserve1-1t compiled": 36.0}
+    speeds = {"all-2t eager": None, "reserve1-1t eager": 30.0, "tp2-1t eager": 15.0, "vllm-auto eager": 20.0,
+              "reserve1-1t compiled": 36.0}
     monkeypatch.setattr(tune.bench, "run_plan", _fake_run_plan(speeds, calls))
     out = tmp_path / "p.json"
     rc = cli.main(["tune", str(d), "--objective", "throughput", "-b", "1", "2", "--output", str(out)])
     text = capsys.readouterr()
     assert rc == 1  # a candidate failed; the profile is still written from the others
     assert [(c[0], c[1]) for c in calls] == [("all-2t eager", (1,)), ("reserve1-1t eager", (1,)),
-                                             ("vllm-auto eager", (1,)), ("reserve1-1t compiled", (1, 2))]
+                                             ("tp2-1t eager", (1,)), ("vllm-auto eager", (1,)),
+                                             ("reserve1-1t compiled", (1, 2))]
+    assert calls[2][2]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and "--tensor-parallel-size" in calls[2][3]
     assert calls[0][2]["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and calls[1][2]["VLLM_CPU_OMP_THREADS_BIND"] == "0"
-    assert "--enforce-eager" in calls[1][3] and "--enforce-eager" not in calls[3][3]
+    assert "--enforce-eager" in calls[1][3] and "--enforce-eager" not in calls[4][3]
     prof = launch.Profile.load(str(out))
     assert (prof.reserve, prof.enforce_eager, prof.max_num_seqs) == (1, False, 2)
     assert prof.meta["winner"]["config"] == "reserve1-1t compiled"
-    assert "| 4 | all-2t eager | 1 | 10 | - | - | failed |" in text.out and "profile written" in text.err
+    assert "| 5 | all-2t eager | 1 | 10 | - | - | failed |" in text.out and "profile written" in text.err
 
     # eager wins stage 2 -> stage 3 runs the eager winner with every batch size
     calls.clear()

@@ -6,15 +6,10 @@ it apart), so the user still types one CLI and never activates anything.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-from .. import workers
-from ..errors import EnvironmentMissing, RunError
+from ..errors import EnvironmentMissing
 from ..models import cache_home
 from ..schemes import Scheme
 
@@ -58,22 +53,9 @@ def run_llmcompressor(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: li
 
 def run_llmcompressor_jobs(job: dict | list[dict]) -> dict:
     """Run one job, or several in one worker process (llmcompressor imports once)."""
+    from ..runner import run_worker
+
     repo_root = Path(__file__).resolve().parents[2]  # so the worker can import arm_int4
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")]))}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-    try:
-        proc = subprocess.run(
-            [str(quant_python()), str(workers.path("llmc")), f.name],
-            stdout=subprocess.PIPE, stderr=sys.stderr, text=True, env=env,
-        )
-    finally:
-        os.unlink(f.name)
-    last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
-    try:
-        result = json.loads(last)
-    except json.JSONDecodeError:
-        result = {"ok": False, "error": f"worker exited {proc.returncode} without a result"}
-    if proc.returncode != 0 or not result.get("ok"):
-        raise RunError(f"llmcompressor failed: {result.get('error', 'exit code %d' % proc.returncode)}")
-    return result
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")]))}
+    run = run_worker("llmc", job, python=str(quant_python()), env=env)  # type: ignore[arg-type]
+    return run.check("llmcompressor failed")

@@ -1,9 +1,9 @@
 """Times generation with one vLLM engine; started by arm_int4.bench, one process per configuration.
 
-Run: VENV_PYTHON arm_int4/workers/bench_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
+Run: VENV_PYTHON arm_int4/workers/bench_worker.py JOB.json RESULT.json   (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "engine_kwargs": {LLM(...) keyword args}, "tests": [[prompt, gen, batch], ...],
-            "warmup": int, "repetitions": int, "seed": int, "result": path, "rss_interval_s": float}
-Writes JOB["result"] (rewritten atomically after each test, so a crash keeps finished tests):
+            "warmup": int, "repetitions": int, "seed": int, "rss_interval_s": float}
+Writes RESULT.json (rewritten atomically after each test, so a crash keeps finished tests):
 {"ok": bool, "error": str|None, "load_s", "vllm_version", "torch_version", "vocab",
  "tests": [{"prompt", "gen", "batch", "error", "peak_rss_bytes",
             "reps": [{"wall_s", "ttft_s": [per request], "tpot_s": [per request or None],
@@ -86,7 +86,7 @@ def run_batch(llm, params, pool, prompt, batch, rng):
 def main(argv):
     with open(argv[1], encoding="utf-8") as f:
         job = json.load(f)
-    out = job["result"]
+    out = argv[2]
     result = {"ok": False, "error": None, "tests": []}
     write_json_atomic(out, result)
     sampler = RssSampler(job.get("rss_interval_s", 0.25))

@@ -4,9 +4,9 @@ Run: $ARM_INT4_HOME/envs/llamacpp/bin/python arm_int4/workers/llamacpp_worker.py
 (standalone: imports only its stdlib-only sibling worker_io.py; runs in the llama.cpp env that scripts/setup.sh builds
 with ARM_INT4_LLAMACPP=1).
 JOB.json = {"gguf": path, "threads": int, "tests": [[prompt, gen, batch], ...], "warmup": int,
-            "repetitions": int, "seed": int, "result": path}
-        or {"quantize": {"src": path, "dst": path, "ftype": "Q4_1"}, "threads": int, "result": path}
-Writes JOB["result"] (rewritten after each test, so a crash keeps finished tests), in the format
+            "repetitions": int, "seed": int}
+        or {"quantize": {"src": path, "dst": path, "ftype": "Q4_1"}, "threads": int}
+Writes RESULT.json (rewritten after each test, so a crash keeps finished tests), in the format
 of bench_worker.py, plus what the GGUF says about itself:
 {"ok", "error", "load_s", "llama_cpp_version", "system_info", "desc", "model_bytes", "n_params",
  "kv_bytes_per_token", "vocab",
@@ -125,7 +125,7 @@ def _describe(L, model, result):
 def main(argv):
     with open(argv[1], encoding="utf-8") as f:
         job = json.load(f)
-    out = job["result"]
+    out = argv[2]
     result = {"ok": False, "error": None, "tests": []}
     write_json_atomic(out, result)
     engine = model = None

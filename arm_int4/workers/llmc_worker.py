@@ -1,16 +1,18 @@
 """Runs inside the quantization environment (llmcompressor); started by arm_int4.quantize.llmc.
 
-Run: QUANT_PYTHON arm_int4/workers/llmc_worker.py JOB.json   (standalone: imports nothing of arm_int4)
+Run (by arm_int4.runner only): QUANT_PYTHON arm_int4/workers/llmc_worker.py JOB.json RESULT.json
+(standalone: imports nothing of arm_int4, only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "output": dir, "weights": {...}, "input_activations": {...}|null,
             "ignore": [...], "algorithm": "rtn"|"gptq", "cast_fp32": bool, "calibration": {...}},
            or a list of such jobs, run in turn in one process (llmcompressor's import is paid once).
-Imports only the quantization environment's stack (no vLLM), and prints one JSON line
-`{"ok": ..., ...}` last on stdout so the parent can read the outcome without parsing logs.
+Imports only the quantization environment's stack (no vLLM); writes `{"ok": ..., ...}` to RESULT.json.
 """
 
 import json
 import sys
 import time
+
+from worker_io import write_json_atomic  # sibling module (this script's dir)
 
 
 def _calibration_dataset(job, tokenizer):
@@ -96,7 +98,7 @@ def main(argv):
     result = results[0] if len(results) == 1 and not isinstance(job, list) else {
         "ok": all(r["ok"] for r in results) and len(results) == len(job),
         "error": next((r["error"] for r in results if not r["ok"]), None), "results": results}
-    print(json.dumps(result), flush=True)
+    write_json_atomic(argv[2], result)
     return 0 if result["ok"] else 1
 
 

@@ -20,12 +20,10 @@ VLLM_TARGET_DEVICE=cpu (set by the parent) makes vLLM pick its CPU platform.
 
 import importlib
 import importlib.metadata
-import json
-import os
 import sys
 import time
 
-from worker_io import shutdown_engines  # sibling module (this script's dir)
+from worker_io import main  # sibling module (this script's dir)
 
 _ENGINE = []
 
@@ -77,11 +75,9 @@ def run(job):
     from lm_eval.tasks import TaskManager
     from vllm import __version__ as vllm_version
 
-    engine_kwargs = {k: job[k] for k in ("max_model_len", "max_num_batched_tokens") if job.get(k)}
     t0 = time.perf_counter()
-    lm = backend.VLLM(pretrained=job["model"], dtype=job.get("dtype", "auto"), add_bos_token=True,
-                      batch_size=job.get("batch_size", "auto"), seed=job.get("seed", 1234),
-                      enforce_eager=True, **engine_kwargs)
+    lm = backend.VLLM(pretrained=job["model"], add_bos_token=True, batch_size=job.get("batch_size", "auto"),
+                      seed=job.get("seed", 1234), **job["engine_kwargs"])
     _ENGINE.append(lm.model)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -98,25 +94,5 @@ def run(job):
 
 
 
-def main(argv):
-    with open(argv[1], encoding="utf-8") as f:
-        job = json.load(f)
-    try:
-        result = run(job)
-    except Exception as exc:  # reported to the parent as one line; the traceback goes to the log
-        import traceback
-
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:400]}
-    shutdown_engines(_ENGINE)
-    with open(argv[2] + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, default=str)
-    os.replace(argv[2] + ".tmp", argv[2])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # As perplexity_worker: skip interpreter teardown (a C++ destructor in vLLM's stack sometimes aborts).
-    os._exit(0 if result["ok"] else 1)
-
-
 if __name__ == "__main__":
-    main(sys.argv)
+    main(sys.argv, run, _ENGINE)

@@ -1,14 +1,12 @@
 """Scores token windows with a vLLM engine; started by arm_int4.evaluate, one process per model.
 
-Run: VENV_PYTHON arm_int4/workers/perplexity_worker.py JOB.json   (standalone: imports only its stdlib-only sibling worker_io.py)
-JOB.json = {"model": dir, "dtype": "auto"|"bfloat16"|"float32"|..., "max_model_len": int,
-            "max_num_batched_tokens": int,
+Run (by arm_int4.runner only): VENV_PYTHON arm_int4/workers/perplexity_worker.py JOB.json RESULT.json
+(standalone: imports only its stdlib-only sibling worker_io.py)
+JOB.json = {"model": dir, "engine_kwargs": {LLM kwargs from the launch plan},
             "windows": [[token ids], ...], "score_from": [first scored position per window],
             "return_token_logprobs": bool, "seed": int}
-Prints one JSON line on stdout: {"ok": true, "nll": [per-window sum of -logprob],
-"counts": [...], "load_seconds", "score_seconds", "vllm_version", ["token_logprobs"]} or
-{"ok": false, "error": "..."}. vLLM's own logs go to stderr (VLLM_LOGGING_STREAM), so stdout
-carries nothing else.
+RESULT.json: {"ok": true, "nll": [per-window sum of -logprob], "counts": [...], "load_seconds",
+"score_seconds", "vllm_version", ["token_logprobs"]} or {"ok": false, "error": "..."}.
 
 Why a process per model: vLLM 0.32 frees an engine only by SIGTERM-ing its engine core and
 force-killing the worker after a 5 s grace (seen here: "force killing remaining processes",
@@ -16,12 +14,10 @@ leaked shared-memory warnings), so a fresh interpreter is the only clean slate. 
 `if __name__ == "__main__":` guard is required: vLLM spawns its workers.
 """
 
-import json
-import os
 import sys
 import time
 
-from worker_io import shutdown_engines  # sibling module (this script's dir)
+from worker_io import main  # sibling module (this script's dir)
 
 
 _ENGINE = []  # the LLM, so main() can shut it down on any exit path
@@ -31,8 +27,7 @@ def score(job):
     from vllm import LLM, SamplingParams, __version__
 
     t0 = time.perf_counter()
-    llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), max_model_len=job["max_model_len"],
-              max_num_batched_tokens=job["max_num_batched_tokens"], enforce_eager=True, seed=job.get("seed", 0))
+    llm = LLM(model=job["model"], seed=job.get("seed", 0), **job["engine_kwargs"])
     load_seconds = time.perf_counter() - t0
     _ENGINE.append(llm)
 
@@ -67,26 +62,5 @@ def score(job):
     return result
 
 
-
-def main(argv):
-    with open(argv[1], encoding="utf-8") as f:
-        job = json.load(f)
-    try:
-        result = score(job)
-    except Exception as exc:  # reported to the parent as one line; the traceback goes to stderr
-        import traceback
-
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-    shutdown_engines(_ENGINE)
-    print(json.dumps(result), flush=True)
-    sys.stderr.flush()
-    # Skip interpreter teardown: a C++ static destructor in vLLM's stack sometimes aborts there
-    # ("terminate called without an active exception", seen here after a complete run), which
-    # would turn a finished measurement into a failure. The engine was shut down above, and the
-    # parent reaps this process group whatever happens.
-    os._exit(0 if result["ok"] else 1)
-
-
 if __name__ == "__main__":
-    main(sys.argv)
+    main(sys.argv, score, _ENGINE)

@@ -8,8 +8,9 @@ sibling module as `worker_io`.
 
 import json
 import os
+import sys
 
-__all__ = ["write_json_atomic", "one_line", "shutdown_engines"]
+__all__ = ["write_json_atomic", "one_line", "shutdown_engines", "main"]
 
 
 def write_json_atomic(path, obj) -> None:
@@ -35,3 +36,30 @@ def shutdown_engines(llms) -> None:
             import traceback
 
             traceback.print_exc()
+
+
+def main(argv, run, engines=None) -> None:
+    """A worker's whole life: `argv` = [script, JOB.json, RESULT.json]; result = run(job), or
+    {"ok": false, "error": one line} if it raised (traceback to stderr, which is the log). With
+    `engines` (a list the run appends its vLLM LLMs to): shut them down, then skip interpreter
+    teardown — a C++ static destructor in vLLM's stack sometimes aborts there ("terminate called
+    without an active exception", seen here after complete runs), which would turn a finished
+    measurement into a failure; the parent reaps the process group whatever happens."""
+    with open(argv[1], encoding="utf-8") as f:
+        job = json.load(f)
+    try:
+        result = run(job)
+    except Exception as exc:  # reported to the parent as one line
+        import traceback
+
+        traceback.print_exc()
+        result = {"ok": False, "error": one_line(exc)}
+    if engines is not None:
+        shutdown_engines(engines)
+    write_json_atomic(argv[2], result)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = 0 if result.get("ok") else 1
+    if engines is not None:
+        os._exit(code)
+    sys.exit(code)

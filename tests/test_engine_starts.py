@@ -1,0 +1,124 @@
+"""Every vLLM engine starts through launch.plan and arm_int4.runner, and nothing else.
+
+Run: .venv/bin/python -m pytest tests/test_engine_starts.py -q
+Structural checks read the package's source (ast), so a new module that spawns a process or imports
+vLLM fails here; the plan-level checks run each command that starts vLLM on a checkpoint the plan
+must refuse on this x86 box (a W4A8 mixture-of-experts: vLLM's only W4A8 MoE kernel is Arm-only),
+so each command proves it consulted the plan before any engine started.
+"""
+
+import ast
+import dataclasses
+import pathlib
+
+import pytest
+from test_launch import machine, write_checkpoint
+
+from arm_int4 import evaluate, hardware, launch, runner, workers
+from arm_int4.errors import PreflightError
+
+PKG = pathlib.Path(runner.__file__).parent
+SOURCES = sorted(p for p in PKG.rglob("*.py") if "workers" not in p.parts)
+# subprocess.run of tools that are not vLLM, each with its reason
+TOOL_RUNS = {
+    "hardware.py": "ldconfig -p (where tcmalloc is)",
+    "bench.py": "git rev-parse / status (the commit in bench records)",
+    "cli.py": "bash scripts/build_vllm_cpu.sh (arm-int4 build)",
+    "llamacpp.py": "llama.cpp's convert_hf_to_gguf.py (GGUF conversion, no vLLM)",
+}
+
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                yield f"{f.value.id}.{f.attr}", node
+
+
+def test_only_the_runner_starts_processes():
+    offenders = []
+    for path in SOURCES:
+        tree = ast.parse(path.read_text())
+        for name, node in _calls(tree):
+            spawn = name in ("subprocess.Popen", "subprocess.call", "subprocess.check_call", "subprocess.check_output",
+                             "os.system", "os.popen") or name.startswith(("os.exec", "os.spawn", "os.posix_spawn"))
+            if spawn and path.name != "runner.py":
+                offenders.append(f"{path.relative_to(PKG)}:{node.lineno} {name}")
+            if name == "subprocess.run" and path.name not in TOOL_RUNS:
+                offenders.append(f"{path.relative_to(PKG)}:{node.lineno} subprocess.run (not a listed tool)")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(m.split(".")[0] in ("multiprocessing", "vllm") for m in mods):
+                    offenders.append(f"{path.relative_to(PKG)}:{node.lineno} imports {mods}")
+    assert not offenders, "start processes/vLLM only through arm_int4.runner: " + "; ".join(offenders)
+
+
+def test_every_worker_that_imports_vllm_needs_a_plan():
+    uses_vllm = set()
+    for path in workers.DIR.glob("*_worker.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(m.split(".")[0] in ("vllm", "lm_eval") for m in mods):
+                uses_vllm.add(path.name.removesuffix("_worker.py"))
+    assert uses_vllm == set(runner.ENGINE_WORKERS)
+    for name in sorted(uses_vllm):
+        with pytest.raises(TypeError, match="runs only from a launch.Plan"):
+            runner.run_worker(name, {})
+
+
+def test_the_server_and_engine_jobs_take_their_arguments_from_the_plan(tmp_path):
+    ck = launch.read_checkpoint(write_checkpoint(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2,
+                                                 inter=512, vocab=1024))
+    p = launch.plan(machine("graviton4", 64), ck, max_model_len=512)
+    kw = p.engine_kwargs()
+    assert kw["dtype"] == p.dtype and kw["max_model_len"] == 512 and kw["block_size"] == 128
+    with pytest.raises(TypeError, match="comes from the plan"):
+        runner.run_worker("perplexity", {"engine_kwargs": {}}, plan=p)
+
+
+# ---------------------------------------------------------------- the plan's guards hold in every command
+@pytest.fixture(scope="module")
+def x86_moe(tmp_path_factory):
+    """A W4A8 MoE checkpoint (config + headers): the plan refuses it on x86 before any engine starts."""
+    d = write_checkpoint(tmp_path_factory.mktemp("moe") / "moe", hidden=256, layers=1, heads=4, kv_heads=2,
+                         inter=512, vocab=1024, scheme="channelwise", experts=4)
+    (d / "tokenizer_config.json").write_text("{}")
+    return d
+
+
+MOE_LINE = "CPUExpertsInt4"
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "{m}", "--dry-run"],
+    ["bench", "{m}", "-p", "8", "-n", "2", "-b", "1", "-r", "1"],
+    ["tune", "{m}", "-p", "8", "-n", "2", "--output", "{tmp}/p.json"],
+    ["eval", "{m}", "--num-tokens", "16", "--max-len", "16", "--stride", "8"],
+    ["eval", "{m}", "--tasks", "opticks_cloze", "--limit", "2"],
+], ids=["serve", "bench", "tune", "eval-perplexity", "eval-lm-eval"])
+def test_each_command_refuses_the_x86_moe_through_the_plan(argv, x86_moe, tmp_path):
+    from conftest import run_cli
+
+    r = run_cli(*[a.format(m=x86_moe, tmp=tmp_path) for a in argv], timeout=300)
+    assert r.returncode != 0
+    assert MOE_LINE in r.stderr + r.stdout, (r.stdout[-1500:], r.stderr[-1500:])
+    assert "Traceback" not in r.stderr
+
+
+def test_eval_plans_like_serve_on_arm(tmp_path, monkeypatch):
+    """The groupwise + bias guard, binding and KV sizing reach eval and lm-eval (engine_plan is theirs)."""
+    ck = write_checkpoint(tmp_path / "gb", hidden=256, layers=1, heads=4, kv_heads=2, inter=512, vocab=1024,
+                          scheme="groupwise", bias=True)
+    arm = machine("graviton4", 64)
+    monkeypatch.setattr(hardware, "detect", lambda *a, **k: arm)
+    _, p = evaluate.engine_plan(ck, max_model_len=257, batched_tokens=257)
+    assert p.dtype == "float32" and p.engine_kwargs()["dtype"] == "float32"
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-62" and p.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    with pytest.raises(PreflightError, match="--dtype bfloat16 .* wrong outputs"):
+        evaluate.engine_plan(ck, max_model_len=257, dtype="bfloat16")
+    served = launch.plan(arm, launch.read_checkpoint(ck), max_model_len=257)
+    assert dataclasses.replace(p, argv=(), reasons=()).env == dataclasses.replace(served, argv=(), reasons=()).env
