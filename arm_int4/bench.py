@@ -20,6 +20,7 @@ import platform
 import re
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -242,13 +243,14 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
     env_info = env_info or environment(machine)
     tests, name = workload.tests(), facts.name + (f" [{label}]" if label else "")
     tag = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", label) if label else ""  # "all-2t eager" -> "-all-2t-eager"
-    log = Path(log_dir) / f"{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log" if log_dir else None
+    log = Path(log_dir or tempfile.gettempdir()) / (
+        f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log")
     job = {"model": facts.path, "tests": [[t.prompt, t.gen, t.batch] for t in tests], "warmup": workload.warmup,
            "repetitions": workload.repetitions, "seed": workload.seed, "rss_interval_s": 0.25}
     warn = _kernel_note(facts, machine)
     if warn:
         progress(f"warning: {facts.name}: {warn}")
-    progress(f"{name}: starting vLLM for {len(tests)} test(s)" + (f" (log: {log})" if log else ""))
+    progress(f"{name}: starting vLLM for {len(tests)} test(s) (log: {log})")
     shown = 0
 
     def on_update(result: dict) -> None:
@@ -284,6 +286,8 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
         records.append(rec)
     if any(r.error for r in records):
         progress(f"{name}: failed; vLLM log kept: {log}")
+    elif not log_dir:
+        log.unlink(missing_ok=True)
     return records
 
 

@@ -177,7 +177,24 @@ def _bias_guard(machine: Machine, facts: CheckpointFacts) -> bool:
     return bool(facts.is_w4a8_groupwise and facts.quantized_linear_bias and machine.arch == "aarch64")
 
 
+def _amx_guard(machine: Machine, facts: CheckpointFacts) -> bool:
+    """W4A8 on an x86 CPU with AMX: vLLM 0.32's bf16 attention kernel ("amx" ISA, v1/attention/backends/
+    cpu_attn.py) executes AMX tile instructions without asking Linux for AMX state first
+    (arch_prctl ARCH_REQ_XCOMP_PERM). A dense bf16 model gets that permission from oneDNN's first bf16
+    GEMM; a W4A8 model has no such GEMM, so its worker dies of SIGILL at the first attention call
+    (seen here on a Xeon with amx_tile: "Worker proc VllmWorker-0 died unexpectedly (exit code: -4)").
+    float32 activations take the "vec" attention kernel. docs/known-issues.md."""
+    s = facts.scheme
+    return bool(s and s.preset == "w4a8" and machine.arch == "x86_64" and "amx_tile" in machine.features)
+
+
 def _choose_dtype(machine, facts, profile_dtype, why) -> str:
+    if _amx_guard(machine, facts):
+        if profile_dtype and profile_dtype != "float32":
+            why.append(f"profile dtype {profile_dtype} ignored: see the next line")
+        why.append("dtype float32: W4A8 on an x86 CPU with AMX dies of SIGILL in vLLM 0.32's bf16 (AMX) attention "
+                   "kernel, which never requests AMX permission; float32 uses its vec kernel (docs/known-issues.md)")
+        return "float32"
     if _bias_guard(machine, facts):
         if profile_dtype and profile_dtype != "float32":
             why.append(f"profile dtype {profile_dtype} ignored: see the next line")
@@ -444,6 +461,10 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
         raise PreflightError(
             f"--dtype {user_dtype} with {facts.name} (groupwise W4A8 with Linear biases) on Arm gives wrong outputs in "
             "vLLM 0.32 (docs/known-issues.md): drop --dtype (the plan picks float32) or pass --dtype float32")
+    if user_dtype in ("bfloat16", "auto") and _amx_guard(machine, facts):
+        raise PreflightError(
+            f"--dtype {user_dtype} with {facts.name} (W4A8) on this AMX CPU crashes vLLM 0.32's worker (SIGILL in its "
+            "AMX attention kernel; docs/known-issues.md): drop --dtype (the plan picks float32) or pass --dtype float32")
     dtype = user_dtype or _choose_dtype(machine, facts, p.dtype, why)
     if dtype not in FLOAT_BYTES:
         dtype = _choose_dtype(machine, facts, None, [])  # "auto"/"half": size memory as the plan would

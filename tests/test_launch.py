@@ -327,8 +327,8 @@ def test_ranks_on_this_two_cpu_box_and_their_limits(llama8b):
     p = plan(m, llama8b, ranks=2)
     assert p.bind_lists == ("0", "1") and p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"  # no CPU to spare
     assert "no CPU reserved" in "\n".join(p.reasons)
-    with pytest.raises(PreflightError, match="3 ranks do not fit 2 usable CPUs"):
-        plan(m, llama8b, ranks=3)
+    with pytest.raises(PreflightError, match="4 ranks do not fit 2 usable CPUs"):
+        plan(m, llama8b, ranks=4)
     with pytest.raises(PreflightError, match="do not split over 3 tensor-parallel ranks"):
         plan(machine("graviton4", 256), llama8b, ranks=3)  # 32 heads / 8 KV heads
     with pytest.raises(PreflightError, match="vLLM binds one rank per NUMA node"):
@@ -360,3 +360,19 @@ def test_explicit_half_precision_is_refused_where_the_bias_guard_applies(tmp_pat
     assert plan(machine("graviton4", 64), ck, extra_args=["--dtype", "float32"]).dtype == "float32"
     assert plan(machine("graviton4", 64), ck).dtype == "float32"
     assert plan(machine("x86-amd-epyc-this-box", 20), ck, extra_args=["--dtype", "bfloat16"]).dtype == "bfloat16"
+
+
+def test_w4a8_on_an_amx_cpu_runs_float32(tmp_path):
+    """vLLM 0.32's bf16 attention uses AMX without requesting AMX state: a W4A8 worker (no bf16 GEMM
+    to request it first) dies of SIGILL on AMX Xeons (seen on this box). Dense models keep bf16."""
+    amx = machine("x86-amd-epyc-this-box", 64, node_memory=None)
+    amx = dataclasses.replace(amx, features=amx.features + ("amx_tile",))
+    w4 = read_checkpoint(write_checkpoint(tmp_path / "w4", scheme="channelwise", layers=1))
+    dense = read_checkpoint(write_checkpoint(tmp_path / "d", layers=1))
+    assert plan(amx, w4).dtype == "float32" and "SIGILL" in "\n".join(plan(amx, w4).reasons)
+    assert plan(amx, dense).dtype == "bfloat16"
+    assert plan(amx, w4, extra_args=["--dtype", "float32"]).dtype == "float32"
+    with pytest.raises(PreflightError, match="--dtype bfloat16 .* crashes .*SIGILL"):
+        plan(amx, w4, extra_args=["--dtype", "bfloat16"])
+    no_amx = machine("x86-amd-epyc-this-box", 64, node_memory=None)
+    assert plan(no_amx, w4).dtype == plan(no_amx, dense).dtype  # only AMX CPUs are affected

@@ -1,8 +1,12 @@
-"""`arm-int4 serve` end to end: a real vLLM OpenAI server on 127.0.0.1 with a tiny random Llama.
+"""`arm-int4 serve` end to end: real vLLM OpenAI servers on 127.0.0.1.
 
 Run: .venv/bin/python -m pytest tests/test_serve.py -q
-One server per module (engine start is ~20-45 s on 2 shared cores); the SIGINT test stops it and
-runs last. Eager mode, 512-token context and a 1 GiB KV cache keep the start short.
+- A tiny random Llama served with two tensor-parallel ranks on this one-NUMA-node box (`--ranks 2`:
+  each rank bound to its own CPU; vLLM's own "auto" binding refuses this). One server per module
+  (engine start is ~25-45 s on 2 shared cores); the SIGINT test stops it and runs last. Eager mode,
+  512-token context and a 1 GiB KV cache keep the start short.
+- `arm-int4 serve default` with no flags at all, as a new user types it: the plan alone must size
+  the KV cache so vLLM starts (it checks the NUMA node's memory), and a completion comes back.
 """
 
 import importlib.util
@@ -50,7 +54,7 @@ def server(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "arm_int4", "serve", "--port", str(port), "--kv-cache-gib", "1",
+            [sys.executable, "-m", "arm_int4", "serve", "--port", str(port), "--kv-cache-gib", "1", "--ranks", "2",
              "--max-model-len", "512", str(tiny_llama), "--", "--enforce-eager", "--max-num-seqs", "4"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
@@ -78,8 +82,10 @@ def test_plan_is_printed_before_vllm_starts(server):
     _, port, log = server
     text = log.read_text(errors="replace")
     assert "export VLLM_CPU_KVCACHE_SPACE=1" in text and "export VLLM_TARGET_DEVICE=cpu" in text
-    assert f"--port {port}" in text and "VLLM_CPU_OMP_THREADS_BIND" in text
-    assert "OpenMP thread binding info" in text  # vLLM read our bind list
+    assert f"--port {port}" in text and "export VLLM_CPU_OMP_THREADS_BIND='0|1'" in text
+    assert "--tensor-parallel-size 2" in text
+    assert "OpenMP thread binding info" in text  # vLLM read our bind lists
+    assert "tensor_parallel_size=2" in text  # vLLM's engine config: two ranks really ran
 
 
 def test_completion_over_http_returns_text(server):
@@ -165,3 +171,47 @@ def test_every_planned_env_var_and_flag_exists_in_this_vllm(tmp_path):
     assert (args.model, args.host, args.port, args.dtype) == (str(tmp_path / "m"), "127.0.0.1", 8000, "float32")
     assert (args.tensor_parallel_size, args.max_model_len, args.block_size) == (2, 4096, 128)
     assert args.max_num_seqs == int(p.argv[p.argv.index("--max-num-seqs") + 1]) and args.enforce_eager
+
+
+def _post_completion(port, model, prompt, timeout=120):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def test_serve_default_with_no_flags_answers(smollm2, tmp_path):
+    """`arm-int4 serve default` exactly as typed by a new user: port 8000, compiled, KV from the plan."""
+    log = tmp_path / "serve-default.log"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", 8000))
+        except OSError:
+            pytest.fail("port 8000 is taken on this machine: `arm-int4 serve default` listens there")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "arm_int4", "serve", "default"], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while "arm-int4 serve: ready in" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() - t0 < 900, f"not ready after 900 s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        text = log.read_text(errors="replace")
+        kv = int(text.split("export VLLM_CPU_KVCACHE_SPACE=")[1].split()[0])
+        assert f"Explicitly set ({kv:.1f}/" in text  # vLLM took the plan's size and allocated it
+        status, data = _post_completion(8000, "SmolLM2-135M-Instruct", "The capital of France is")
+        assert status == 200, data
+        # greedy, the real (dequantized Q4_1) SmolLM2: seen here " Paris.\n\nThe answer is:"
+        assert "Paris" in data["choices"][0]["text"] and data["usage"]["completion_tokens"] == 8
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
