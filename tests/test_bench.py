@@ -333,3 +333,19 @@ class TestEngineRun:
         assert [r.model_name for r in bad] == ["not-a-model", "not-a-model"] and "config.json" in bad[0].error
         assert run["records"][-1].error is None and run["records"][-3].error is None  # models after the bad one ran
         assert run["rc"] == 1 and "### failed" in run["md"]
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")
+def test_two_tensor_parallel_ranks_on_one_node(tiny_llama, isolated_home):
+    """`bench --ranks 2` on this one-node box: each rank bound to its own CPU, vLLM runs TP=2."""
+    from conftest import run_cli
+
+    out = isolated_home / "tp2.json"
+    r = run_cli("bench", tiny_llama, "--ranks", "2", "-p", "16", "-n", "8", "-b", "1", "-r", "1", "--json", out,
+                "--", "--enforce-eager", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert rec["error"] is None and rec["engine_args"]["tensor_parallel_size"] == 2
+    assert rec["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and rec["threads"] == 1
+    assert rec["decode_tok_s"] > 0 and rec["gen_tokens"] == 8
