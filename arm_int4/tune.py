@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import __version__, bandwidth, bench, hardware, launch
+from . import __version__, bandwidth, bench, hardware, launch, placement
 from .errors import ArmInt4Error, UsageError
 
 __all__ = ["OBJECTIVES", "TPOT_LIMIT_MS", "MODES", "PLACEMENTS", "PROMPTS", "GENS", "BATCHES", "REPETITIONS",
@@ -59,7 +59,7 @@ def placements(machine: hardware.Machine, kinds=PLACEMENTS) -> list:
     if bad:
         raise UsageError(f"--placements {' '.join(bad)}: choose from {', '.join(PLACEMENTS)}")
     cpus = machine.usable_cpus() or machine.logical_cpus or 1
-    nodes = len(launch.cpu_sets(machine)) or 1
+    nodes = len(placement.cpu_sets(machine)) or 1
     half = cpus // 2
     table = {
         "all": (True, Candidate(f"all-{cpus}t", launch.Profile(ranks=1, reserve=0),

@@ -37,7 +37,7 @@ def test_two_numa_nodes_add_a_per_node_ranks_candidate(llama8b):
     assert list(by) == ["all-160t", "reserve1-159t", "half-80t", "numa2-ranks", "vllm-auto"]
     plans = {k: launch.plan(m, llama8b, c.profile) for k, c in by.items()}
     assert plans["numa2-ranks"].ranks == 2 and "--tensor-parallel-size" in plans["numa2-ranks"].argv
-    assert [len(launch.parse_cpulist(b)) for b in plans["numa2-ranks"].bind_lists] == [79, 79]
+    assert [len(hardware.parse_cpulist(b)) for b in plans["numa2-ranks"].bind_lists] == [79, 79]
     assert (plans["all-160t"].ranks, plans["all-160t"].threads_per_rank) == (1, 160)
     assert plans["reserve1-159t"].threads_per_rank == 159 and plans["half-80t"].threads_per_rank == 80
     assert plans["vllm-auto"].env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
