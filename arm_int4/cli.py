@@ -11,7 +11,7 @@ import sys
 
 from . import __version__
 from .errors import ArmInt4Error, EnvironmentMissing, UsageError
-from .options import BuildOptions, DemoOptions, EvalOptions, InfoOptions, LearningPathOptions, QuantizeOptions, add_options, options_from_namespace
+from .options import BuildOptions, DemoOptions, EvalOptions, InfoOptions, LearningPathOptions, OptionsParser, QuantizeOptions, options_from_namespace
 from .options import BenchOptions, ServeOptions, TuneOptions
 
 __all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
@@ -22,6 +22,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class CommandParser(OptionsParser, OneLineParser):
+    """A command's parser: its options from its dataclass, its errors in one line."""
 
 
 def _cmd_info(opts: InfoOptions) -> int:
@@ -256,11 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `arm-int4 COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"arm-int4 {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, (options_class, _handler, help_, epilog) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_options(p, options_class)
+        sub.add_parser(name, options_class=options_class, help=help_, description=help_, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
 
@@ -297,15 +300,15 @@ def main(argv=None) -> int:
 
 def learning_path_main(argv=None) -> int:
     """scripts/quantize_vllm_models.py: Arm's script's interface over `arm-int4 quantize`."""
-    parser = OneLineParser(
+    parser = CommandParser(
+        LearningPathOptions,
         prog="quantize_vllm_models.py",
         description="Quantize a model using INT4 with minmax or mse and dynamic activation quantization "
                     "(Arm learning path interface; output ./{model}-w4a8dyn-{method}-{scheme}[-g{N}]).",
         epilog="example:\n  quantize_vllm_models.py deepseek-ai/DeepSeek-V2-Lite --scheme channelwise --method mse",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_options(parser, LearningPathOptions)
-    opts = options_from_namespace(LearningPathOptions, parser.parse_args(argv)).to_quantize_options()
+    opts = parser.parse_args(argv).to_quantize_options()
     try:
         return _cmd_quantize(opts)
     except ArmInt4Error as exc:

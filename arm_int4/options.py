@@ -23,7 +23,7 @@ __all__ = [
     "QuantizeOptions",
     "ServeOptions",
     "TuneOptions",
-    "add_options",
+    "OptionsParser",
     "options_from_namespace",
 ]
 
@@ -116,16 +116,25 @@ def _describe_default(f) -> str:
     return f" (default: {d})"
 
 
-def add_options(parser: argparse.ArgumentParser, options_class) -> None:
-    """Add one argument per dataclass field; help shows the dataclass default."""
-    argparse_dataclass._add_dataclass_options(options_class, parser)
-    by_name = {f.name: f for f in fields(options_class)}
-    for action in parser._actions:
-        f = by_name.get(action.dest)
-        if f is not None and action.help:
-            action.help += _describe_default(f)
-        if f is not None and "const" in f.metadata:  # nargs="?": the value of a bare flag
-            action.const = f.metadata["const"]
+class OptionsParser(argparse_dataclass.ArgumentParser):
+    """argparse-dataclass's parser (one argument per field of `options_class`), plus two things its
+    field metadata does not carry: the default shown at the end of each help text, and `const`
+    (the value of a bare `--flag` with nargs="?"). Both are added where argparse takes them, in
+    add_argument, which argparse-dataclass calls once per field."""
+
+    def __init__(self, options_class, *args, **kwargs):
+        self._fields = {f.name: f for f in fields(options_class)}
+        super().__init__(options_class, *args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        name = kwargs.get("dest") or (args[0].lstrip("-").replace("-", "_") if args else None)
+        f = self._fields.get(name) if hasattr(self, "_fields") else None
+        if f is not None:
+            if kwargs.get("help"):
+                kwargs["help"] += _describe_default(f)
+            if "const" in f.metadata:
+                kwargs["const"] = f.metadata["const"]
+        return super().add_argument(*args, **kwargs)
 
 
 def options_from_namespace(options_class, ns: argparse.Namespace):
