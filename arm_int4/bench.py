@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, bandwidth, hardware, launch, models, runner
+from . import __version__, bandwidth, hardware, kernels, launch, models, runner
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, weights_in_memory
 from .errors import ArmInt4Error, UsageError
 from .report import Record
@@ -216,9 +216,11 @@ def plan_for(model_dir, machine: hardware.Machine, workload: Workload, profile: 
 
 
 def _kernel_note(facts: CheckpointFacts, machine: hardware.Machine) -> Optional[str]:
-    """For an INT4 checkpoint on a machine without KleidiAI: what its numbers do not show."""
+    """Before the run, for a W4A8 checkpoint on a machine without KleidiAI: what its numbers will not
+    show (from hardware's prediction; the records then carry what vLLM's log says it ran)."""
     k = machine.int4_kernel or ""
-    if not facts.scheme or not ("fallback" in k or "reference" in k or k.startswith("none")):
+    if not facts.scheme or facts.scheme.preset != "w4a8" or not ("fallback" in k or "reference" in k
+                                                                 or k.startswith("none")):
         return None
     kernel = k.split(" (")[0]
     if "fallback" in k:
@@ -262,12 +264,15 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
 
     run = runner.run_worker("bench", job, plan=plan, log=log, on_update=on_update)
     result, failure, log = run.result, run.error, run.log
+    ran = kernels.describe(run.linear_kernels, machine, plan.dtype)  # from vLLM's log, not predicted
+    if warn and ran and ran.split(" (")[0] != warn.split("vLLM's ")[-1].split(" ")[0]:
+        warn = f"{warn} — but vLLM's log says it ran {ran}"
     dtype = plan.dtype if plan.dtype in FLOAT_BYTES else "bfloat16"
     common = dict(
         weights_in_memory_bytes=weights_in_memory(facts, dtype, machine.arch), model_bytes=_model_bytes(facts.path),
         kv_bytes_per_token=kv_bytes_per_token(facts, dtype), bandwidth_gbs=bandwidth_gbs, dtype=plan.dtype,
         threads=plan.threads_per_rank, engine_args=plan.engine_kwargs(), env=dict(plan.env), config=label,
-        int4_kernel=machine.int4_kernel if facts.scheme else None, excluded=OFFLINE_EXCLUDED,
+        int4_kernel=ran, excluded=OFFLINE_EXCLUDED,
         notes=[n for n in (_provenance(facts.path), warn) if n], load_s=result.get("load_s"),
         linear_kernels=run.linear_kernels)
     where = {**env_info, "vllm_version": result.get("vllm_version") or env_info.get("vllm_version"),

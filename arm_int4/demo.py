@@ -13,8 +13,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
+from . import kernels
 from .errors import UsageError
 from .models import DEFAULT_PROVENANCE_NOTE, cache_home, default_model_dir
 from .options import QuantizeOptions
@@ -46,6 +48,7 @@ class DemoRow:
     decode_tok_s_sd: float | None = None
     decode_batch_tok_s: float | None = None  # the largest batch, all streams
     x86_fallback: bool = False
+    kernel: Optional[str] = None  # the linear kernel vLLM's log names (kernels.describe), or "dense (dtype)"
 
 
 @dataclass
@@ -112,7 +115,8 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
             b1 = mine[1]
             row.prefill_tok_s, row.decode_tok_s, row.decode_tok_s_sd = b1.prefill_tok_s, b1.decode_tok_s, \
                 b1.decode_tok_s_sd
-            row.x86_fallback = bool(b1.quantized and b1.int4_kernel and "fallback" in b1.int4_kernel)
+            row.x86_fallback = kernels.is_x86_fallback(b1.int4_kernel)
+            row.kernel = b1.int4_kernel or f"dense ({b1.dtype})"
         if max(batches) in mine and max(batches) > 1:
             row.decode_batch_tok_s = mine[max(batches)].decode_tok_s
     result = DemoResult(rows, out_root / "demo-summary.md", out_root / "demo-bench.png",
@@ -127,7 +131,8 @@ def format_rows(result: DemoResult) -> str:
     rows, big = result.rows, result.batch
     base = rows[0]
     head = ["model", "size (MiB)", "vs BF16", "INT4 layers", "quantize (s)", "perplexity", "Δ ppl",
-            "prefill tok/s b1", "decode tok/s b1", "vs BF16"] + ([f"decode tok/s b{big}"] if big > 1 else []) + ["path"]
+            "prefill tok/s b1", "decode tok/s b1", "vs BF16"] + ([f"decode tok/s b{big}"] if big > 1 else []) + [
+        "linear kernel (vLLM's log)", "path"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
         ppl = [f"{r.ppl:.2f}", f"{r.delta_ppl:+.2f}"] if r.ppl is not None else ["-", "-"]
@@ -140,7 +145,7 @@ def format_rows(result: DemoResult) -> str:
                  str(r.layers) if quantized else "-", f"{r.seconds:.1f}" if quantized else "-", *ppl, "-" if r.prefill_tok_s is None else f"{r.prefill_tok_s:.0f}", dec, ratio]
         if big > 1:
             cells.append("-" if r.decode_batch_tok_s is None else f"{r.decode_batch_tok_s:.1f}")
-        lines.append("| " + " | ".join(cells + [str(r.path)]) + " |")
+        lines.append("| " + " | ".join(cells + [r.kernel or "-", str(r.path)]) + " |")
     if any(r.x86_fallback for r in rows):
         lines += ["", "> INT4 speed here is vLLM's x86 reference fallback for `_dyn_quant_matmul_4bit`, slower "
                       "than BF16 by design: not an Arm figure. On Arm the same checkpoints run KleidiAI kernels."]

@@ -340,13 +340,15 @@ def compare(baseline_dir: Union[str, Path], candidates: Sequence[Union[str, Path
 
 def format_table(rows: Sequence[dict]) -> str:
     """Markdown table of perplexity (or compare) records."""
-    head = "| model | quantization | ppl | Δ ppl | ratio | scored tokens | engine load s | scoring s |"
-    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    head = ("| model | quantization | ppl | Δ ppl | ratio | scored tokens | engine load s | scoring s | "
+            "linear kernel (vLLM's log) |")
+    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         delta = f"{r['delta_ppl']:+.4f}" if "delta_ppl" in r else ""
         ratio = f"{r['ratio']:.4f}" if "ratio" in r else ""
+        kernel = ", ".join(r.get("linear_kernels") or []) or f"dense ({r['dtype']})"
         out.append(f"| {r['model_name']} | {r['quantization']} | {r['ppl']:.4f} | {delta} | {ratio} | "
-                   f"{r['scored_tokens']} | {r['load_s']:.1f} | {r['score_s']:.1f} |")
+                   f"{r['scored_tokens']} | {r['load_s']:.1f} | {r['score_s']:.1f} | {kernel} |")
     r = rows[0] if rows else {}
     if r:
         out.append(f"\ntext {r['text']} (sha256 {r['text_sha256'][:12]}…), first {r['text_tokens']} tokens, "

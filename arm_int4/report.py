@@ -79,7 +79,7 @@ class Record:
     engine_args: dict = field(default_factory=dict)  # LLM(...) keyword arguments
     env: dict = field(default_factory=dict)  # environment variables the plan set
     linear_kernels: list = field(default_factory=list)  # from vLLM's log ("Using X for Y")
-    int4_kernel: Optional[str] = None  # for INT4 checkpoints: the kernel this machine runs
+    int4_kernel: Optional[str] = None  # the quantized linear kernel vLLM's log says it ran (kernels.describe); None: dense
     # ---- environment
     cpu: Optional[str] = None
     arch: Optional[str] = None
