@@ -16,11 +16,11 @@ import urllib.parse
 from typing import Callable
 
 from . import bandwidth, hardware, models
-from .bench import SERVER_EXCLUDED, Test, Workload, _fill, _kernel_note, _model_bytes, _quant_label, _short, _stderr
-from .bench import bytes_per_step, environment
 from .checkpoint import FLOAT_BYTES, kv_bytes_per_token, read_checkpoint
 from .errors import ArmInt4Error, RunError, UsageError
 from .report import Record
+from .workload import SERVER_EXCLUDED, Test, Workload, bytes_per_step, environment, fill_record, kernel_note
+from .workload import model_bytes, quant_label, short, to_stderr
 
 __all__ = ["run_server"]
 
@@ -101,7 +101,7 @@ def _server_round(host, port, path, model, pool, test: Test, rng, timeout) -> di
 
 
 def run_server(url: str, workload: Workload = Workload(), *, model_dir=None, timeout: float = 600.0,
-               progress: Callable[[str], None] = _stderr) -> list:
+               progress: Callable[[str], None] = to_stderr) -> list:
     """Time a running OpenAI-compatible (vLLM) server: `batch` = concurrent clients. Prompts are
     token ids drawn from what the server's /tokenize returns for a fixed word list (untimed).
     GB/s needs the checkpoint: `model_dir`, or the server's model root when it is a local dir."""
@@ -127,26 +127,26 @@ def run_server(url: str, workload: Workload = Workload(), *, model_dir=None, tim
         bw = bandwidth.machine_bandwidth(machine, progress=progress)["triad_gbs"]
     dtype = facts.config_dtype if facts and facts.config_dtype in FLOAT_BYTES else "bfloat16"
     notes = ["server mode: the client runs on the same CPUs as a local server"] if bw else []
-    if facts and bw and _kernel_note(facts, machine):
-        notes.append(_kernel_note(facts, machine))
+    if facts and bw and kernel_note(facts, machine):
+        notes.append(kernel_note(facts, machine))
     rng, records = random.Random(workload.seed), []
     for t in workload.tests():
-        rec = Record(model=url, model_name=model_id, quantization=_quant_label(facts) if facts else None,
+        rec = Record(model=url, model_name=model_id, quantization=quant_label(facts) if facts else None,
                      quantized=bool(facts and facts.quant_method), test=t.name, prompt_tokens=t.prompt,
                      gen_tokens=t.gen, batch=t.batch, mode="server", repetitions=workload.repetitions,
                      warmup=workload.warmup, excluded=SERVER_EXCLUDED, notes=notes, bandwidth_gbs=bw, **env)
         if facts:
-            rec.model_bytes, rec.kv_bytes_per_token = _model_bytes(facts.path), kv_bytes_per_token(facts, dtype)
+            rec.model_bytes, rec.kv_bytes_per_token = model_bytes(facts.path), kv_bytes_per_token(facts, dtype)
             rec.bytes_per_step = bytes_per_step(facts, dtype, machine.arch, t.batch, t.prompt + t.gen / 2)
         try:
             for _ in range(workload.warmup):
                 _server_round(host, port, prefix + "/v1/completions", model_id, pool, t, rng, timeout)
             reps = [_server_round(host, port, prefix + "/v1/completions", model_id, pool, t, rng, timeout)
                     for _ in range(workload.repetitions)]
-            _fill(rec, reps, rec.bytes_per_step if bw else None, bw)
+            fill_record(rec, reps, rec.bytes_per_step if bw else None, bw)
             rec.cached_tokens = None  # not reported over HTTP
-            progress(f"{model_id} @ {url}: {t.name}: decode {_short(rec.decode_tok_s)} tok/s, "
-                     f"TTFT {_short(rec.ttft_ms)} ms")
+            progress(f"{model_id} @ {url}: {t.name}: decode {short(rec.decode_tok_s)} tok/s, "
+                     f"TTFT {short(rec.ttft_ms)} ms")
         except ArmInt4Error as exc:
             rec.error = str(exc)
             progress(f"{model_id} @ {url}: {t.name}: failed: {exc}")
