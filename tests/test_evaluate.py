@@ -60,10 +60,29 @@ def test_windows_refuse_strides_that_skip_tokens():
 
 
 # ---------------------------------------------------------------- texts
-def test_packaged_text_is_found_in_the_serving_env_and_pinned(opticks):
+def test_packaged_text_ships_in_arm_int4_and_is_pinned(opticks):
+    import hashlib
+    from pathlib import Path
+
+    shipped = Path(ev.__file__).parent / "data" / ev.TEXTS["opticks"].file
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == ev.TEXTS["opticks"].sha256
     assert opticks.name == "opticks" and opticks.sha256 == ev.TEXTS["opticks"].sha256
-    assert len(opticks.text) > 500_000 and "OPTICKS" in opticks.text
-    assert "Reflections" in opticks.text[:2000]
+    assert len(opticks.text) == 567_038 and "OPTICKS" in opticks.text  # 567,198 UTF-8 bytes
+    assert "Reflections" in opticks.text[:2000] and "Gutenberg" not in opticks.text
+
+
+def test_packaged_text_refuses_other_bytes_or_a_missing_file(monkeypatch):
+    import dataclasses
+
+    from arm_int4.errors import EnvironmentMissing
+
+    real = ev.TEXTS["opticks"]
+    monkeypatch.setitem(ev.TEXTS, "opticks", dataclasses.replace(real, sha256="0" * 64))
+    with pytest.raises(EnvironmentMissing, match="changed .sha256 d4a9ac22462b…, expected 000000000000…"):
+        ev.load_text("opticks")
+    monkeypatch.setitem(ev.TEXTS, "opticks", dataclasses.replace(real, file="absent.txt"))
+    with pytest.raises(EnvironmentMissing, match="absent.txt is missing from this arm_int4 install"):
+        ev.load_text("opticks")
 
 
 def test_text_from_a_file_and_refusals(tmp_path):
