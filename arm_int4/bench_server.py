@@ -19,8 +19,19 @@ from . import bandwidth, hardware, models
 from .checkpoint import FLOAT_BYTES, kv_bytes_per_token, read_checkpoint
 from .errors import ArmInt4Error, RunError, UsageError
 from .report import Record
-from .workload import SERVER_EXCLUDED, Test, Workload, bytes_per_step, environment, fill_record, kernel_note
-from .workload import model_bytes, quant_label, short, to_stderr
+from .workload import (
+    SERVER_EXCLUDED,
+    Test,
+    Workload,
+    bytes_per_step,
+    environment,
+    fill_record,
+    kernel_note,
+    model_bytes,
+    quant_label,
+    short,
+    to_stderr,
+)
 
 __all__ = ["run_server"]
 
@@ -58,7 +69,8 @@ def _stream_one(host, port, path, model, ids, gen, timeout, out, i) -> None:
         resp = conn.getresponse()
         if resp.status != 200:
             raise RunError(f"POST {path} answered HTTP {resp.status}: {resp.read()[:200].decode('utf-8', 'replace')}")
-        first = last = None
+        first: float | None = None
+        last = 0.0
         n = in_first = 0
         for raw in resp:  # server-sent events: `data: {json}` lines, then `data: [DONE]`
             line = raw.strip()
@@ -86,7 +98,7 @@ def _stream_one(host, port, path, model, ids, gen, timeout, out, i) -> None:
 def _server_round(host, port, path, model, pool, test: Test, rng, timeout) -> dict:
     """`batch` concurrent streamed requests (one thread each); worker-format timings."""
     prompts = [[rng.choice(pool) for _ in range(test.prompt)] for _ in range(test.batch)]
-    out = [None] * test.batch
+    out: list = [None] * test.batch
     threads = [threading.Thread(target=_stream_one, args=(host, port, path, model, ids, test.gen, timeout, out, i))
                for i, ids in enumerate(prompts)]
     for t in threads:
@@ -127,8 +139,9 @@ def run_server(url: str, workload: Workload = Workload(), *, model_dir=None, tim
         bw = bandwidth.machine_bandwidth(machine, progress=progress)["triad_gbs"]
     dtype = facts.config_dtype if facts and facts.config_dtype in FLOAT_BYTES else "bfloat16"
     notes = ["server mode: the client runs on the same CPUs as a local server"] if bw else []
-    if facts and bw and kernel_note(facts, machine):
-        notes.append(kernel_note(facts, machine))
+    note = kernel_note(facts, machine) if facts and bw else None
+    if note:
+        notes.append(note)
     rng, records = random.Random(workload.seed), []
     for t in workload.tests():
         rec = Record(model=url, model_name=model_id, quantization=quant_label(facts) if facts else None,

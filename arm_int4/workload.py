@@ -42,7 +42,7 @@ SERVER_EXCLUDED = ("prompt tokenization (prompts are token ids); included: HTTP,
 
 def to_stderr(msg: str) -> None:
     """The default progress sink: stderr, flushed (stdout carries the results)."""
-    print(msg, file=sys.stderr, flush=True)
+    print(msg, file=sys.stderr, flush=True)  # noqa: T201 (the library's one progress sink)
 
 
 def short(v) -> str:
@@ -189,7 +189,7 @@ def fill_record(rec: Record, reps: list, step_bytes: Optional[int], bw: Optional
     [{"wall_s": float, "ttft_s": [per request], "tpot_s": [per request or None],
       "gen_tokens": [per request], "cached_tokens": int (optional)}]."""
     b, p = rec.batch, rec.prompt_tokens
-    samples = {"ttft_ms": [], "tpot_ms": [], "prefill_tok_s": [], "decode_tok_s": [], "total_tok_s": [],
+    samples: dict[str, list] = {"ttft_ms": [], "tpot_ms": [], "prefill_tok_s": [], "decode_tok_s": [], "total_tok_s": [],
                "output_tok_s": [], "achieved_gbs": []}
     for r in reps:
         tpots = [t for t in r["tpot_s"] if t is not None]

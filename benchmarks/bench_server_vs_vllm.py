@@ -78,7 +78,7 @@ def compare(url: str, tokenizer: str, prompts, gens, batches, repetitions: int, 
                     r = vllm_round(url, model, tokenizer, t.prompt, t.gen, t.batch, t.batch * w, seed + i)
                     if r["failed"] or r["total_output_tokens"] != t.batch * t.gen:
                         raise SystemExit(f"vllm bench serve: {t.name}: failed requests or short outputs: {r}")
-                    for m, key in zip(METRICS, ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")):
+                    for m, key in zip(METRICS, ("mean_ttft_ms", "mean_tpot_ms", "output_throughput"), strict=True):
                         theirs[m].append(r[key])
         row = {"test": t.name, "ours": {}, "vllm": {}}
         for name, got in (("ours", ours), ("vllm", theirs)):

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_comparison():
-    spec = importlib.util.spec_from_file_location("bench_server_vs_vllm", REPO / "benchmarks" / "bench_server_vs_vllm.py")
+    path = REPO / "benchmarks" / "bench_server_vs_vllm.py"
+    spec = importlib.util.spec_from_file_location("bench_server_vs_vllm", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli
 
 from arm_int4.cli import COMMANDS, build_parser
-from conftest import REPO, run_cli
 
 ARM_INT4 = Path(sys.executable).parent / "arm-int4"
 
@@ -81,6 +81,14 @@ def test_ci_runs_readme_command_2():
     assert len(commands) == 2, commands
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1].strip() in [line.strip() for line in ci]
+
+
+def test_readme_indexes_every_doc_page_and_each_link_exists():
+    readme = (REPO / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)\)", readme))
+    pages = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    assert pages - linked == set(), "README's Documentation list misses these pages"
+    assert linked - pages == set(), "README links pages that do not exist"
 
 
 def test_a_closed_pipe_is_not_a_traceback():

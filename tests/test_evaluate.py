@@ -16,7 +16,6 @@ from arm_int4 import evaluate as ev
 from arm_int4.errors import UsageError
 
 
-
 def vllm_test(f):
     f = pytest.mark.requires_vllm(f)
     return pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")(f)
@@ -78,10 +77,10 @@ def test_packaged_text_refuses_other_bytes_or_a_missing_file(monkeypatch):
 
     real = ev.TEXTS["opticks"]
     monkeypatch.setitem(ev.TEXTS, "opticks", dataclasses.replace(real, sha256="0" * 64))
-    with pytest.raises(EnvironmentMissing, match="changed .sha256 d4a9ac22462b…, expected 000000000000…"):
+    with pytest.raises(EnvironmentMissing, match=r"changed \(sha256 d4a9ac22462b…, expected 000000000000…\)"):
         ev.load_text("opticks")
     monkeypatch.setitem(ev.TEXTS, "opticks", dataclasses.replace(real, file="absent.txt"))
-    with pytest.raises(EnvironmentMissing, match="absent.txt is missing from this arm_int4 install"):
+    with pytest.raises(EnvironmentMissing, match=r"absent\.txt is missing from this arm_int4 install"):
         ev.load_text("opticks")
 
 
@@ -172,7 +171,8 @@ def test_vllm_perplexity_matches_transformers_on_tiny_llama(tiny_runs):
     the wrong position moves tokens by up to 0.66 nats (mean 0.12), dropping the BOS by up to 0.10."""
     windows, got, ref = tiny_runs
     assert [len(x) for x in got["token_logprobs"]] == [w.scored for w in windows]
-    diffs = [abs(a - b) for gw, rw in zip(got["token_logprobs"], ref) for a, b in zip(gw, rw)]
+    diffs = [abs(a - b) for gw, rw in zip(got["token_logprobs"], ref, strict=True)
+             for a, b in zip(gw, rw, strict=True)]
     assert max(diffs) < 1e-4, f"max per-token |Δ logprob| {max(diffs):.2e}"
     n = sum(len(r) for r in ref)
     ppl_vllm = math.exp(sum(got["nll"]) / n)
@@ -191,7 +191,7 @@ def smol_real_and_shuffled(smollm2, opticks):
     shuf_w = ev.sliding_windows(shuffled, max_len=512, stride=256, bos_id=bos)
     got = ev.score_windows(smollm2, real_w + shuf_w)
     k = len(real_w)
-    ppl = lambda a, b: math.exp(sum(got["nll"][a:b]) / sum(got["counts"][a:b]))  # noqa: E731
+    ppl = lambda a, b: math.exp(sum(got["nll"][a:b]) / sum(got["counts"][a:b]))
     return ppl(0, k), ppl(k, len(got["nll"]))
 
 

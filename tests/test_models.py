@@ -31,7 +31,7 @@ def test_a_local_directory_named_default_wins_over_the_packaged_model(tmp_path, 
 def test_a_local_default_directory_that_is_not_a_model_is_refused_not_replaced(tmp_path, monkeypatch):
     (tmp_path / "default").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelError, match="default has no config.json"):
+    with pytest.raises(ModelError, match=r"default has no config\.json"):
         models.resolve("default", progress=lambda m: None)
 
 
@@ -46,7 +46,7 @@ def test_the_word_default_means_the_packaged_model_when_no_such_directory_exists
 
 def test_missing_paths_and_hub_ids_are_told_apart(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelError, match="model directory ./absent not found"):
+    with pytest.raises(ModelError, match=r"model directory \./absent not found"):
         models.resolve("./absent")
     with pytest.raises(ModelError, match="is a file"):
         (tmp_path / "f").write_text("x")

@@ -134,7 +134,8 @@ def test_bench_server_counts_every_token_of_a_real_stream(server, tiny_llama, tm
         assert len(r.ttft_ms_requests) == 2 * r.batch and all(t > 0 for t in r.ttft_ms_requests)
         # output = gen / wall and total = (B*P + gen) / wall, so gen = B*P*output / (total - output):
         # the tokens a round received, recovered from the record (exact up to float rounding).
-        gen = [r.batch * r.prompt_tokens * o / (t - o) for o, t in zip(r.output_tok_s_samples, r.total_tok_s_samples)]
+        pairs = zip(r.output_tok_s_samples, r.total_tok_s_samples, strict=True)
+        gen = [r.batch * r.prompt_tokens * o / (t - o) for o, t in pairs]
         assert [round(g) for g in gen] == [r.batch * r.gen_tokens] * 2
 
 
@@ -167,13 +168,12 @@ def test_every_planned_env_var_and_flag_exists_in_this_vllm(tmp_path):
     (a 2-rank Ampere Altra plan with every optional flag) parses with vLLM's own server parser."""
     import dataclasses
 
-    from test_launch import machine, write_checkpoint
-
     import vllm.envs
+    from test_launch import machine, write_checkpoint
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from arm_int4.launch import Profile, SERVER_MODULE, plan, read_checkpoint
+    from arm_int4.launch import SERVER_MODULE, Profile, plan, read_checkpoint
 
     facts = read_checkpoint(write_checkpoint(tmp_path / "m", scheme="channelwise", layers=1))
     m = dataclasses.replace(machine("ampere-altra", 256), tcmalloc_path="/usr/lib/libtcmalloc_minimal.so.4")
