@@ -197,9 +197,15 @@ def smol_real_and_shuffled(smollm2, opticks):
 
 @vllm_test
 def test_real_text_is_far_more_likely_than_shuffled_tokens(smol_real_and_shuffled):
+    """Measured (vLLM 0.32 CPU, bf16, 512 tokens, windows 512/256): real 35.11 on an Intel Xeon
+    (AMX) box, 35.19 on an AMD EPYC one (docs/demo.md); shuffled 3465 (Xeon). Repeated runs on one
+    box agree to every digit; between the two boxes' bf16 kernels the baseline moved 0.2 %. Bounds:
+    ±3 % on real (15x the cross-machine spread), ±10 % on shuffled (its tokens are the model's
+    least likely, where bf16 rounding weighs most). Scoring each token from the wrong position, or
+    without the BOS, moves these by far more (see the tiny-model test above)."""
     real, shuffled = smol_real_and_shuffled
-    assert 5 < real < 100, real  # an English text under a real 135M model
-    assert shuffled > 10 * real, (real, shuffled)
+    assert 34.1 < real < 36.2, real
+    assert 3120 < shuffled < 3810, (real, shuffled)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +228,14 @@ def test_w4a8_perplexity_differs_from_bf16_and_runs_the_int4_kernel(smol_w4a8_ro
     assert (base["delta_ppl"], base["ratio"]) == (0.0, 1.0)
     assert w4["ratio"] == pytest.approx(w4["ppl"] / base["ppl"])
     assert abs(w4["ratio"] - 1) > 1e-3, "W4A8 scored exactly like BF16: was the quantized model loaded?"
-    assert w4["ratio"] < 3, "W4A8 perplexity exploded"
+    # Measured here (Intel Xeon, vLLM 0.32 CPU, these 160 tokens, windows 128/64): BF16 43.79, W4A8
+    # channelwise minmax 120.78, ratio 2.758; deterministic run to run. (docs/accuracy.md's 2.05 is
+    # channelwise *mse* on 2048 tokens: another row.) Bounds: ±3 % on the baseline and ±10 % on the
+    # ratio, which carries the x86 reference INT4 kernel's fp32 rounding as well as bf16's: wide
+    # enough for another x86 box, narrow enough that a W4A8 model scored as BF16 (ratio 1.0), or
+    # scoring that drops the BOS or misplaces windows, falls outside.
+    assert 42.5 < base["ppl"] < 45.1, base["ppl"]
+    assert 2.48 < w4["ratio"] < 3.03, w4["ratio"]
     assert "Dynamic4bitLinearKernel" in w4["linear_kernels"] and base["linear_kernels"] == []
     table = ev.format_table(smol_w4a8_rows).splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 3 and "w4a8 minmax-channelwise" in table[3]

@@ -96,9 +96,16 @@ def test_csv_has_every_field_and_json_cells(records):
 
 def test_plot_writes_a_png(records, tmp_path):
     pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
     out = report.plot(records, str(tmp_path / "b.png"))
     data = open(out, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # the bars are drawn: coloured pixels (axes, text and error bars are grey/black). Measured: 20.9 %
+    # of the image for these records; with bars of height 0 the test fails (seen): bound at half.
+    rgb = imread(out)[..., :3]
+    coloured = ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2).mean()
+    assert coloured > 0.10, coloured
 
 
 def test_emit_files_and_stdout(records, tmp_path, capsys):
