@@ -16,6 +16,8 @@ import platform
 import statistics
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -173,7 +175,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     """Just enough of vLLM's OpenAI server: /v1/models, /tokenize, streamed /v1/completions with
     a 30 ms first token then 10 ms per token, two tokens merged into one chunk once."""
 
-    seen: list = []
+    seen: ClassVar[list] = []
 
     def log_message(self, *args):
         pass
@@ -256,7 +258,7 @@ def test_engine_failure_is_recorded_with_its_log(tiny_llama, isolated_home):
     assert len(records) == 2 and report.exit_code(records) == 1
     assert "no_such_engine_arg" in records[0].error and "vLLM log: " in records[0].error
     log = records[0].error.rsplit("vLLM log: ", 1)[1].rstrip(")")
-    assert "no_such_engine_arg" in open(log).read()
+    assert "no_such_engine_arg" in Path(log).read_text()
     assert any("vLLM log kept" in m for m in logs)
     os.unlink(log)  # kept for the user on failure; this one was expected
 
@@ -321,10 +323,10 @@ class TestEngineRun:
 
     def test_outputs_written(self, run):
         p = run["paths"]
-        assert [d["test"] for d in json.load(open(p["json"]))] == [r.test for r in run["records"]]
-        assert len(open(p["jsonl"]).read().splitlines()) == len(run["records"])
-        assert len(open(p["csv"]).read().splitlines()) == 1 + len(run["records"])
-        assert open(p["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert [d["test"] for d in json.loads(Path(p["json"]).read_text())] == [r.test for r in run["records"]]
+        assert len(Path(p["jsonl"]).read_text().splitlines()) == len(run["records"])
+        assert len(Path(p["csv"]).read_text().splitlines()) == 1 + len(run["records"])
+        assert Path(p["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert run["md"].startswith("## arm-int4 bench") and "± " in run["md"]
 
     def test_side_by_side_speed_up_columns(self, run):

@@ -19,6 +19,7 @@ from arm_int4 import bench, cli, hardware, launch, tune
 from arm_int4.errors import UsageError
 from arm_int4.report import Record
 
+
 @pytest.fixture(scope="module")
 def llama8b(tmp_path_factory):
     return launch.read_checkpoint(write_checkpoint(tmp_path_factory.mktemp("ck") / "llama8b"))
