@@ -189,8 +189,8 @@ def fill_record(rec: Record, reps: list, step_bytes: Optional[int], bw: Optional
     [{"wall_s": float, "ttft_s": [per request], "tpot_s": [per request or None],
       "gen_tokens": [per request], "cached_tokens": int (optional)}]."""
     b, p = rec.batch, rec.prompt_tokens
-    samples: dict[str, list] = {"ttft_ms": [], "tpot_ms": [], "prefill_tok_s": [], "decode_tok_s": [], "total_tok_s": [],
-               "output_tok_s": [], "achieved_gbs": []}
+    names = ("ttft_ms", "tpot_ms", "prefill_tok_s", "decode_tok_s", "total_tok_s", "output_tok_s", "achieved_gbs")
+    samples: dict[str, list] = {name: [] for name in names}
     for r in reps:
         tpots = [t for t in r["tpot_s"] if t is not None]
         samples["ttft_ms"].append(statistics.fmean(r["ttft_s"]) * 1e3)
