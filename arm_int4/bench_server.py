@@ -16,11 +16,22 @@ import urllib.parse
 from typing import Callable
 
 from . import bandwidth, hardware, models
-from .bench import SERVER_EXCLUDED, Test, Workload, _fill, _kernel_note, _model_bytes, _quant_label, _short, _stderr
-from .bench import bytes_per_step, environment
 from .checkpoint import FLOAT_BYTES, kv_bytes_per_token, read_checkpoint
 from .errors import ArmInt4Error, RunError, UsageError
 from .report import Record
+from .workload import (
+    SERVER_EXCLUDED,
+    Test,
+    Workload,
+    bytes_per_step,
+    environment,
+    fill_record,
+    kernel_note,
+    model_bytes,
+    quant_label,
+    short,
+    to_stderr,
+)
 
 __all__ = ["run_server"]
 
@@ -58,7 +69,8 @@ def _stream_one(host, port, path, model, ids, gen, timeout, out, i) -> None:
         resp = conn.getresponse()
         if resp.status != 200:
             raise RunError(f"POST {path} answered HTTP {resp.status}: {resp.read()[:200].decode('utf-8', 'replace')}")
-        first = last = None
+        first: float | None = None
+        last = 0.0
         n = in_first = 0
         for raw in resp:  # server-sent events: `data: {json}` lines, then `data: [DONE]`
             line = raw.strip()
@@ -86,7 +98,7 @@ def _stream_one(host, port, path, model, ids, gen, timeout, out, i) -> None:
 def _server_round(host, port, path, model, pool, test: Test, rng, timeout) -> dict:
     """`batch` concurrent streamed requests (one thread each); worker-format timings."""
     prompts = [[rng.choice(pool) for _ in range(test.prompt)] for _ in range(test.batch)]
-    out = [None] * test.batch
+    out: list = [None] * test.batch
     threads = [threading.Thread(target=_stream_one, args=(host, port, path, model, ids, test.gen, timeout, out, i))
                for i, ids in enumerate(prompts)]
     for t in threads:
@@ -101,7 +113,7 @@ def _server_round(host, port, path, model, pool, test: Test, rng, timeout) -> di
 
 
 def run_server(url: str, workload: Workload = Workload(), *, model_dir=None, timeout: float = 600.0,
-               progress: Callable[[str], None] = _stderr) -> list:
+               progress: Callable[[str], None] = to_stderr) -> list:
     """Time a running OpenAI-compatible (vLLM) server: `batch` = concurrent clients. Prompts are
     token ids drawn from what the server's /tokenize returns for a fixed word list (untimed).
     GB/s needs the checkpoint: `model_dir`, or the server's model root when it is a local dir."""
@@ -127,26 +139,27 @@ def run_server(url: str, workload: Workload = Workload(), *, model_dir=None, tim
         bw = bandwidth.machine_bandwidth(machine, progress=progress)["triad_gbs"]
     dtype = facts.config_dtype if facts and facts.config_dtype in FLOAT_BYTES else "bfloat16"
     notes = ["server mode: the client runs on the same CPUs as a local server"] if bw else []
-    if facts and bw and _kernel_note(facts, machine):
-        notes.append(_kernel_note(facts, machine))
+    note = kernel_note(facts, machine) if facts and bw else None
+    if note:
+        notes.append(note)
     rng, records = random.Random(workload.seed), []
     for t in workload.tests():
-        rec = Record(model=url, model_name=model_id, quantization=_quant_label(facts) if facts else None,
+        rec = Record(model=url, model_name=model_id, quantization=quant_label(facts) if facts else None,
                      quantized=bool(facts and facts.quant_method), test=t.name, prompt_tokens=t.prompt,
                      gen_tokens=t.gen, batch=t.batch, mode="server", repetitions=workload.repetitions,
                      warmup=workload.warmup, excluded=SERVER_EXCLUDED, notes=notes, bandwidth_gbs=bw, **env)
         if facts:
-            rec.model_bytes, rec.kv_bytes_per_token = _model_bytes(facts.path), kv_bytes_per_token(facts, dtype)
+            rec.model_bytes, rec.kv_bytes_per_token = model_bytes(facts.path), kv_bytes_per_token(facts, dtype)
             rec.bytes_per_step = bytes_per_step(facts, dtype, machine.arch, t.batch, t.prompt + t.gen / 2)
         try:
             for _ in range(workload.warmup):
                 _server_round(host, port, prefix + "/v1/completions", model_id, pool, t, rng, timeout)
             reps = [_server_round(host, port, prefix + "/v1/completions", model_id, pool, t, rng, timeout)
                     for _ in range(workload.repetitions)]
-            _fill(rec, reps, rec.bytes_per_step if bw else None, bw)
+            fill_record(rec, reps, rec.bytes_per_step if bw else None, bw)
             rec.cached_tokens = None  # not reported over HTTP
-            progress(f"{model_id} @ {url}: {t.name}: decode {_short(rec.decode_tok_s)} tok/s, "
-                     f"TTFT {_short(rec.ttft_ms)} ms")
+            progress(f"{model_id} @ {url}: {t.name}: decode {short(rec.decode_tok_s)} tok/s, "
+                     f"TTFT {short(rec.ttft_ms)} ms")
         except ArmInt4Error as exc:
             rec.error = str(exc)
             progress(f"{model_id} @ {url}: {t.name}: failed: {exc}")

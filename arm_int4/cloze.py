@@ -1,8 +1,8 @@
 """The packaged offline lm-eval task: `opticks_cloze`, a 4-way multiple-choice sentence ending.
 
 No hub data: the items are built, deterministically, from the public-domain text that
-arm_int4.evaluate already finds in the serving environment (Newton's Opticks, shipped as
-libbacktrace test data inside apache-tvm-ffi, sha256-pinned there). Each item is one sentence of
+arm_int4.evaluate scores (Newton's Opticks, shipped in arm_int4/data and sha256-pinned in
+arm_int4.evaluate.TEXTS). Each item is one sentence of
 the book: the context is the sentence without its last ENDING_WORDS words, the gold choice is
 those words, and the three distractors are the endings of other sentences. A language model
 scores every choice by its log-likelihood after the context (lm-eval `multiple_choice`: `acc`,

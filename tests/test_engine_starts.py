@@ -22,7 +22,7 @@ SOURCES = sorted(p for p in PKG.rglob("*.py") if "workers" not in p.parts)
 # subprocess.run of tools that are not vLLM, each with its reason
 TOOL_RUNS = {
     "sysfs.py": "ldconfig -p (where tcmalloc is)",
-    "bench.py": "git rev-parse / status (the commit in bench records)",
+    "workload.py": "git rev-parse / status (the commit in bench records)",
     "cli.py": "bash scripts/build_vllm_cpu.sh (arm-int4 build)",
     "llamacpp.py": "llama.cpp's convert_hf_to_gguf.py (GGUF conversion, no vLLM)",
 }

@@ -16,7 +16,6 @@ from arm_int4 import evaluate as ev
 from arm_int4.errors import UsageError
 
 
-
 def vllm_test(f):
     f = pytest.mark.requires_vllm(f)
     return pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")(f)
@@ -60,10 +59,29 @@ def test_windows_refuse_strides_that_skip_tokens():
 
 
 # ---------------------------------------------------------------- texts
-def test_packaged_text_is_found_in_the_serving_env_and_pinned(opticks):
+def test_packaged_text_ships_in_arm_int4_and_is_pinned(opticks):
+    import hashlib
+    from pathlib import Path
+
+    shipped = Path(ev.__file__).parent / "data" / ev.TEXTS["opticks"].file
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == ev.TEXTS["opticks"].sha256
     assert opticks.name == "opticks" and opticks.sha256 == ev.TEXTS["opticks"].sha256
-    assert len(opticks.text) > 500_000 and "OPTICKS" in opticks.text
-    assert "Reflections" in opticks.text[:2000]
+    assert len(opticks.text) == 567_038 and "OPTICKS" in opticks.text  # 567,198 UTF-8 bytes
+    assert "Reflections" in opticks.text[:2000] and "Gutenberg" not in opticks.text
+
+
+def test_packaged_text_refuses_other_bytes_or_a_missing_file(monkeypatch):
+    import dataclasses
+
+    from arm_int4.errors import EnvironmentMissing
+
+    real = ev.TEXTS["opticks"]
+    monkeypatch.setitem(ev.TEXTS, "opticks", dataclasses.replace(real, sha256="0" * 64))
+    with pytest.raises(EnvironmentMissing, match=r"changed \(sha256 d4a9ac22462b…, expected 000000000000…\)"):
+        ev.load_text("opticks")
+    monkeypatch.setitem(ev.TEXTS, "opticks", dataclasses.replace(real, file="absent.txt"))
+    with pytest.raises(EnvironmentMissing, match=r"absent\.txt is missing from this arm_int4 install"):
+        ev.load_text("opticks")
 
 
 def test_text_from_a_file_and_refusals(tmp_path):
@@ -153,7 +171,8 @@ def test_vllm_perplexity_matches_transformers_on_tiny_llama(tiny_runs):
     the wrong position moves tokens by up to 0.66 nats (mean 0.12), dropping the BOS by up to 0.10."""
     windows, got, ref = tiny_runs
     assert [len(x) for x in got["token_logprobs"]] == [w.scored for w in windows]
-    diffs = [abs(a - b) for gw, rw in zip(got["token_logprobs"], ref) for a, b in zip(gw, rw)]
+    diffs = [abs(a - b) for gw, rw in zip(got["token_logprobs"], ref, strict=True)
+             for a, b in zip(gw, rw, strict=True)]
     assert max(diffs) < 1e-4, f"max per-token |Δ logprob| {max(diffs):.2e}"
     n = sum(len(r) for r in ref)
     ppl_vllm = math.exp(sum(got["nll"]) / n)
@@ -172,15 +191,22 @@ def smol_real_and_shuffled(smollm2, opticks):
     shuf_w = ev.sliding_windows(shuffled, max_len=512, stride=256, bos_id=bos)
     got = ev.score_windows(smollm2, real_w + shuf_w)
     k = len(real_w)
-    ppl = lambda a, b: math.exp(sum(got["nll"][a:b]) / sum(got["counts"][a:b]))  # noqa: E731
+    ppl = lambda a, b: math.exp(sum(got["nll"][a:b]) / sum(got["counts"][a:b]))
     return ppl(0, k), ppl(k, len(got["nll"]))
 
 
 @vllm_test
 def test_real_text_is_far_more_likely_than_shuffled_tokens(smol_real_and_shuffled):
+    """Measured (vLLM 0.32 CPU, bf16, 512 tokens, windows 512/256): real 35.11 on an Intel Xeon
+    (AMX) box, 35.19 on an AMD EPYC one (docs/demo.md); shuffled 3465 (Xeon). Repeated runs on one
+    box agree to every digit; between the two boxes' bf16 kernels the baseline moved 0.2 %. Bounds:
+    ±3 % on real (15x the cross-machine spread), ±10 % on shuffled (its tokens are the model's
+    least likely, where bf16 rounding weighs most). Seen outside them, inside the old 5-100 bound:
+    windows re-scoring their overlap (38.96), the W4A8 channelwise-mse model instead of BF16 (80.66).
+    (Dropping the BOS is not caught here: it costs only the first token's score at 512 tokens.)"""
     real, shuffled = smol_real_and_shuffled
-    assert 5 < real < 100, real  # an English text under a real 135M model
-    assert shuffled > 10 * real, (real, shuffled)
+    assert 34.1 < real < 36.2, real
+    assert 3120 < shuffled < 3810, (real, shuffled)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +229,14 @@ def test_w4a8_perplexity_differs_from_bf16_and_runs_the_int4_kernel(smol_w4a8_ro
     assert (base["delta_ppl"], base["ratio"]) == (0.0, 1.0)
     assert w4["ratio"] == pytest.approx(w4["ppl"] / base["ppl"])
     assert abs(w4["ratio"] - 1) > 1e-3, "W4A8 scored exactly like BF16: was the quantized model loaded?"
-    assert w4["ratio"] < 3, "W4A8 perplexity exploded"
+    # Measured here (Intel Xeon, vLLM 0.32 CPU, these 160 tokens, windows 128/64): BF16 43.79, W4A8
+    # channelwise minmax 120.78, ratio 2.758; deterministic run to run. (docs/accuracy.md's 2.05 is
+    # channelwise *mse* on 2048 tokens: another row.) Bounds: ±3 % on the baseline and ±10 % on the
+    # ratio, which carries the x86 reference INT4 kernel's fp32 rounding as well as bf16's: wide
+    # enough for another x86 box, narrow enough that a W4A8 model scored as BF16 (ratio 1.0) or a
+    # finer scheme (groupwise g32: 1.32 on 2048 tokens, docs/accuracy.md) falls outside.
+    assert 42.5 < base["ppl"] < 45.1, base["ppl"]
+    assert 2.48 < w4["ratio"] < 3.03, w4["ratio"]
     assert "Dynamic4bitLinearKernel" in w4["linear_kernels"] and base["linear_kernels"] == []
     table = ev.format_table(smol_w4a8_rows).splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 3 and "w4a8 minmax-channelwise" in table[3]

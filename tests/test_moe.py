@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -20,7 +21,6 @@ from arm_int4.quantize.moe import MOE_IGNORE
 from arm_int4.quantize.verify import verify_dir
 from arm_int4.schemes import Scheme
 from arm_int4.synthetic import MOE_FAMILIES, build_random_moe
-from conftest import REPO, run_cli
 
 # family → (scheme, method, group) quantized by both engines; (MoE block name in the checkpoint)
 CONFIGS = {"mixtral": ("channelwise", "mse", None), "qwen3_moe": ("groupwise", "minmax", 32),
@@ -33,7 +33,7 @@ LAYERS = {"mixtral": 2 * (4 + 12), "qwen3_moe": 2 * (4 + 12), "qwen2_moe": 2 * (
 
 def _tensors(d):
     with safe_open(str(d / "model.safetensors"), "pt") as st:
-        return {k: st.get_tensor(k) for k in st.keys()}
+        return {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
 
 
 def _qconfig(d):
@@ -137,11 +137,12 @@ def test_expert_shapes_and_fused_storage_are_checked(moe_models, tmp_path):
     t = _tensors(fused)
     for layer in (0, 1):  # rewrite the experts as transformers 5 holds them in memory: 3-D
         p = f"model.layers.{layer}.mlp.experts"
-        w = {n: torch.stack([t.pop(f"{p}.{e}.{n}.weight") for e in range(4)]) for n in ("gate_proj", "up_proj", "down_proj")}
+        w = {n: torch.stack([t.pop(f"{p}.{e}.{n}.weight") for e in range(4)])
+             for n in ("gate_proj", "up_proj", "down_proj")}
         t[f"{p}.gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1)
         t[f"{p}.down_proj"] = w["down_proj"]
     save_file(t, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(PreflightError, match="stored fused.*--engine llmcompressor"):
+    with pytest.raises(PreflightError, match=r"stored fused.*--engine llmcompressor"):
         quantize(QuantizeOptions(model=str(fused), output=str(tmp_path / "o2")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-shape", "fused"]  # nothing written
 

@@ -121,6 +121,30 @@ def test_missing_model_dir_is_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("arm-int4 serve: error: model directory")
 
 
+def test_bench_server_counts_every_token_of_a_real_stream(server, tiny_llama, tmp_path, monkeypatch):
+    """`bench --server` against the real server: /tokenize and return_token_ids are vLLM extensions
+    that the fake server in test_bench.py only imitates (it also covers chunks merging tokens).
+    Every round must receive exactly B x N tokens (max_tokens + ignore_eos honoured, every
+    token counted once), and the record must describe the served checkpoint."""
+    from arm_int4 import bench_server
+    from arm_int4.workload import Workload
+
+    monkeypatch.setenv("ARM_INT4_HOME", str(tmp_path))  # the bandwidth cache it writes
+    _, port, _ = server
+    w = Workload(prompts=(32,), gens=(24,), batches=(1, 3), repetitions=2, warmup=1)
+    records = bench_server.run_server(f"http://127.0.0.1:{port}/v1", w, progress=lambda m: None)
+    assert [r.error for r in records] == [None, None]
+    for r in records:
+        assert r.mode == "server" and r.model_name == "tiny-llama" and r.quantization == "bfloat16"
+        assert r.model_bytes == sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
+        assert len(r.ttft_ms_requests) == 2 * r.batch and all(t > 0 for t in r.ttft_ms_requests)
+        # output = gen / wall and total = (B*P + gen) / wall, so gen = B*P*output / (total - output):
+        # the tokens a round received, recovered from the record (exact up to float rounding).
+        pairs = zip(r.output_tok_s_samples, r.total_tok_s_samples, strict=True)
+        gen = [r.batch * r.prompt_tokens * o / (t - o) for o, t in pairs]
+        assert [round(g) for g in gen] == [r.batch * r.gen_tokens] * 2
+
+
 def test_sigint_stops_vllm_with_no_orphans(server):
     proc, port, log = server
     tree = psutil.Process(proc.pid).children(recursive=True)
@@ -150,13 +174,12 @@ def test_every_planned_env_var_and_flag_exists_in_this_vllm(tmp_path):
     (a 2-rank Ampere Altra plan with every optional flag) parses with vLLM's own server parser."""
     import dataclasses
 
-    from test_launch import machine, write_checkpoint
-
     import vllm.envs
+    from test_launch import machine, write_checkpoint
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from arm_int4.launch import Profile, SERVER_MODULE, plan, read_checkpoint
+    from arm_int4.launch import SERVER_MODULE, Profile, plan, read_checkpoint
 
     facts = read_checkpoint(write_checkpoint(tmp_path / "m", scheme="channelwise", layers=1))
     m = dataclasses.replace(machine("ampere-altra", 256), tcmalloc_path="/usr/lib/libtcmalloc_minimal.so.4")

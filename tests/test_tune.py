@@ -20,6 +20,7 @@ from arm_int4 import bench, cli, hardware, launch, tune
 from arm_int4.errors import UsageError
 from arm_int4.report import Record
 
+
 def machine(name, mem_gib=None, **changes):
     """A recorded machine with system-wide memory only (placement is what these tests are about)."""
     return _machine(name, mem_gib, **{"node_memory": None, **changes})
@@ -53,7 +54,8 @@ def test_one_node_machines_get_no_numa_candidate_and_sane_thread_counts(name, ll
     assert any(lbl.startswith("half") for lbl in labels) == (cpus >= 16)
     for c in tune.placements(m):
         threads = launch.plan(m, llama8b, c.profile).threads_per_rank
-        assert threads is None or 1 <= threads <= cpus  # None: vLLM's auto binding decides
+        assert (threads is None) == (c.label == "vllm-auto")  # None: vLLM's auto binding decides
+        assert threads is None or 1 <= threads <= cpus
         if c.label.endswith("t"):
             assert threads == int(c.label.split("-")[1][:-1])
 
