@@ -8,6 +8,8 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Any, Callable
 
 from . import __version__
 from .errors import ArmInt4Error, EnvironmentMissing, UsageError
@@ -84,7 +86,7 @@ def _cmd_bench(opts: BenchOptions) -> int:
                              "(its checkpoint dir) and no --profile or vLLM args")
         if opts.vs_llamacpp:
             raise UsageError("--vs-llamacpp runs beside bench's own vLLM engines (same threads): drop --server")
-        records = bench_server.run_server(opts.server, workload, model_dir=(opts.models or [None])[0])
+        records = bench_server.run_server(opts.server, workload, model_dir=opts.models[0] if opts.models else None)
     else:
         profile = launch.Profile.load(opts.profile) if opts.profile else None
         peer, first = None, (opts.models or ["default"])[0]
@@ -136,7 +138,7 @@ def _cmd_tune(opts: TuneOptions) -> int:
 def _cmd_demo(opts: DemoOptions) -> int:
     from . import demo
 
-    result = demo.run_demo(opts.output, quick=opts.quick, overwrite=opts.overwrite)
+    result = demo.run_demo(Path(opts.output) if opts.output else None, quick=opts.quick, overwrite=opts.overwrite)
     print(demo.format_rows(result))
     return 1 if result.failed else 0
 
@@ -195,7 +197,7 @@ def _cmd_eval(opts: EvalOptions) -> int:
 
 
 # name → (options class, handler, one-line help, examples epilog)
-COMMANDS = {
+COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
     "bench": (BenchOptions, _cmd_bench,
               "prefill/decode tok/s, TTFT, TPOT, GB/s of vLLM on this CPU; several models side by side",
               "examples:\n  arm-int4 bench default\n"

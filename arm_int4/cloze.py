@@ -67,7 +67,7 @@ def build_items(text: str) -> tuple:
     endings = [e for _, e in split]
     items = []
     for i, (ctx, gold) in enumerate(split[:NUM_TEST + NUM_TRAIN]):
-        distractors = []
+        distractors: list = []
         while len(distractors) < 3:
             e = rng.choice(endings)
             if e.lower() != gold.lower() and e not in distractors:

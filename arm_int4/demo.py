@@ -25,7 +25,7 @@ from .schemes import Scheme, output_dir_name
 __all__ = ["DEMO_CONFIGS", "DEMO_TOKENS", "DEMO_WORKLOAD", "DemoRow", "DemoResult", "run_demo", "format_rows"]
 
 # The learning path's suggestions: channelwise for most models, groupwise g32 for accuracy.
-DEMO_CONFIGS = [("channelwise", "mse", 32), ("groupwise", "minmax", 32)]
+DEMO_CONFIGS: list = [("channelwise", "mse", 32), ("groupwise", "minmax", 32)]
 # Tokens of text scored per model (full run, --quick): the x86 W4A8 fallback scores ~4-9 tokens/s.
 DEMO_TOKENS = {False: 512, True: 128}
 # bench workload (prompts, gens, batches, repetitions) per mode; eager engines: they start in

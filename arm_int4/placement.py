@@ -28,7 +28,7 @@ def cpu_sets(machine: Machine) -> list:
 def heads_split(facts: CheckpointFacts, ranks: int) -> bool:
     """vLLM's tensor-parallel rule: heads divide by TP; KV heads divide by TP or TP by them."""
     h, kv = facts.num_heads, facts.num_kv_heads or facts.num_heads
-    if not h:
+    if not h or not kv:
         return True
     return h % ranks == 0 and (kv % ranks == 0 if kv >= ranks else ranks % kv == 0)
 

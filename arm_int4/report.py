@@ -99,7 +99,7 @@ class Record:
 
 
 def to_dict(r) -> dict:
-    return dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+    return dataclasses.asdict(r) if dataclasses.is_dataclass(r) and not isinstance(r, type) else dict(r)
 
 
 def format_json(records) -> str:
@@ -229,7 +229,7 @@ def format_markdown(records) -> str:
         out.append(f"> note: {note}")
     failed = [r for r in records if r.error is not None]
     if failed:
-        tests = {}
+        tests: dict = {}
         for r in failed:  # one line per model and error, naming its tests
             tests.setdefault((_who(r), r.error), []).append(r.test)
         out += ["", "### failed", ""] + [f"- {who} ({', '.join(t)}): {err}" for (who, err), t in tests.items()]

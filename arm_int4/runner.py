@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import IO, Callable, Optional
 
 import psutil
 
@@ -166,13 +166,22 @@ class Server:
 
     def __init__(self, plan: Plan, *, log: Optional[str] = None, env: Optional[dict] = None,
                  reap_grace: float = 5.0):
-        self.plan, self.log, self.proc, self._log_file = plan, log, None, None
+        self.plan, self.log = plan, log
+        self.proc: Optional[subprocess.Popen] = None
+        self._log_file: Optional[IO[bytes]] = None
         self.reap_grace = reap_grace  # s for the engine core/workers to exit after the API server
         self.env = process_env(plan, env)
 
     @property
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc else None
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The started server process (RuntimeError before start())."""
+        if self.proc is None:
+            raise RuntimeError("Server.start() has not been called")
+        return self.proc
 
     def start(self) -> "Server":
         out = None
@@ -197,7 +206,7 @@ class Server:
         """Seconds until /health answered 200; RunError if vLLM exits first or time runs out."""
         t0 = time.monotonic()
         while True:
-            rc = self.proc.poll()
+            rc = self.process.poll()
             if rc is not None:
                 raise RunError(f"vLLM exited with code {rc} before it was ready{self._log_hint()}")
             if self.ready():
@@ -237,13 +246,14 @@ class Server:
         return self.proc.returncode
 
     def _reap_group(self) -> None:
-        if self.proc.poll() is None:
+        proc = self.process
+        if proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.proc.wait()
-        reap_group(self.proc.pid, self.reap_grace)  # the engine core and workers follow their parent
+            proc.wait()
+        reap_group(proc.pid, self.reap_grace)  # the engine core and workers follow their parent
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -384,7 +394,7 @@ def serve_foreground(plan: Plan, *, ready_timeout: Optional[float] = None, out=N
     try:
         server.start()
         t0, announced = time.monotonic(), False
-        while server.proc.poll() is None:
+        while server.process.poll() is None:
             if not announced and not got and server.ready():
                 announced = True
                 print(f"arm-int4 serve: ready in {time.monotonic() - t0:.0f} s: {plan.base_url}/v1 "
@@ -393,7 +403,7 @@ def serve_foreground(plan: Plan, *, ready_timeout: Optional[float] = None, out=N
                 server.stop()
                 raise RunError(f"vLLM was not ready after {ready_timeout:.0f} s")
             time.sleep(0.5)
-        rc = server.proc.returncode
+        rc = server.process.returncode
     finally:
         server.stop()  # no-op signal if it already exited; always clears the group
         for s, h in old.items():

@@ -54,7 +54,7 @@ def _corpus_files() -> list[str]:
     import textwrap as _t
     import typing as _ty
 
-    return [m.__file__ for m in (_a, _t, _ty)] + [os.path.join(os.path.dirname(_j.__file__), "decoder.py")]
+    return [str(m.__file__) for m in (_a, _t, _ty)] + [os.path.join(os.path.dirname(str(_j.__file__)), "decoder.py")]
 
 
 def train_tokenizer(out_dir: str | Path, vocab_size: int):
@@ -147,6 +147,7 @@ def build_random_moe(out_dir: str | Path, family: str = "qwen3_moe", seed: int =
     import transformers
 
     config_cls, model_cls, fields = MOE_FAMILIES[family]
+    assert isinstance(fields, dict)  # MOE_FAMILIES: (config class, model class, config fields)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_from:
@@ -154,7 +155,8 @@ def build_random_moe(out_dir: str | Path, family: str = "qwen3_moe", seed: int =
         tok.save_pretrained(str(out))
     else:
         tok = train_tokenizer(out, _MOE_COMMON["vocab_size"])
-    config = getattr(transformers, config_cls)(**{**_MOE_COMMON, **fields, **config_overrides}, bos_token_id=tok.bos_token_id,
+    settings: dict = {**_MOE_COMMON, **fields, **config_overrides}
+    config = getattr(transformers, config_cls)(**settings, bos_token_id=tok.bos_token_id,
                                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(getattr(torch, dtype))

@@ -210,7 +210,11 @@ def sweep(model_dir, *, objective: str = OBJECTIVES[0], tpot_limit_ms: float = T
     probe = dataclasses.replace(workload, batches=(1,))  # stages 1-2 rank by batch-1 decode
     full = workload if objective == "throughput" else probe
     env_info = bench.environment(machine)
-    by_label, ran, stage_of, place_of, seen = {}, {}, {}, {}, {}
+    by_label: dict = {}
+    ran: dict = {}
+    stage_of: dict = {}
+    place_of: dict = {}
+    seen: dict = {}
 
     def run(place: Candidate, mode: str, wl: bench.Workload, stage: int, suffix: str = "") -> None:
         c = _with_mode(place, mode)

@@ -87,7 +87,7 @@ def main(argv):
     with open(argv[1], encoding="utf-8") as f:
         job = json.load(f)
     out = argv[2]
-    result = {"ok": False, "error": None, "tests": []}
+    result: dict = {"ok": False, "error": None, "tests": []}
     write_json_atomic(out, result)
     sampler = RssSampler(job.get("rss_interval_s", 0.25))
     sampler.start()

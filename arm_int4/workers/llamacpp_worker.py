@@ -126,7 +126,7 @@ def main(argv):
     with open(argv[1], encoding="utf-8") as f:
         job = json.load(f)
     out = argv[2]
-    result = {"ok": False, "error": None, "tests": []}
+    result: dict = {"ok": False, "error": None, "tests": []}
     write_json_atomic(out, result)
     engine = model = None
     try:

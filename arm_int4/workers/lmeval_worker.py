@@ -25,7 +25,7 @@ import time
 
 from worker_io import main  # sibling module (this script's dir)
 
-_ENGINE = []
+_ENGINE: list = []
 
 
 def import_vllm_backend():

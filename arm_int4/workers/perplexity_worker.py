@@ -20,7 +20,7 @@ import time
 from worker_io import main  # sibling module (this script's dir)
 
 
-_ENGINE = []  # the LLM, so main() can shut it down on any exit path
+_ENGINE: list = []  # the LLM, so main() can shut it down on any exit path
 
 
 def score(job):
