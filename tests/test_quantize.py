@@ -257,11 +257,18 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a te
 
 
 def vllm_generate(model: Path, tmp_path: Path, max_tokens=32, score=None) -> tuple[dict, str]:
-    """tests/helpers/vllm_generate.py in a fresh process: (result, vLLM's log)."""
+    """tests/helpers/vllm_generate.py in a fresh process, engine planned as `arm-int4 serve` plans it
+    (launch.engine_plan: dtype guards, binding, KV size): (result, vLLM's log)."""
+    from arm_int4 import hardware, launch, runner
+
+    _, plan = launch.engine_plan(model, hardware.detect(probe_runtime=False), launch.Profile(enforce_eager=True),
+                                 max_model_len=512, extra_args=["--max-num-seqs", "8"],
+                                 can_bind=runner.can_set_affinity())
     job, res = tmp_path / f"job-{model.name}.json", tmp_path / f"res-{model.name}.json"
-    job.write_text(json.dumps({"model": str(model), "prompts": PROMPTS, "max_tokens": max_tokens, "score": score}))
+    job.write_text(json.dumps({"model": str(model), "prompts": PROMPTS, "max_tokens": max_tokens, "score": score,
+                               "engine_kwargs": plan.engine_kwargs()}))
     r = subprocess.run([sys.executable, REPO / "tests" / "helpers" / "vllm_generate.py", job, res],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=runner.process_env(plan))
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     return json.loads(res.read_text()), log

@@ -2,7 +2,9 @@
 
 Run: python tests/helpers/vllm_generate.py JOB.json OUT.json   (vLLM logs to stdout too, so the
 result goes to a file)
-JOB = {"model": dir, "prompts": [str], "max_tokens": int, "score": [[token ids]] | null, "dtype": "auto"}
+JOB = {"model": dir, "prompts": [str], "max_tokens": int, "score": [[token ids]] | null,
+       "engine_kwargs": {LLM kwargs from arm_int4's launch plan (Plan.engine_kwargs())}}
+The caller runs it with the plan's environment (runner.process_env(plan)).
 `score` asks for teacher-forced ranks: each sequence is fed as a prompt and vLLM returns, per
 position, the rank of the given token under this model (1 = it is this model's top-1 choice).
 """
@@ -14,11 +16,9 @@ import sys
 
 def main(path, out_path):
     job = json.load(open(path))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), enforce_eager=True, max_model_len=512,
-              max_num_seqs=8, seed=0)
+    llm = LLM(model=job["model"], seed=0, **job["engine_kwargs"])
     greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     outs = llm.generate(job["prompts"], greedy, use_tqdm=False)
     result = {"texts": [o.outputs[0].text for o in outs],
