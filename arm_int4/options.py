@@ -75,6 +75,12 @@ class QuantizeOptions:
     actorder: Literal["weight", "group", "none"] = opt("weight", "gptq activation ordering")
     ignore: List[str] = opt(["lm_head"], "module names (or re:regex) left unquantized", nargs="+",
                             metavar="NAME")
+    observer_precision: Literal["fp32", "weight"] = opt(
+        "fp32", "dtype of the observer math and of the written scales: fp32 (the learning path's: it casts the "
+                "model to fp32 first; same int values and fp32 scales as its script) or weight (the weight's own "
+                "dtype, e.g. bf16 scales); unquantized tensors keep their dtype either way")
+    jobs: int = opt(2, "tensors quantized at once by the stream engine (threads; each holds one tensor)",
+                    metavar="N")
     engine: Optional[str] = opt(
         None, "stream: tensor by tensor, low memory (default for rtn); llmcompressor: the reference "
               "engine in the quantization environment (default for gptq)",
@@ -101,7 +107,9 @@ class LearningPathOptions:
     groupsize: int = field(default=_Q["groupsize"].default, metadata=_Q["groupsize"].metadata)
 
     def to_quantize_options(self) -> QuantizeOptions:
-        return QuantizeOptions(model=self.model_id, scheme=self.scheme, method=self.method, groupsize=self.groupsize)
+        # fp32 observers: the learning path's script casts the model to fp32 before quantizing
+        return QuantizeOptions(model=self.model_id, scheme=self.scheme, method=self.method, groupsize=self.groupsize,
+                               observer_precision="fp32")
 
 
 def _describe_default(f) -> str:

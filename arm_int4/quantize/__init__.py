@@ -123,7 +123,7 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         if engine == "stream":
             from .stream import run_stream
 
-            run_stream(plan, tmp)
+            run_stream(plan, tmp, opts.observer_precision)
         else:
             from .llmc import run_llmcompressor
 
@@ -133,7 +133,8 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
                     "dataset": opts.dataset, "num_samples": opts.num_samples, "max_seq_len": opts.max_seq_len,
                     "dampening_frac": opts.dampening_frac, "actorder": opts.actorder,
                 }
-            run_llmcompressor(model_dir, tmp, scheme, ignore, algorithm=opts.algorithm, calibration=calibration)
+            run_llmcompressor(model_dir, tmp, scheme, ignore, algorithm=opts.algorithm, calibration=calibration,
+                              cast_fp32=opts.observer_precision == "fp32")
         report: VerifyReport = verify_dir(tmp)
         if out.exists():  # --overwrite was given (checked above)
             os.rename(out, old)

@@ -28,13 +28,13 @@ def _scale_shape(info: TensorInfo, group_size: int | None) -> tuple[int, int]:
     return (rows, cols // group_size) if group_size else (rows, 1)
 
 
-def _output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan) -> list[TensorInfo]:
+def _output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan, precision: str) -> list[TensorInfo]:
     specs = []
     for t in sorted(tensors.values(), key=lambda t: t.begin):
         if t.name in plan.targets:
             out = plan.output_name(t.name)  # llmcompressor's name (Mixtral experts: w1 → gate_proj)
             specs.append(TensorInfo(out, "I8", t.shape))
-            specs.append(TensorInfo(out + "_scale", t.dtype, _scale_shape(t, plan.scheme.group_size)))
+            specs.append(TensorInfo(out + "_scale", "F32" if precision == "fp32" else t.dtype, _scale_shape(t, plan.scheme.group_size)))
         else:
             specs.append(TensorInfo(t.name, t.dtype, t.shape))
     return specs
@@ -64,7 +64,7 @@ def write_quant_config(src_config: dict, plan: QuantPlan, dst: Path) -> None:
     ModelCompressor(quantization_config=qconfig).update_config(str(dst))
 
 
-def run_stream(plan: QuantPlan, dst: Path, progress: bool = True) -> dict:
+def run_stream(plan: QuantPlan, dst: Path, precision: str = "fp32", progress: bool = True) -> dict:
     """Write the quantized checkpoint into dst (an empty dir). Returns counts for the summary."""
     import torch
 
@@ -80,13 +80,13 @@ def run_stream(plan: QuantPlan, dst: Path, progress: bool = True) -> dict:
     bytes_out = 0
     torch.set_grad_enabled(False)
     for shard, tensors in plan.checkpoint.shards.items():
-        specs = _output_specs(tensors, plan)
+        specs = _output_specs(tensors, plan, precision)
         with ShardReader(src / shard) as reader:
             writer = ShardWriter(dst / shard, specs, metadata=reader.metadata or {"format": "pt"})
             for t in sorted(tensors.values(), key=lambda t: t.begin):
                 value = reader.read(t.name)
                 if t.name in plan.targets:
-                    q, scale = quantize_weight(value, args)
+                    q, scale = quantize_weight(value, args, precision)
                     writer.write(plan.output_name(t.name), q)
                     writer.write(plan.output_name(t.name) + "_scale", scale)
                     del q, scale
