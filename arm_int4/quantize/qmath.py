@@ -100,10 +100,8 @@ def mse_range(x, maxshrink=0.20, patience=5, grid=100.0, norm=2.4, cast=None):
         scales = torch.stack([qparams(lo * (1 - i / grid), hi * (1 - i / grid)) for i in idx])
         err = torch.empty((len(idx), rows, groups), dtype=dtype)
         for r0 in range(0, rows, block):
-            xb = x[r0:r0 + block]
-            if cast is not None:
-                xb = xb.to(cast)
-            _errors(xb, scales[:, r0:r0 + block], norm, err[:, r0:r0 + block])
+            xb = x[r0:r0 + block]  # cast once per block (exact), reused by every step
+            _errors(xb.to(cast) if cast is not None else xb, scales[:, r0:r0 + block], norm, err[:, r0:r0 + block])
         for j, i in enumerate(idx):  # the loop's bookkeeping, step by step
             improved = err[j] < best_err
             if torch.any(improved):
@@ -147,8 +145,8 @@ def quantize_weight(weight, group_size: int | None, observer: str, precision: st
     scale = qparams(lo, hi)
     q = torch.empty(x.shape, dtype=torch.int8)
     rows = x.shape[0]
-    block = max(1, (1 << 20) // max(1, x.shape[1] * x.shape[2]))  # bound the float temporaries
+    block = max(1, (1 << 16) // max(1, x.shape[1] * x.shape[2]))  # rows per block: temporaries stay in cache
     for r0 in range(0, rows, block):
-        xb = x[r0:r0 + block]
-        q[r0:r0 + block] = quantize_int4(xb.to(cast) if cast is not None else xb, scale[r0:r0 + block])
+        # bf16 x / fp32 scale computes in fp32 from the exact upcast: the cast itself is not needed
+        q[r0:r0 + block] = quantize_int4(x[r0:r0 + block], scale[r0:r0 + block])
     return q.reshape(weight.shape), scale
