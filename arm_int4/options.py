@@ -75,10 +75,11 @@ class QuantizeOptions:
     actorder: Literal["weight", "group", "none"] = opt("weight", "gptq activation ordering")
     ignore: List[str] = opt(["lm_head"], "module names (or re:regex) left unquantized", nargs="+",
                             metavar="NAME")
+    # default from measured perplexity (docs/quantize.md): weight beat fp32 on SmolLM2 in both schemes
     observer_precision: Literal["fp32", "weight"] = opt(
-        "fp32", "dtype of the observer math and of the written scales: fp32 (the learning path's: it casts the "
-                "model to fp32 first; same int values and fp32 scales as its script) or weight (the weight's own "
-                "dtype, e.g. bf16 scales); unquantized tensors keep their dtype either way")
+        "weight", "dtype of the observer math and of the written scales: weight (the weight's own dtype, e.g. "
+                  "bf16 scales) or fp32 (the learning path's: it casts the model to fp32 first; same int values "
+                  "and fp32 scales as its script); unquantized tensors keep their dtype either way")
     jobs: int = opt(2, "tensors quantized at once by the stream engine (threads; each holds one tensor)",
                     metavar="N")
     engine: Optional[str] = opt(

@@ -6,7 +6,8 @@ Run: .venv/bin/python benchmarks/quantize_speed_memory.py [--shapes 200m 1b] [--
 Per random Llama (arm_int4.synthetic, bf16 on disk) and observer, channelwise:
 (a) learning path: load in transformers, cast to fp32, llmcompressor oneshot, save
     (arm_int4/workers/llmc_worker.py with cast_fp32, in the quantization environment);
-(b) stream: `python -m arm_int4 quantize MODEL --method M` (observer precision fp32, --jobs N);
+(b) stream: `python -m arm_int4 quantize MODEL --method M --observer-precision fp32 --jobs N` (the
+    learning path's precision: same int values and scales as (a));
 (c) floor: read every input shard and write a file of the stream output's size (plain Python
     readinto/write in 16 MiB blocks, no torch), once per shape: the least any quantizer must do.
 Each runs as its own process, one after the other; wall time (process start to exit, imports
@@ -97,7 +98,8 @@ def bench_shape(shape: str, methods, jobs: int) -> dict:
                 "cast_fp32": True}))
             lp = timed([str(quant_python()), str(REPO / "arm_int4/workers/llmc_worker.py"), str(job)])
             st = timed([sys.executable, "-m", "arm_int4", "quantize", str(model), "--method", method,
-                        "--jobs", str(jobs), "--output", f"{tmp}/stream"], env={"PYTHONPATH": str(REPO)})
+                        "--observer-precision", "fp32", "--jobs", str(jobs), "--output", f"{tmp}/stream"],
+                       env={"PYTHONPATH": str(REPO)})
             out_bytes = dir_bytes(Path(tmp) / "stream")
             if floor is None:
                 floor = timed([sys.executable, "-c", FLOOR, *map(str, sorted(model.glob("*.safetensors"))),

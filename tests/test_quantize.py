@@ -173,6 +173,8 @@ def test_learning_path_script_same_cli_defaults_and_naming(tiny_llama, tmp_path)
     assert help_.returncode == 0
     for flag in ("--method {minmax,mse}", "--scheme {channelwise,groupwise}", "--groupsize"):
         assert flag in help_.stdout
+    flat = " ".join(help_.stdout.split())
+    assert "fp32 scales" in flat and "keep the source dtype" in flat
     missing = subprocess.run([sys.executable, script, str(tiny_llama)], capture_output=True, text=True)
     assert missing.returncode == 2 and "--scheme" in missing.stderr  # required, as in the learning path
     r = subprocess.run([sys.executable, script, str(tiny_llama), "--scheme", "groupwise"],
@@ -237,6 +239,8 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
     (["{tiny}", "--algorithm", "gptq", "--engine", "stream", "--dataset", "x.jsonl"], ["--engine llmcompressor"]),
     (["{quantized}"], ["already quantized"]),
     (["{tiny}", "--method", "nope"], ["--method", "nope"]),
+    (["{tiny}", "--jobs", "0"], ["--jobs 0"]),
+    (["{tiny}", "--observer-precision", "bf16"], ["--observer-precision", "bf16"]),
 ])
 def test_bad_input_is_one_line(argv, needles, tiny_llama, stream_outputs, tmp_path):
     argv = [a.format(tiny=tiny_llama, quantized=stream_outputs["channelwise-minmax"]) for a in argv]
@@ -330,11 +334,14 @@ def test_every_output_loads_in_vllm_on_the_int4_kernel(name, stream_outputs, tmp
 
 @pytest.fixture(scope="module")
 def smollm2_int4(smollm2, tmp_path_factory):
-    """The learning path's two suggested configurations, on the real packaged model."""
+    """The learning path's two suggested configurations, on the real packaged model, as
+    scripts/quantize_vllm_models.py writes them (fp32 observers)."""
     root = tmp_path_factory.mktemp("smol")
     return {
-        "channelwise-mse": quantize(_opts(smollm2, root / "cw-mse", "channelwise", "mse")).output,
-        "groupwise-minmax-g32": quantize(_opts(smollm2, root / "g32-minmax", "groupwise", "minmax", 32)).output,
+        "channelwise-mse": quantize(_opts(smollm2, root / "cw-mse", "channelwise", "mse",
+                                          observer_precision="fp32")).output,
+        "groupwise-minmax-g32": quantize(_opts(smollm2, root / "g32-minmax", "groupwise", "minmax", 32,
+                                               observer_precision="fp32")).output,
     }
 
 

@@ -94,7 +94,7 @@ def test_verify_written_catches_what_a_reader_would(tiny_llama, tmp_path):
     plan = plan_quantization(ck, Scheme("w4a8", "channelwise", None, "minmax"), ["lm_head"], require_safetensors=True)
     out = tmp_path / "o"
     out.mkdir()
-    stats = run_stream(plan, out, progress=False)
+    stats = run_stream(plan, out, "weight", jobs=2, progress=False)
     assert verify_written(out, plan, stats).layers == 14
     first = stats.checks[0]
     for bad, msg in [(stats.checks[1:], "differ from the plan"),

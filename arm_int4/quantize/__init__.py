@@ -113,6 +113,8 @@ def _sigterm_as_interrupt(signum, frame):
 def quantize(opts: QuantizeOptions) -> QuantResult:
     scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
     engine = _engine(opts)
+    if opts.jobs < 1:
+        raise UsageError(f"--jobs {opts.jobs}: give 1 or more (tensors quantized at once)")
     if opts.dataset and opts.algorithm != "gptq":
         raise UsageError("--dataset is used only by --algorithm gptq (rtn is data-free)")
     model_dir = resolve(opts.model, progress=_log)
@@ -134,8 +136,6 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         if engine == "stream":
             from .stream import run_stream
 
-            if opts.jobs < 1:
-                raise UsageError(f"--jobs {opts.jobs}: give at least 1")
             stats = run_stream(plan, tmp, opts.observer_precision, jobs=opts.jobs)
             report: VerifyReport = verify_written(tmp, plan, stats)
         else:

@@ -124,7 +124,7 @@ def mse_range(x, maxshrink=0.20, patience=5, grid=100.0, norm=2.4, cast=None):
     return best_lo, best_hi
 
 
-def quantize_weight(weight, group_size: int | None, observer: str, precision: str = "fp32",
+def quantize_weight(weight, group_size: int | None, observer: str, precision: str,
                     observer_kwargs: dict | None = None):
     """One Linear weight [rows, cols] → (int8 [rows, cols] holding -8…7, scale [rows, groups]).
 

@@ -178,7 +178,7 @@ def _quantize_one(reader: ShardReader, writer: ShardWriter, info: TensorInfo, pl
         bar.update(info.nbytes)
 
 
-def run_stream(plan: QuantPlan, dst: Path, precision: str = "fp32", jobs: int = 2, progress: bool = True) -> StreamStats:
+def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: bool = True) -> StreamStats:
     """Write the quantized checkpoint into dst (an empty dir)."""
     import torch
 
