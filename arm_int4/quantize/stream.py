@@ -164,9 +164,7 @@ def _quantize_one(reader: ShardReader, writer: ShardWriter, info: TensorInfo, pl
         t1 = time.perf_counter()
         w = plan.scheme.weight_args()
         with torch.no_grad():
-            q, scale = quantize_weight(value, w["group_size"], w["observer"], precision)
-            if precision != "fp32":
-                scale = scale.to(value.dtype)
+            q, scale = quantize_weight(value, w["group_size"], w["observer"], precision)  # scale: fp32 or value's
             qmin, qmax = (int(v) for v in torch.aminmax(q))
             scales_ok = bool((scale > 0).all()) and bool(scale.isfinite().all())
         t2 = time.perf_counter()
