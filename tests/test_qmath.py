@@ -80,7 +80,9 @@ def _reference(w, group, observer, precision, **kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("observer", ["minmax", "mse"])
 def test_quantize_weight_equals_the_step_by_step_path(observer, dtype, precision):
-    for i, shape in enumerate(SHAPES if observer == "minmax" else SHAPES[:6]):
+    if dtype == torch.float32 and precision == "weight":
+        pytest.skip("an fp32 weight observed in its own dtype is the fp32 case")
+    for i, shape in enumerate(SHAPES if observer == "minmax" else SHAPES[:5]):
         for group in (None, 32, 128):
             if group and shape[1] % group:
                 continue
