@@ -227,6 +227,8 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     r = run_cli("quantize", tiny_llama, "--output", out, "--overwrite", "--method", "minmax")
     assert r.returncode == 0, r.stderr
+    assert "B/s" in r.stderr  # progress in bytes per second
+    assert "thread time: read" in r.stdout and "observe+quantize" in r.stdout and "(bound " in r.stdout
     assert not (out / "keep.txt").exists() and verify_dir(out).layers == 14
     assert _leftovers(tmp_path) == ["out"]
 
