@@ -2,7 +2,6 @@
 pre-flight refusals, atomic output, and verification."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
