@@ -76,6 +76,13 @@ class QuantizeOptions:
     actorder: Literal["weight", "group", "none"] = opt("weight", "gptq activation ordering")
     ignore: List[str] = opt(["lm_head"], "module names (or re:regex) left unquantized", nargs="+",
                             metavar="NAME")
+    # default from measured perplexity (docs/quantize.md): weight beat fp32 on SmolLM2 in both schemes
+    observer_precision: Literal["fp32", "weight"] = opt(
+        "weight", "dtype of the observer math and of the written scales: weight (the weight's own dtype, e.g. "
+                  "bf16 scales) or fp32 (the learning path's: it casts the model to fp32 first; same int values "
+                  "and fp32 scales as its script); unquantized tensors keep their dtype either way")
+    jobs: int = opt(2, "tensors quantized at once by the stream engine (threads; each holds one tensor)",
+                    metavar="N")
     engine: Optional[str] = opt(
         None, "stream: tensor by tensor, low memory (default for rtn); llmcompressor: the reference "
               "engine in the quantization environment (default for gptq)",
@@ -102,7 +109,9 @@ class LearningPathOptions:
     groupsize: int = field(default=QuantizeOptions.groupsize, metadata=_Q["groupsize"].metadata)
 
     def to_quantize_options(self) -> QuantizeOptions:
-        return QuantizeOptions(model=self.model_id, scheme=self.scheme, method=self.method, groupsize=self.groupsize)
+        # fp32 observers: the learning path's script casts the model to fp32 before quantizing
+        return QuantizeOptions(model=self.model_id, scheme=self.scheme, method=self.method, groupsize=self.groupsize,
+                               observer_precision="fp32")
 
 
 def _describe_default(f) -> str:

@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Quantizer benchmark: the learning path's flow vs `arm-int4 quantize --engine stream`.
+"""Quantizer benchmark: the learning path's flow vs `arm-int4 quantize` (stream engine) vs the I/O floor.
 
-Run: .venv/bin/python benchmarks/quantize_speed_memory.py [--shape 200m] [--methods minmax mse]
-     [--out docs/benchmarks-quantize.json]
+Run: .venv/bin/python benchmarks/quantize_speed_memory.py [--shapes 200m 1b] [--methods minmax mse]
+     [--jobs 2] [--out docs/benchmarks-quantize.json]
+Per random Llama (arm_int4.synthetic, bf16 on disk) and observer, channelwise:
 (a) learning path: load in transformers, cast to fp32, llmcompressor oneshot, save
     (arm_int4/workers/llmc_worker.py with cast_fp32, in the quantization environment);
-(b) stream engine: tensor by tensor from the safetensors shards.
-Each runs as its own process, one after the other, on the same random Llama (bf16 on disk);
-wall time and that process's peak RSS (wait4's ru_maxrss) are recorded, with the machine load.
+(b) stream: `python -m arm_int4 quantize MODEL --method M --observer-precision fp32 --jobs N` (the
+    learning path's precision: same int values and scales as (a));
+(c) floor: read every input shard and write a file of the stream output's size (plain Python
+    readinto/write in 16 MiB blocks, no torch), once per shape: the least any quantizer must do.
+Each runs as its own process, one after the other; wall time (process start to exit, imports
+included) and that process's peak RSS (wait4's ru_maxrss) are recorded, with the 1-minute load
+average before each. The input stays in the page cache across runs (warm reads for all three).
 This process stays small (no torch): a forked child's ru_maxrss includes the parent's image
 from before exec, so the model is built in a subprocess too.
 """
@@ -15,6 +20,7 @@ from before exec, so the model is built in a subprocess too.
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -29,44 +35,60 @@ from arm_int4.quantize.llmc import quant_python  # noqa: E402
 from arm_int4.schemes import Scheme  # noqa: E402
 from arm_int4.synthetic import SHAPES  # noqa: E402
 
+FLOOR = """
+import sys, time
+src, dst, out_bytes = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+buf = bytearray(16 << 20)
+t0 = time.perf_counter()
+for s in src:
+    with open(s, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+with open(dst, "wb", buffering=0) as f:
+    left = out_bytes
+    while left:
+        left -= f.write(memoryview(buf)[:min(left, len(buf))])
+    f.flush()
+print(time.perf_counter() - t0)
+"""
+
 
 def timed(argv, env=None) -> dict:
+    load = os.getloadavg()[0]
     t0 = time.time()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read()
+    out, err = proc.stdout.read(), proc.stderr.read()
     if status != 0:
         raise SystemExit(f"{argv[:3]} failed:\n{err[-2000:]}")
     return {"seconds": round(time.time() - t0, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            "load_avg_1min": os.getloadavg()[0]}
+            "load_avg_1min": round(load, 2), "stdout": out.strip().splitlines()[-4:]}
 
 
-def largest_tensor_bytes(model: Path) -> int:
+def tensor_sizes(model: Path) -> list:
     from arm_int4.quantize.safetensors_io import ShardReader
 
     sizes = []
     for f in model.glob("*.safetensors"):
         with ShardReader(f) as r:
             sizes += [t.nbytes for t in r.tensors.values()]
-    return max(sizes)
+    return sizes
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="200m", choices=sorted(SHAPES))
-    ap.add_argument("--methods", nargs="+", default=["minmax", "mse"])
-    ap.add_argument("--out", default=None, help="default: docs/benchmarks-quantize-{shape}.json")
-    a = ap.parse_args()
-    a.out = a.out or str(REPO / "docs" / f"benchmarks-quantize-{a.shape}.json")
-    model = cache_home() / "bench-models" / f"random-llama-{a.shape}"
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+def bench_shape(shape: str, methods, jobs: int) -> dict:
+    model = cache_home() / "bench-models" / f"random-llama-{shape}"
     if not (model / "config.json").exists():
         subprocess.run([sys.executable, "-c", "import sys; from arm_int4.synthetic import build_random_llama; "
-                        "build_random_llama(sys.argv[1], sys.argv[2], seed=0)", str(model), a.shape],
+                        "build_random_llama(sys.argv[1], sys.argv[2], seed=0)", str(model), shape],
                        check=True, cwd=REPO)
-    largest = largest_tensor_bytes(model)
-    rows = []
-    for method in a.methods:
+    largest = max(tensor_sizes(model))
+    rows, floor = [], None
+    for method in methods:
         scheme = Scheme.from_options("w4a8", "channelwise", method, 32)
         with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
             job = Path(tmp) / "job.json"
@@ -76,16 +98,36 @@ def main():
                 "cast_fp32": True}))
             lp = timed([str(quant_python()), str(REPO / "arm_int4/workers/llmc_worker.py"), str(job)])
             st = timed([sys.executable, "-m", "arm_int4", "quantize", str(model), "--method", method,
-                        "--output", f"{tmp}/stream"])
-        row = {"method": method, "scheme": "channelwise", "learning_path": lp, "stream": st,
+                        "--observer-precision", "fp32", "--jobs", str(jobs), "--output", f"{tmp}/stream"],
+                       env={"PYTHONPATH": str(REPO)})
+            out_bytes = dir_bytes(Path(tmp) / "stream")
+            if floor is None:
+                floor = timed([sys.executable, "-c", FLOOR, *map(str, sorted(model.glob("*.safetensors"))),
+                               f"{tmp}/floor", str(out_bytes)])
+                floor["io_seconds"] = round(float(floor.pop("stdout")[-1]), 2)
+        lp.pop("stdout")  # stream's stdout is kept: its summary has the time per phase
+        row = {"shape": shape, "method": method, "scheme": "channelwise", "learning_path": lp, "stream": st,
                "speedup": round(lp["seconds"] / st["seconds"], 2),
-               "stream_rss_goal_mib": round((2 * largest + 2**30) / 2**20, 1)}
+               "stream_vs_floor": round(st["seconds"] / floor["seconds"], 2),
+               "stream_rss_bound_mib": round(jobs * (2 * largest + 2**30) / 2**20, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    params = SHAPES[a.shape].parameters
-    result = {"model": f"random Llama {a.shape} ({params / 1e6:.0f}M parameters, bf16)",
-              "largest_tensor_mib": round(largest / 2**20, 1), "cpus": os.cpu_count(), "rows": rows,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {"shape": shape, "model": f"random Llama {shape} ({SHAPES[shape].parameters / 1e6:.0f}M parameters, bf16)",
+            "input_mib": round(dir_bytes(model) / 2**20, 1), "largest_tensor_mib": round(largest / 2**20, 1),
+            "floor": floor, "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["200m", "1b"], choices=sorted(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=["minmax", "mse"])
+    ap.add_argument("--jobs", type=int, default=2, help="stream engine --jobs")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks-quantize.json"))
+    a = ap.parse_args()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+              "cpu": platform.processor() or platform.machine(), "jobs": a.jobs,
+              "command": "benchmarks/quantize_speed_memory.py " + " ".join(sys.argv[1:]),
+              "shapes": [bench_shape(s, a.methods, a.jobs) for s in a.shapes]}
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -14,5 +14,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from arm_int4.cli import learning_path_main  # noqa: E402
 
+NOTE = """
+output: the same int4 values and fp32 scales as the learning path's script (observers run in fp32,
+as its model.to(torch.float32) makes them); unquantized tensors (embeddings, norms, lm_head) keep
+the source dtype (e.g. bf16): the same values as its fp32 copies, in smaller files."""
+
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        try:
+            learning_path_main()
+        finally:
+            print(NOTE)
     sys.exit(learning_path_main())

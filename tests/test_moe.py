@@ -56,7 +56,8 @@ def moe_models(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stream_moe(moe_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe-stream")
-    return {f: quantize(_opts(m, root / f, f)).output for f, m in moe_models.items()}
+    # observer precision "weight": llmc_moe runs llmcompressor on the bf16 model (no fp32 cast)
+    return {f: quantize(_opts(m, root / f, f, observer_precision="weight")).output for f, m in moe_models.items()}
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 pre-flight refusals, atomic output, and verification."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from safetensors import safe_open
 
 from arm_int4.options import QuantizeOptions
 from arm_int4.quantize import quantize
-from arm_int4.quantize.llmc import run_llmcompressor
+from arm_int4.quantize.llmc import llmc_job, run_llmcompressor, run_llmcompressor_jobs
 from arm_int4.quantize.verify import VerifyError, verify_dir
 from arm_int4.schemes import Scheme, output_dir_name, scheme_from_config
 from conftest import REPO, run_cli
@@ -74,29 +73,66 @@ def test_bad_group_sizes_are_refused(g):
 
 
 # ---------------------------------------------------------------- stream engine == llmcompressor
+PRECISIONS = ("fp32", "weight")  # --observer-precision: fp32 = the learning path's flow (model cast to fp32)
+
+
 @pytest.fixture(scope="module")
 def stream_outputs(tiny_llama, tmp_path_factory):
-    """Every learning-path configuration quantized by the stream engine (a second or two each)."""
+    """Every learning-path configuration quantized by the stream engine, in both observer
+    precisions: {name: dir} for the default precision (fp32), {(name, precision): dir} for all."""
     root = tmp_path_factory.mktemp("stream")
     outs = {}
     for (scheme, method, g), name in zip(CONFIGS, IDS):
-        outs[name] = quantize(_opts(tiny_llama, root / name, scheme, method, g)).output
+        for precision in PRECISIONS:
+            out = quantize(_opts(tiny_llama, root / f"{name}-{precision}", scheme, method, g,
+                                 observer_precision=precision)).output
+            outs[(name, precision)] = out
+            if precision == "fp32":
+                outs[name] = out
     return outs
 
 
+@pytest.fixture(scope="module")
+def llmc_outputs(tiny_llama, tmp_path_factory):
+    """The same configurations through llmcompressor (one worker process for all 12 jobs): with the
+    learning path's fp32 cast (precision fp32) and in the checkpoint's bf16 (precision weight)."""
+    root = tmp_path_factory.mktemp("llmc")
+    jobs, outs = [], {}
+    for (scheme, method, g), name in zip(CONFIGS, IDS):
+        for precision in PRECISIONS:
+            outs[(name, precision)] = root / f"{name}-{precision}"
+            jobs.append(llmc_job(tiny_llama, outs[(name, precision)], Scheme.from_options("w4a8", scheme, method, g),
+                                 ["lm_head"], cast_fp32=precision == "fp32"))
+    run_llmcompressor_jobs(jobs)
+    return outs
+
+
+def assert_same_checkpoint(ours: Path, theirs: Path, precision: str) -> None:
+    """Every int value and every scale equal, same dtypes; unquantized tensors equal in value
+    (the learning path's flow saves them in fp32, we keep the source dtype: same numbers)."""
+    a, b = _tensors(ours), _tensors(theirs)
+    assert sorted(a) == sorted(b)
+    quantized = {k for k in a if k.endswith(".weight_scale")}
+    quantized |= {k.removesuffix("_scale") for k in quantized}
+    assert quantized, "no quantized layers"
+    for k in a:
+        if k in quantized or precision == "weight":
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (k, a[k].dtype, b[k].dtype)
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+        else:
+            assert a[k].shape == b[k].shape and torch.equal(a[k].to(b[k].dtype), b[k]), f"{k} differs"
+    if precision == "fp32":
+        assert a[next(iter(quantized - {k for k in quantized if k.endswith("_scale")}))].dtype == torch.int8
+        assert all(a[k].dtype == torch.float32 for k in quantized if k.endswith("_scale"))
+    assert _qconfig(ours) == _qconfig(theirs)
+
+
 @pytest.mark.requires_quant_env
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-def test_stream_equals_llmcompressor_bit_for_bit(config, tiny_llama, stream_outputs, tmp_path):
-    scheme, method, g = config
+def test_stream_equals_llmcompressor_bit_for_bit(config, precision, stream_outputs, llmc_outputs):
     name = IDS[CONFIGS.index(config)]
-    ref = tmp_path / "llmc"
-    run_llmcompressor(tiny_llama, ref, Scheme.from_options("w4a8", scheme, method, g), ["lm_head"])
-    ours, theirs = _tensors(stream_outputs[name]), _tensors(ref)
-    assert sorted(ours) == sorted(theirs)
-    for k in ours:
-        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
-        assert torch.equal(ours[k], theirs[k]), f"{k} differs"
-    assert _qconfig(stream_outputs[name]) == _qconfig(ref)
+    assert_same_checkpoint(stream_outputs[(name, precision)], llmc_outputs[(name, precision)], precision)
 
 
 def test_outputs_verify_and_hold_int4(stream_outputs, tiny_llama):
@@ -128,11 +164,16 @@ def test_dequantized_weights_are_close_to_the_originals(stream_outputs, tiny_lla
 
 # ---------------------------------------------------------------- the learning path's interface
 def test_learning_path_script_same_cli_defaults_and_naming(tiny_llama, tmp_path):
+    from arm_int4.options import LearningPathOptions
+
+    assert LearningPathOptions("m", "channelwise").to_quantize_options().observer_precision == "fp32"
     script = REPO / "scripts" / "quantize_vllm_models.py"
     help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert help_.returncode == 0
     for flag in ("--method {minmax,mse}", "--scheme {channelwise,groupwise}", "--groupsize"):
         assert flag in help_.stdout
+    flat = " ".join(help_.stdout.split())
+    assert "fp32 scales" in flat and "keep the source dtype" in flat
     missing = subprocess.run([sys.executable, script, str(tiny_llama)], capture_output=True, text=True)
     assert missing.returncode == 2 and "--scheme" in missing.stderr  # required, as in the learning path
     r = subprocess.run([sys.executable, script, str(tiny_llama), "--scheme", "groupwise"],
@@ -140,6 +181,19 @@ def test_learning_path_script_same_cli_defaults_and_naming(tiny_llama, tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "tiny-llama-w4a8dyn-mse-groupwise-g32"  # defaults: method mse, groupsize 32
     assert verify_dir(out).scheme == Scheme("w4a8", "groupwise", 32, "mse")
+
+
+@pytest.mark.requires_quant_env
+@pytest.mark.parametrize("argv,name,label", [
+    (["--scheme", "channelwise", "--method", "mse"], "channelwise-mse", "mse-channelwise"),
+    (["--scheme", "groupwise", "--method", "minmax"], "groupwise-minmax-g32", "minmax-groupwise-g32")])
+def test_learning_path_script_equals_the_learning_path_flow(argv, name, label, tiny_llama, llmc_outputs, tmp_path):
+    """scripts/quantize_vllm_models.py vs Arm's script's own flow (fp32 cast + llmcompressor oneshot):
+    every int value and fp32 scale equal; unquantized tensors equal in value (bf16 here, fp32 there)."""
+    r = subprocess.run([sys.executable, REPO / "scripts" / "quantize_vllm_models.py", tiny_llama, *argv],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_same_checkpoint(tmp_path / f"tiny-llama-w4a8dyn-{label}", llmc_outputs[(name, "fp32")], "fp32")
 
 
 @pytest.mark.requires_quant_env
@@ -172,6 +226,8 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     r = run_cli("quantize", tiny_llama, "--output", out, "--overwrite", "--method", "minmax")
     assert r.returncode == 0, r.stderr
+    assert "B/s" in r.stderr  # progress in bytes per second
+    assert "thread time: read" in r.stdout and "observe+quantize" in r.stdout and "(bound " in r.stdout
     assert not (out / "keep.txt").exists() and verify_dir(out).layers == 14
     assert _leftovers(tmp_path) == ["out"]
 
@@ -184,6 +240,8 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
     (["{tiny}", "--algorithm", "gptq", "--engine", "stream", "--dataset", "x.jsonl"], ["--engine llmcompressor"]),
     (["{quantized}"], ["already quantized"]),
     (["{tiny}", "--method", "nope"], ["--method", "nope"]),
+    (["{tiny}", "--jobs", "0"], ["--jobs 0"]),
+    (["{tiny}", "--observer-precision", "bf16"], ["--observer-precision", "bf16"]),
 ])
 def test_bad_input_is_one_line(argv, needles, tiny_llama, stream_outputs, tmp_path):
     argv = [a.format(tiny=tiny_llama, quantized=stream_outputs["channelwise-minmax"]) for a in argv]
@@ -284,11 +342,14 @@ def test_every_output_loads_in_vllm_on_the_int4_kernel(name, stream_outputs, tmp
 
 @pytest.fixture(scope="module")
 def smollm2_int4(smollm2, tmp_path_factory):
-    """The learning path's two suggested configurations, on the real packaged model."""
+    """The learning path's two suggested configurations, on the real packaged model, as
+    scripts/quantize_vllm_models.py writes them (fp32 observers)."""
     root = tmp_path_factory.mktemp("smol")
     return {
-        "channelwise-mse": quantize(_opts(smollm2, root / "cw-mse", "channelwise", "mse")).output,
-        "groupwise-minmax-g32": quantize(_opts(smollm2, root / "g32-minmax", "groupwise", "minmax", 32)).output,
+        "channelwise-mse": quantize(_opts(smollm2, root / "cw-mse", "channelwise", "mse",
+                                          observer_precision="fp32")).output,
+        "groupwise-minmax-g32": quantize(_opts(smollm2, root / "g32-minmax", "groupwise", "minmax", 32,
+                                               observer_precision="fp32")).output,
     }
 
 
@@ -358,16 +419,19 @@ def test_gptq_with_a_local_chat_dataset(tiny_llama, tmp_path):
 
 
 @pytest.mark.requires_quant_env
-@pytest.mark.parametrize("name", ["groupwise-minmax-g32",
-                                  pytest.param("channelwise-mse", marks=pytest.mark.slow)])
-def test_stream_equals_llmcompressor_on_the_real_model(name, smollm2, smollm2_int4, tmp_path):
-    """Same check as on the tiny model, on SmolLM2-135M (210 layers, hidden 576, tied embeddings)."""
+@pytest.mark.parametrize("name,precision", [
+    ("groupwise-minmax-g32", "fp32"),
+    pytest.param("channelwise-mse", "fp32", marks=pytest.mark.slow),
+    pytest.param("groupwise-minmax-g32", "weight", marks=pytest.mark.slow),
+])
+def test_stream_equals_llmcompressor_on_the_real_model(name, precision, smollm2, smollm2_int4, tmp_path):
+    """Same check as on the tiny model, on SmolLM2-135M (210 layers, hidden 576, tied embeddings).
+    fp32 is what scripts/quantize_vllm_models.py runs (LearningPathOptions → observer_precision fp32)
+    against the learning path's flow (model cast to fp32, then llmcompressor)."""
     scheme = {"groupwise-minmax-g32": Scheme("w4a8", "groupwise", 32, "minmax"),
               "channelwise-mse": Scheme("w4a8", "channelwise", None, "mse")}[name]
     ref = tmp_path / "llmc"
-    run_llmcompressor(smollm2, ref, scheme, ["lm_head"])
-    ours, theirs = _tensors(smollm2_int4[name]), _tensors(ref)
-    assert sorted(ours) == sorted(theirs)
-    differing = [k for k in ours if not torch.equal(ours[k], theirs[k])]
-    assert differing == []
-    assert _qconfig(smollm2_int4[name]) == _qconfig(ref)
+    run_llmcompressor(smollm2, ref, scheme, ["lm_head"], cast_fp32=precision == "fp32")
+    ours = smollm2_int4[name] if precision == "fp32" else quantize(_opts(
+        smollm2, tmp_path / "ours", "groupwise", "minmax", 32, observer_precision="weight")).output
+    assert_same_checkpoint(ours, ref, precision)

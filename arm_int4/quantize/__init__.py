@@ -22,7 +22,7 @@ from ..options import QuantizeOptions
 from ..schemes import Scheme, output_dir_name
 from .moe import MOE_IGNORE, is_moe_config
 from .preflight import check_output, plan_quantization, read_checkpoint
-from .verify import VerifyReport, verify_dir
+from .verify import VerifyReport, verify_dir, verify_written
 
 __all__ = ["QuantResult", "quantize", "verify_dir", "output_path"]
 
@@ -37,16 +37,26 @@ class QuantResult:
     bytes_out: int
     seconds: float
     peak_rss_bytes: int
+    stream: object = None  # the stream engine's StreamStats (time per phase, jobs, largest tensor)
+
+    @property
+    def rss_bound_bytes(self) -> int | None:
+        """The stream engine's memory goal: 2 × the largest tensor + 1 GiB, per job."""
+        return self.stream.jobs * (2 * self.stream.largest_tensor + 2**30) if self.stream else None
 
     def summary(self) -> str:
         mib = 2**20
-        return (
+        bound = f" (bound {self.rss_bound_bytes / mib:.0f} MiB for {self.stream.jobs} jobs)" if self.stream else ""
+        lines = [
             f"quantized {self.layers} Linear layers ({self.scheme.preset} {self.scheme.label}, {self.engine} engine) "
-            f"in {self.seconds:.1f} s\n"
+            f"in {self.seconds:.1f} s",
             f"  tensors {self.bytes_in / mib:.1f} MiB -> {self.bytes_out / mib:.1f} MiB, "
-            f"peak RSS {self.peak_rss_bytes / mib:.0f} MiB\n"
-            f"  output: {self.output}"
-        )
+            f"peak RSS {self.peak_rss_bytes / mib:.0f} MiB{bound}",
+        ]
+        if self.stream:
+            lines.append(f"  {self.stream.summary()}")
+        lines.append(f"  output: {self.output}")
+        return "\n".join(lines)
 
 
 def _log(msg: str) -> None:
@@ -103,6 +113,8 @@ def _sigterm_as_interrupt(signum, frame):
 def quantize(opts: QuantizeOptions) -> QuantResult:
     scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
     engine = _engine(opts)
+    if opts.jobs < 1:
+        raise UsageError(f"--jobs {opts.jobs}: give 1 or more (tensors quantized at once)")
     if opts.dataset and opts.algorithm != "gptq":
         raise UsageError("--dataset is used only by --algorithm gptq (rtn is data-free)")
     model_dir = resolve(opts.model, progress=_log)
@@ -120,10 +132,12 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
     try:
         tmp.mkdir()
         _log(f"{engine} engine: {len(plan.targets) or 'all'} Linear layers of {model_dir} -> {out}")
+        stats = None
         if engine == "stream":
             from .stream import run_stream
 
-            run_stream(plan, tmp)
+            stats = run_stream(plan, tmp, opts.observer_precision, jobs=opts.jobs)
+            report: VerifyReport = verify_written(tmp, plan, stats)
         else:
             from .llmc import run_llmcompressor
 
@@ -133,8 +147,9 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
                     "dataset": opts.dataset, "num_samples": opts.num_samples, "max_seq_len": opts.max_seq_len,
                     "dampening_frac": opts.dampening_frac, "actorder": opts.actorder,
                 }
-            run_llmcompressor(model_dir, tmp, scheme, ignore, algorithm=opts.algorithm, calibration=calibration)
-        report: VerifyReport = verify_dir(tmp)
+            run_llmcompressor(model_dir, tmp, scheme, ignore, algorithm=opts.algorithm, calibration=calibration,
+                              cast_fp32=opts.observer_precision == "fp32")
+            report = verify_dir(tmp)
         if out.exists():  # --overwrite was given (checked above)
             os.rename(out, old)
         os.rename(tmp, out)
@@ -144,5 +159,5 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         shutil.rmtree(old, ignore_errors=True)
     return QuantResult(
         output=out, scheme=scheme, engine=engine, layers=report.layers, bytes_in=ck.nbytes,
-        bytes_out=report.nbytes, seconds=time.time() - t0, peak_rss_bytes=_peak_rss(),
+        bytes_out=report.nbytes, seconds=time.time() - t0, peak_rss_bytes=_peak_rss(), stream=stats,
     )

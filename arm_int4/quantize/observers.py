@@ -1,4 +1,8 @@
-"""Weight observers with llmcompressor 0.14's math, one tensor at a time.
+"""Weight observers with llmcompressor 0.14's math, one tensor at a time: the step-by-step reference.
+
+The stream engine runs qmath.py (same results, vectorized, no compressed-tensors import); this
+module calls compressed-tensors itself and loops as llmcompressor does, and tests/test_qmath.py
+holds qmath to it bit for bit.
 
 llmcompressor's weight path (observers/base.py, min_max.py, mse.py, mse_quant.py):
   observed = weight reshaped to (1, rows, 1, cols) per channel or (1, rows, cols/G, G) per group
@@ -73,11 +77,16 @@ def observe(weight, args):
         return calculate_qparams(min_vals=lo, max_vals=hi, quantization_args=args, global_scale=None)
 
 
-def quantize_weight(weight, args):
-    """(int8 tensor holding int4 values [rows, cols], scale in the weight's dtype)."""
+def quantize_weight(weight, args, precision: str):
+    """(int8 tensor holding int4 values [rows, cols], scale).
+
+    precision "fp32": the weight is cast to fp32 first (exact), as the learning path casts its
+    model, so the observer math and the scale are fp32; "weight": both in the weight's dtype."""
     import torch
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
+    if precision == "fp32":
+        weight = weight.float()
     scale, zero_point = observe(weight, args)
     with torch.no_grad():
         q = quantize(x=weight, scale=scale, zero_point=zero_point, args=args, dtype=torch.int8)

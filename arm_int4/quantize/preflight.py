@@ -9,15 +9,17 @@ gate/up/down projection is a layer of its own, as llmcompressor's linearization 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PreflightError
 from ..schemes import Scheme
+from .moe import is_moe_config
 from .safetensors_io import ShardReader, TensorInfo
 
-__all__ = ["Checkpoint", "QuantPlan", "Layer", "read_checkpoint", "quantizable_layers", "plan_quantization",
-           "check_output"]
+__all__ = ["Checkpoint", "QuantPlan", "Layer", "read_checkpoint", "quantizable_layers", "named_linear_layers",
+           "plan_quantization", "check_output", "NAMED_LINEAR_ARCHITECTURES"]
 
 
 @dataclass
@@ -88,6 +90,42 @@ class ModelLayers:
     moe: bool
 
 
+# Dense decoder families whose nn.Linear modules are exactly these projections and lm_head
+# (transformers' modeling_{llama,mistral,qwen2,qwen3}.py): their layers can be read off the
+# checkpoint's tensor names without importing transformers (~4 s). Anything else, and any MoE,
+# takes the meta-model path. tests/test_stream.py checks both paths agree.
+NAMED_LINEAR_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight")
+
+
+def _ignored(name: str, ignore: list[str]) -> bool:
+    """compressed-tensors is_match for an nn.Linear: "re:" regex match, exact name, or a class
+    name of nn.Linear's MRO (Linear, Module)."""
+    return any(re.match(t[3:], name) is not None if t.startswith("re:") else t in (name, "Linear", "Module")
+               for t in ignore)
+
+
+def named_linear_layers(ck: "Checkpoint", ignore: list[str]) -> ModelLayers | None:
+    """The Linear layers of a known dense architecture from tensor names alone, in the model's
+    module order (layers, then q k v o gate up down, then lm_head); None for other models."""
+    if (ck.config.get("architectures") or [None])[0] not in NAMED_LINEAR_ARCHITECTURES or is_moe_config(ck.config):
+        return None
+    found = []
+    for tensors in ck.shards.values():
+        for t in tensors.values():
+            m = _LAYER_NAME.fullmatch(t.name)
+            if m and m.group(3) in _PROJECTIONS and len(t.shape) == 2:
+                found.append((int(m.group(1)), _PROJECTIONS.index(m.group(3)), t))
+    layers = [Layer(t.name.removesuffix(".weight"), t.name, t.shape[1], t.shape[0]) for _, _, t in sorted(found)]
+    head = ck.tensor("lm_head.weight")
+    vocab = ck.config.get("vocab_size", 0)
+    hidden = ck.config.get("hidden_size", 0)
+    # lm_head is a module even when tied to the embeddings (not in the checkpoint)
+    layers.append(Layer("lm_head", "lm_head.weight", head.shape[1] if head else hidden, head.shape[0] if head else vocab))
+    return ModelLayers([x for x in layers if not _ignored(x.module, ignore)], [], False)
+
+
 def quantizable_layers(config_dir: Path, scheme_targets: list[str], ignore: list[str]) -> ModelLayers:
     """Layers llmcompressor would quantize, from the model built on the meta device (no weights)."""
     import torch
@@ -146,7 +184,8 @@ def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, requ
             f"{ck.path}: no *.safetensors files — the stream engine reads safetensors; "
             "use --engine llmcompressor for .bin checkpoints"
         )
-    found = quantizable_layers(ck.path, ["Linear"], ignore)
+    found = (named_linear_layers(ck, ignore) if require_safetensors else None) \
+        or quantizable_layers(ck.path, ["Linear"], ignore)
     modules = found.layers
     if not modules:
         raise PreflightError(

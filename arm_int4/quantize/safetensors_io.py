@@ -1,9 +1,9 @@
 """Tensor-at-a-time safetensors reading and writing, without mmap.
 
 safe_open maps the whole shard, so every tensor read stays resident (and counted in RSS) until
-the shard is closed. Here each tensor is read with one readinto() into its own buffer, and an
-output shard is written tensor by tensor after a header computed up front, so peak memory is a
-few tensors, not a shard. Format: u64 little-endian header length, JSON header
+the shard is closed. Here each tensor is read with one positional read into its own buffer, and
+an output shard's header is computed up front, so each tensor is written at its own offset (from
+any thread, in any order) and peak memory is a few tensors, not a shard. Format: u64 little-endian header length, JSON header
 {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then raw bytes.
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +60,8 @@ class TensorInfo:
 
 
 class ShardReader:
-    """Reads one .safetensors file a tensor at a time (no mmap)."""
+    """Reads one .safetensors file a tensor at a time (no mmap). Thread-safe: each read is one
+    positional read (os.preadv) into the tensor's own buffer."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -66,19 +69,25 @@ class ShardReader:
         (n,) = struct.unpack("<Q", self._f.read(8))
         header = json.loads(self._f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
+        self.data_start = 8 + n
         self.tensors = {
             k: TensorInfo(k, v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()
         }
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
     def read(self, name: str):
         import torch
 
         info = self.tensors[name]
         buf = bytearray(info.end - info.begin)
-        self._f.seek(self._data_start + info.begin)
-        if self._f.readinto(buf) != len(buf):
-            raise OSError(f"{self.path}: truncated while reading {name}")
+        view, pos = memoryview(buf), self.data_start + info.begin
+        while view:
+            n = os.preadv(self._f.fileno(), [view], pos)
+            if n <= 0:
+                raise OSError(f"{self.path}: truncated while reading {name}")
+            view, pos = view[n:], pos + n
         if not buf:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
@@ -96,47 +105,72 @@ class ShardReader:
 class ShardWriter:
     """Writes a .safetensors file whose tensor list (names, dtypes, shapes) is known up front.
 
-    Tensors must then be written in exactly that order; the header is written first, so nothing
-    needs to be held back. Offsets are laid out in the given order, as safetensors requires
-    (contiguous, no gaps)."""
+    The header (offsets laid out in the given order, contiguous, as safetensors requires) is
+    written first; each tensor then goes to its own offset with positional writes, in any order
+    and from any thread. close() checks that every tensor was written exactly once."""
 
     def __init__(self, path: str | Path, specs: list[TensorInfo], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
-        self._order = []
+        self._at: dict[str, tuple[int, TensorInfo]] = {}
         for s in specs:
             header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            self._at[s.name] = (offset, s)
             offset += s.nbytes
-            self._order.append(s)
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors does
+        self._data_start = 8 + len(raw)
+        self.size = self._data_start + offset  # the file's final size in bytes
         self._f = open(self.path, "wb")
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
-        self._next = 0
-        self.bytes_written = 8 + len(raw)
+        self._f.flush()
+        self._f.truncate(self.size)
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _claim(self, name: str, dtype: str, shape: tuple) -> int:
+        offset, spec = self._at.get(name, (None, None))
+        if spec is None:
+            raise RuntimeError(f"internal: {name} is not in {self.path.name}'s header")
+        if dtype != spec.dtype or tuple(shape) != spec.shape:
+            raise RuntimeError(f"internal: {name} is {dtype}{tuple(shape)}, header says {spec.dtype}{spec.shape}")
+        with self._lock:
+            if name in self._written:
+                raise RuntimeError(f"internal: {name} written twice")
+            self._written.add(name)
+        return self._data_start + offset
 
     def write(self, name: str, tensor) -> None:
-        spec = self._order[self._next]
-        if name != spec.name:
-            raise RuntimeError(f"internal: expected tensor {spec.name}, got {name}")
-        if st_dtype(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(
-                f"internal: {name} is {tensor.dtype}{tuple(tensor.shape)}, header says {spec.dtype}{spec.shape}"
-            )
         import torch
 
+        pos = self._claim(name, st_dtype(tensor.dtype), tuple(tensor.shape))
         t = tensor.contiguous().reshape(-1)
         if t.numel():
             # a byte view works for every dtype, bfloat16 included (numpy has no bf16); no copy
-            self._f.write(memoryview(t.view(torch.uint8).numpy()))
-        self._next += 1
-        self.bytes_written += spec.nbytes
+            view = memoryview(t.view(torch.uint8).numpy())
+            while view:
+                n = os.pwrite(self._f.fileno(), view, pos)
+                view, pos = view[n:], pos + n
+
+    def copy(self, name: str, reader: ShardReader) -> None:
+        """Copy tensor `name` from reader's file unchanged, kernel to kernel (copy_file_range)."""
+        info = reader.tensors[name]
+        pos = self._claim(name, info.dtype, info.shape)
+        src, left = reader.data_start + info.begin, info.end - info.begin
+        while left:
+            n = os.copy_file_range(reader.fileno(), self._f.fileno(), left, src, pos)
+            if n <= 0:
+                raise OSError(f"{reader.path}: truncated while copying {name}")
+            src, pos, left = src + n, pos + n, left - n
+
+    def discard(self) -> None:
+        """Close without the completeness check (a failed or interrupted run; idempotent)."""
+        self._f.close()
 
     def close(self) -> None:
-        if self._next != len(self._order):
-            self._f.close()
-            raise RuntimeError(f"internal: {self.path} closed after {self._next}/{len(self._order)} tensors")
-        self._f.flush()
+        missing = len(self._at) - len(self._written)
         self._f.close()
+        if missing:
+            raise RuntimeError(f"internal: {self.path} closed with {missing} of {len(self._at)} tensors unwritten")

@@ -1,9 +1,17 @@
-"""The stream engine: quantize a safetensors checkpoint tensor by tensor.
+"""The stream engine: quantize a safetensors checkpoint tensor by tensor, several at once.
 
 Each input shard maps to one output shard of the same name. A shard's output header is known
 before any weight is read (int8 [out, in] + scale [out, 1] or [out, in/G] per quantized Linear,
-everything else copied as is), so tensors are read, quantized and written one at a time:
-peak memory is the largest tensor and its temporaries, not the model.
+everything else copied as is), so every tensor has its output offset up front: `jobs` threads
+each take one tensor, read it (one positional read), quantize it (qmath: torch ops release the
+GIL, one intra-op thread per job) and write it at its offset; unquantized tensors are copied
+file to file by the kernel (copy_file_range). Peak memory is `jobs` tensors and their
+temporaries, not the model. Each quantized tensor is checked (int range, scales positive and
+finite) from the values as they are written, so verification needs no second read.
+
+Imports: torch and the standard library only (no compressed-tensors, no transformers): the
+config block is written here, equal to compressed-tensors' ModelCompressor.update_config
+(tests/test_stream.py compares them).
 """
 
 from __future__ import annotations
@@ -11,16 +19,61 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .observers import quantize_weight
 from .preflight import QuantPlan
 from .safetensors_io import ShardReader, ShardWriter, TensorInfo
 
-__all__ = ["run_stream", "write_quant_config", "copy_side_files", "WEIGHT_SUFFIXES"]
+__all__ = ["run_stream", "StreamStats", "LayerCheck", "quant_config_block", "write_quant_config",
+           "copy_side_files", "output_specs", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _REWRITTEN = {"config.json", "model.safetensors.index.json"}
+# compressed-tensors QuantizationArgs fields, in the order model_dump gives them (sorted on write)
+_ARG_DEFAULTS = {"actorder": None, "block_structure": None, "group_size": None, "observer_kwargs": {}, "scale_dtype": None}
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """What was written for one quantized Linear, checked in memory just before the write."""
+
+    weight: str  # output tensor name (….weight)
+    qmin: int
+    qmax: int
+    scales_ok: bool  # every scale > 0 and finite
+
+
+@dataclass
+class StreamStats:
+    jobs: int
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    read_s: float = 0.0  # summed over jobs (thread time), not wall time
+    observe_s: float = 0.0
+    write_s: float = 0.0
+    largest_tensor: int = 0
+    checks: list[LayerCheck] = field(default_factory=list)
+    shards: dict[str, list[TensorInfo]] = field(default_factory=dict)  # output file → its header
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, read_s: float, observe_s: float, write_s: float, check: LayerCheck | None) -> None:
+        with self.lock:
+            self.read_s += read_s
+            self.observe_s += observe_s
+            self.write_s += write_s
+            if check:
+                self.checks.append(check)
+
+    def summary(self) -> str:
+        mb = self.bytes_in / 1e6
+        return (f"{mb:.0f} MB in {self.seconds:.1f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s, {self.jobs} jobs); "
+                f"thread time: read {self.read_s:.1f} s, observe+quantize {self.observe_s:.1f} s, "
+                f"write/copy {self.write_s:.1f} s")
 
 
 def _scale_shape(info: TensorInfo, group_size: int | None) -> tuple[int, int]:
@@ -28,13 +81,15 @@ def _scale_shape(info: TensorInfo, group_size: int | None) -> tuple[int, int]:
     return (rows, cols // group_size) if group_size else (rows, 1)
 
 
-def _output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan) -> list[TensorInfo]:
+def output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan, precision: str) -> list[TensorInfo]:
+    """One output shard's header: quantized Linears become int8 + scale (fp32, or the weight's dtype)."""
     specs = []
     for t in sorted(tensors.values(), key=lambda t: t.begin):
         if t.name in plan.targets:
             out = plan.output_name(t.name)  # llmcompressor's name (Mixtral experts: w1 → gate_proj)
+            scale_dtype = "F32" if precision == "fp32" else t.dtype
             specs.append(TensorInfo(out, "I8", t.shape))
-            specs.append(TensorInfo(out + "_scale", t.dtype, _scale_shape(t, plan.scheme.group_size)))
+            specs.append(TensorInfo(out + "_scale", scale_dtype, _scale_shape(t, plan.scheme.group_size)))
         else:
             specs.append(TensorInfo(t.name, t.dtype, t.shape))
     return specs
@@ -47,64 +102,134 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _ct_version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("compressed-tensors")
+    except md.PackageNotFoundError:  # written as a string only; vLLM does not read it
+        return "0.17.0"
+
+
+def _args_dict(args: dict | None) -> dict | None:
+    if args is None:
+        return None
+    d = {**_ARG_DEFAULTS, **args}
+    # compressed-tensors' validator: int8 zero points for asymmetric int args, none for symmetric
+    d["zp_dtype"] = None if d["symmetric"] else "torch.int8"
+    return d
+
+
+def quant_config_block(plan: QuantPlan) -> dict:
+    """The quantization_config compressed-tensors writes for this plan (format int-quantized)."""
+    s = plan.scheme
+    return {
+        "config_groups": {"group_0": {
+            "format": "int-quantized",
+            "input_activations": _args_dict(s.input_args()),
+            "output_activations": None,
+            "targets": ["Linear"],
+            "weights": _args_dict(s.weight_args()),
+        }},
+        "format": "int-quantized",
+        "global_compression_ratio": None,
+        "ignore": list(plan.ignore if plan.config_ignore is None else plan.config_ignore),
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": _ct_version(),
+    }
+
+
 def write_quant_config(src_config: dict, plan: QuantPlan, dst: Path) -> None:
-    """config.json = the source config + compressed-tensors' own quantization_config block."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-
-    qscheme = plan.scheme.quantization_scheme()
-    qscheme.format = "int-quantized"
-    qconfig = QuantizationConfig(
-        config_groups={"group_0": qscheme},
-        format="int-quantized",
-        quantization_status="compressed",
-        ignore=plan.ignore if plan.config_ignore is None else plan.config_ignore,
-    )
-    (dst / "config.json").write_text(json.dumps(src_config, indent=2, sort_keys=True))
-    ModelCompressor(quantization_config=qconfig).update_config(str(dst))
+    """config.json = the source config + the quantization_config block, as update_config writes it."""
+    config = {**src_config, "quantization_config": quant_config_block(plan)}
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def run_stream(plan: QuantPlan, dst: Path, progress: bool = True) -> dict:
-    """Write the quantized checkpoint into dst (an empty dir). Returns counts for the summary."""
+def _quantize_one(reader: ShardReader, writer: ShardWriter, info: TensorInfo, plan: QuantPlan, precision: str,
+                  stats: StreamStats, bar) -> None:
     import torch
 
-    args = plan.scheme.quantization_scheme().weights
+    from .qmath import quantize_weight
+
+    t0 = time.perf_counter()
+    if info.name not in plan.targets:
+        writer.copy(info.name, reader)
+        stats.add(0.0, 0.0, time.perf_counter() - t0, None)
+    else:
+        value = reader.read(info.name)
+        t1 = time.perf_counter()
+        w = plan.scheme.weight_args()
+        with torch.no_grad():
+            q, scale = quantize_weight(value, w["group_size"], w["observer"], precision)  # scale: fp32 or value's
+            qmin, qmax = (int(v) for v in torch.aminmax(q))
+            scales_ok = bool((scale > 0).all()) and bool(scale.isfinite().all())
+        t2 = time.perf_counter()
+        name = plan.output_name(info.name)
+        writer.write(name, q)
+        writer.write(name + "_scale", scale)
+        stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, LayerCheck(name, qmin, qmax, scales_ok))
+    if bar is not None:
+        bar.update(info.nbytes)
+
+
+def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: bool = True) -> StreamStats:
+    """Write the quantized checkpoint into dst (an empty dir)."""
+    import torch
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    t_start = time.perf_counter()
     src = plan.checkpoint.path
-    n_tensors = sum(len(ts) for ts in plan.checkpoint.shards.values())
+    all_tensors = [t for ts in plan.checkpoint.shards.values() for t in ts.values()]
+    stats = StreamStats(jobs=jobs, bytes_in=sum(t.nbytes for t in all_tensors),
+                        largest_tensor=max((t.nbytes for t in all_tensors), default=0))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_tensors, unit="tensor", desc="quantize", file=sys.stderr, leave=False)
-    weight_map: dict[str, str] = {}
-    bytes_out = 0
-    torch.set_grad_enabled(False)
-    for shard, tensors in plan.checkpoint.shards.items():
-        specs = _output_specs(tensors, plan)
-        with ShardReader(src / shard) as reader:
+        bar = tqdm(total=stats.bytes_in, unit="B", unit_scale=True, desc="quantize", file=sys.stderr, leave=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // jobs))  # jobs × intra-op threads ≤ the cores torch would use
+    readers, writers, weight_map = [], [], {}
+    try:
+        tasks = []
+        for shard, tensors in plan.checkpoint.shards.items():
+            specs = output_specs(tensors, plan, precision)
+            reader = ShardReader(src / shard)
+            readers.append(reader)
             writer = ShardWriter(dst / shard, specs, metadata=reader.metadata or {"format": "pt"})
-            for t in sorted(tensors.values(), key=lambda t: t.begin):
-                value = reader.read(t.name)
-                if t.name in plan.targets:
-                    q, scale = quantize_weight(value, args)
-                    writer.write(plan.output_name(t.name), q)
-                    writer.write(plan.output_name(t.name) + "_scale", scale)
-                    del q, scale
-                else:
-                    writer.write(t.name, value)
-                del value
-                if bar:
-                    bar.update(1)
-            writer.close()
-        bytes_out += writer.bytes_written
-        weight_map.update({s.name: shard for s in specs})
-    if bar:
-        bar.close()
+            writers.append(writer)
+            stats.shards[shard] = specs
+            weight_map.update({s.name: shard for s in specs})
+            # largest first: the pool's tail is short tensors, not one long one on one core
+            tasks += [(reader, writer, t) for t in tensors.values()]
+        tasks.sort(key=lambda x: -x[2].nbytes)
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="quantize")
+        try:
+            for fut in [pool.submit(_quantize_one, r, w, t, plan, precision, stats, bar) for r, w, t in tasks]:
+                fut.result()
+        except BaseException:  # Ctrl-C or a failed tensor: drop the queue; running tensors finish
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
+        for w in writers:
+            w.close()
+        stats.bytes_out = sum(w.size for w in writers)
+    finally:
+        torch.set_num_threads(threads)
+        for f in readers + writers:
+            f.discard() if isinstance(f, ShardWriter) else f.close()
+        if bar:
+            bar.close()
     if len(plan.checkpoint.shards) > 1 or (src / "model.safetensors.index.json").exists():
-        total = sum(s.nbytes for ts in plan.checkpoint.shards.values() for s in _output_specs(ts, plan))
+        total = sum(s.nbytes for specs in stats.shards.values() for s in specs)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     copy_side_files(src, dst)
     write_quant_config(plan.checkpoint.config, plan, dst)
-    return {"layers": len(plan.targets), "bytes_out": bytes_out}
-
+    stats.seconds = time.perf_counter() - t_start
+    return stats

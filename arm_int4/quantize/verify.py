@@ -15,7 +15,7 @@ from ..errors import ArmInt4Error
 from ..schemes import Scheme, scheme_from_config
 from .safetensors_io import ShardReader
 
-__all__ = ["VerifyError", "VerifyReport", "verify_dir"]
+__all__ = ["VerifyError", "VerifyReport", "verify_dir", "verify_written"]
 
 
 class VerifyError(ArmInt4Error):
@@ -75,6 +75,40 @@ def verify_dir(path: str | Path) -> VerifyReport:
         raise VerifyError(f"{p}: {len(missing)} Linear layers not quantized, e.g. {sorted(missing)[0]}")
     if extra:
         raise VerifyError(f"{p}: {len(extra)} quantized tensors the config does not target, e.g. {sorted(extra)[0]}")
+    return VerifyReport(p, scheme, len(found), nbytes)
+
+
+def verify_written(path: str | Path, plan, stats) -> VerifyReport:
+    """The stream engine's output, verified without a second read of its tensors.
+
+    The int range and the scales were checked in memory as each tensor was written
+    (stats.checks); here: the config reads back as the planned scheme, every planned layer was
+    written exactly once, and each shard's header and size on disk are the ones planned."""
+    p = Path(path)
+    qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+    scheme = scheme_from_config(qc)
+    if scheme != plan.scheme:
+        raise VerifyError(f"{p}: config.json declares {scheme}, the plan was {plan.scheme}")
+    expected = {plan.output_name(n) for n in plan.targets}
+    found = [c.weight for c in stats.checks]
+    if len(found) != len(set(found)) or set(found) != expected:
+        missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
+        raise VerifyError(f"{p}: written layers differ from the plan (missing {missing[:1]}, extra {extra[:1]})")
+    for c in stats.checks:
+        if c.qmin < -8 or c.qmax > 7:
+            raise VerifyError(f"{p}: {c.weight} holds values in [{c.qmin}, {c.qmax}], outside INT4 [-8, 7]")
+        if not c.scales_ok:
+            raise VerifyError(f"{p}: {c.weight}_scale has non-positive or non-finite scales")
+    nbytes = 0
+    for shard, specs in stats.shards.items():
+        with ShardReader(p / shard) as r:  # the header only
+            got = sorted((t.name, t.dtype, t.shape) for t in r.tensors.values())
+            size = r.data_start + sum(t.nbytes for t in r.tensors.values())
+        if got != sorted((t.name, t.dtype, t.shape) for t in specs):
+            raise VerifyError(f"{p / shard}: header differs from the planned tensors")
+        if (p / shard).stat().st_size != size:
+            raise VerifyError(f"{p / shard}: {(p / shard).stat().st_size} bytes on disk, header says {size}")
+        nbytes += sum(t.nbytes for t in specs)
     return VerifyReport(p, scheme, len(found), nbytes)
 
 

@@ -1,0 +1,113 @@
+"""arm_int4.quantize.qmath (the stream engine's copy of compressed-tensors' INT4 math and of
+llmcompressor's observers) against compressed-tensors itself, bit for bit, on many shapes and
+dtypes; and the vectorized MSE search against the step-by-step loop, early stop included."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize, quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from arm_int4.quantize import observers, qmath
+
+SHAPES = [(1, 32), (3, 64), (7, 96), (64, 256), (256, 512), (130, 1024), (576, 576), (33, 4096)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+GROUPS = [None, 32, 64, 128]
+
+
+def _args(group, observer="minmax", **kw):
+    return QuantizationArgs(num_bits=4, type="int", symmetric=True, dynamic=False,
+                            strategy="group" if group else "channel", group_size=group, observer=observer,
+                            observer_kwargs=kw)
+
+
+def _weight(shape, dtype, seed, kind="normal"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    if kind == "outliers":  # heavy tails, zero rows and exact zeros: the MSE search's hard cases
+        w[:, ::7] *= 40
+        w[0] = 0
+        w[-1, : shape[1] // 2] = 0
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", GROUPS)
+def test_qparams_and_quantize_equal_compressed_tensors(dtype, group):
+    for i, shape in enumerate(SHAPES):
+        if group and shape[1] % group:
+            continue
+        for kind in ("normal", "outliers"):
+            w = _weight(shape, dtype, i, kind)
+            args = _args(group)
+            x = qmath.grouped(w, group)
+            lo, hi = qmath.minmax_range(x)
+            ref_scale, ref_zp = calculate_qparams(lo, hi, args)
+            scale = qmath.qparams(lo, hi)
+            assert scale.dtype == ref_scale.dtype == dtype and torch.equal(scale, ref_scale), (shape, kind)
+            ref_q = quantize(x=w, scale=ref_scale, zero_point=ref_zp, args=args, dtype=torch.int8)
+            assert torch.equal(qmath.quantize_int4(x, scale).reshape(w.shape), ref_q), (shape, kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", GROUPS)
+def test_fake_quant_error_equals_llmcompressors(dtype, group):
+    """One step of the search: sum(|fake_quantize(x) - x| ** 2.4) per row/group."""
+    for i, shape in enumerate(SHAPES[:6]):
+        if group and shape[1] % group:
+            continue
+        w = _weight(shape, dtype, 100 + i, "outliers")
+        args = _args(group, "mse")
+        x = qmath.grouped(w, group)
+        lo, hi = qmath.minmax_range(x)
+        scale, zp = calculate_qparams(lo * 0.9, hi * 0.9, args)
+        observed = x.unsqueeze(0)
+        token = args.model_copy(update={"strategy": "token"})
+        q = fake_quantize(observed, scale.unsqueeze(-1), zp.unsqueeze(-1), token).to(dtype)
+        ref = torch.sum((q - observed).abs().pow(2.4), dim=(0, -1))
+        out = torch.empty((1, *scale.shape), dtype=dtype)
+        qmath._errors(x, scale.unsqueeze(0), 2.4, out)
+        assert torch.equal(out[0], ref), shape
+
+
+def _reference(w, group, observer, precision, **kw):
+    """The step-by-step path: observers.py (compressed-tensors' functions, llmcompressor's loop)."""
+    q, s = observers.quantize_weight(w, _args(group, observer, **kw), precision)
+    return q, s.reshape(w.shape[0], -1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "weight"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+def test_quantize_weight_equals_the_step_by_step_path(observer, dtype, precision):
+    if dtype == torch.float32 and precision == "weight":
+        pytest.skip("an fp32 weight observed in its own dtype is the fp32 case")
+    for i, shape in enumerate(SHAPES if observer == "minmax" else SHAPES[:5]):
+        for group in (None, 32, 128):
+            if group and shape[1] % group:
+                continue
+            w = _weight(shape, dtype, 200 + i, "outliers" if i % 2 else "normal")
+            q, s = qmath.quantize_weight(w, group, observer, precision)
+            rq, rs = _reference(w, group, observer, precision)
+            assert s.dtype == rs.dtype and torch.equal(s, rs), (shape, group)
+            assert torch.equal(q, rq), (shape, group)
+
+
+def test_mse_early_stop_is_the_loops():
+    """Cases where the early stop decides the result (patience 5 and 100 choose differently):
+    the vectorized search stops where the loop stops."""
+    decided = 0
+    for seed in range(400):
+        rows = 1 + seed % 3
+        w = _weight((rows, 32), torch.float32, seed, "outliers" if seed % 2 else "normal")
+        x = qmath.grouped(w, None)
+        a = qmath.mse_range(x, patience=5)
+        b = qmath.mse_range(x, patience=100)
+        if torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]):
+            continue
+        decided += 1
+        ref = observers._mse_min_max(x.unsqueeze(0), _args(None, "mse"), 0.2, 5, 100.0, 2.4)
+        assert torch.equal(a[0], ref[0]) and torch.equal(a[1], ref[1]), seed
+        if decided >= 10:
+            break
+    assert decided >= 3  # found real early-stop cases (4 in these 400 seeds), not only full searches
