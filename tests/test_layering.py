@@ -3,9 +3,8 @@ drag in the command layer or unrelated commands (docs/architecture.md, STYLE.md 
 
 Run: .venv/bin/python -m pytest tests/test_layering.py -q   (~2 s, no torch/vLLM needed)
 
-Known offenders are listed below with who fixes them. Each is an xfail(strict=True) test: when
-it is fixed the test XPASSes, which fails the run until the entry is deleted, so the lists can
-only shrink. Any offender not on a list fails at once.
+There are no known offenders left: any private cross-module use, or a command module loaded by
+`import arm_int4.quantize`, fails at once.
 """
 
 import ast
@@ -19,17 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "arm_int4"
 
-# (file, "module._name") -> what to do. Delete an entry when it is fixed.
-KNOWN_PRIVATE: dict = {}
 # Modules that importing arm_int4.quantize must not load (commands and their engines).
 NOT_FROM_QUANTIZE = ("arm_int4.bench", "arm_int4.bench_server", "arm_int4.evaluate", "arm_int4.lmeval",
                      "arm_int4.llamacpp", "arm_int4.tune", "arm_int4.cli", "arm_int4.demo")
-KNOWN_QUANTIZE_LOADS = {
-    "arm_int4.bench", "arm_int4.evaluate", "arm_int4.lmeval", "arm_int4.llamacpp", "arm_int4.tune",
-}
-QUANTIZE_REASON = ("arm_int4/quantize/__init__.py imports options.QuantizeOptions, and options.py imports bench, "
-                   "evaluate, llamacpp, lmeval and tune for their defaults: move those defaults to light modules "
-                   "(bench's are in arm_int4/workload.py) or give quantize a QuantizeOptions of its own")
 
 
 def _module_name(path: Path) -> str:
@@ -104,15 +95,9 @@ def test_the_scanner_sees_each_form(tmp_path, monkeypatch):
 
 
 def test_no_module_uses_another_modules_private_names_beyond_the_known_list():
-    new = all_private_uses() - set(KNOWN_PRIVATE)
+    new = all_private_uses()
     assert not new, "make these public (or move them where both modules can import them): " + ", ".join(
         f"{f}: {n}" for f, n in sorted(new))
-
-
-@pytest.mark.parametrize("offender", [pytest.param(k, id=f"{k[0]}:{k[1]}", marks=pytest.mark.xfail(
-    strict=True, reason=f"known private cross-module use; fix: {fix}")) for k, fix in sorted(KNOWN_PRIVATE.items())])
-def test_known_private_use_is_gone(offender):
-    assert offender not in all_private_uses()
 
 
 def _modules_loaded_by(statement: str) -> set:
@@ -128,12 +113,9 @@ def quantize_loads():
     return _modules_loaded_by("import arm_int4.quantize")
 
 
-def test_importing_quantize_loads_no_engine_and_no_command_beyond_the_known_list(quantize_loads):
+def test_importing_quantize_loads_no_engine_and_no_command(quantize_loads):
+    """The quantizer's settings live in quantize/options.py, so the library never loads the command layer."""
     assert not {"torch", "vllm", "transformers", "llmcompressor"} & quantize_loads  # heavy: inside commands
-    unexpected = (set(NOT_FROM_QUANTIZE) & quantize_loads) - KNOWN_QUANTIZE_LOADS
-    assert not unexpected, f"import arm_int4.quantize loads {sorted(unexpected)}"
-
-
-@pytest.mark.xfail(strict=True, reason=QUANTIZE_REASON)
-def test_importing_quantize_loads_no_command_module(quantize_loads):
-    assert not set(NOT_FROM_QUANTIZE) & quantize_loads, sorted(set(NOT_FROM_QUANTIZE) & quantize_loads)
+    assert "arm_int4.options" not in quantize_loads and "arm_int4.cli" not in quantize_loads
+    loaded = set(NOT_FROM_QUANTIZE) & quantize_loads
+    assert not loaded, f"import arm_int4.quantize loads {sorted(loaded)}"

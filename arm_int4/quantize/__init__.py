@@ -14,13 +14,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from ..errors import UsageError
 from ..models import resolve
-from ..options import QuantizeOptions
 from ..schemes import Scheme, output_dir_name
 from .moe import MOE_IGNORE, is_moe_config
+from .options import QuantizeOptions
 from .preflight import check_output, plan_quantization, read_checkpoint
 from .verify import VerifyReport, verify_dir, verify_written
 
@@ -37,7 +38,7 @@ class QuantResult:
     bytes_out: int
     seconds: float
     peak_rss_bytes: int
-    stream: object = None  # the stream engine's StreamStats (time per phase, jobs, largest tensor)
+    stream: Any = None  # the stream engine's StreamStats (time per phase, jobs, largest tensor)
 
     @property
     def rss_bound_bytes(self) -> int | None:
@@ -46,7 +47,8 @@ class QuantResult:
 
     def summary(self) -> str:
         mib = 2**20
-        bound = f" (bound {self.rss_bound_bytes / mib:.0f} MiB for {self.stream.jobs} jobs)" if self.stream else ""
+        bound = (f" (bound {self.rss_bound_bytes / mib:.0f} MiB for {self.stream.jobs} jobs)"
+                 if self.stream and self.rss_bound_bytes else "")
         lines = [
             f"quantized {self.layers} Linear layers ({self.scheme.preset} {self.scheme.label}, {self.engine} engine) "
             f"in {self.seconds:.1f} s",

@@ -132,7 +132,7 @@ class ShardWriter:
 
     def _claim(self, name: str, dtype: str, shape: tuple) -> int:
         offset, spec = self._at.get(name, (None, None))
-        if spec is None:
+        if spec is None or offset is None:
             raise RuntimeError(f"internal: {name} is not in {self.path.name}'s header")
         if dtype != spec.dtype or tuple(shape) != spec.shape:
             raise RuntimeError(f"internal: {name} is {dtype}{tuple(shape)}, header says {spec.dtype}{spec.shape}")

@@ -34,7 +34,7 @@ __all__ = ["run_stream", "StreamStats", "LayerCheck", "quant_config_block", "wri
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _REWRITTEN = {"config.json", "model.safetensors.index.json"}
 # compressed-tensors QuantizationArgs fields, in the order model_dump gives them (sorted on write)
-_ARG_DEFAULTS = {"actorder": None, "block_structure": None, "group_size": None, "observer_kwargs": {}, "scale_dtype": None}
+_ARG_DEFAULTS: dict = {"actorder": None, "block_structure": None, "group_size": None, "observer_kwargs": {}, "scale_dtype": None}
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def verify_written(path: str | Path, plan, stats) -> VerifyReport:
         if (p / shard).stat().st_size != size:
             raise VerifyError(f"{p / shard}: {(p / shard).stat().st_size} bytes on disk, header says {size}")
         nbytes += sum(t.nbytes for t in specs)
-    return VerifyReport(p, scheme, len(found), nbytes)
+    return VerifyReport(p, plan.scheme, len(found), nbytes)  # == scheme, checked above
 
 
 def _check_layer(shard, w, s, scheme: Scheme, reader: ShardReader) -> None:
