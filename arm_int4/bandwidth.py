@@ -32,8 +32,14 @@ PASSES = 10
 def machine_key(machine: Machine) -> str:
     """`x86_64-amd-epyc-2cpu-1a2b3c4d`: readable prefix + hash of what changes the bandwidth."""
     name = re.sub(r"[^a-z0-9]+", "-", (machine.cpu_name or "unknown").lower()).strip("-")[:40]
-    facts = [platform.node(), machine.arch, machine.cpu_name, machine.logical_cpus, machine.mem_total_bytes,
-             machine.numa_nodes]
+    facts = [
+        platform.node(),
+        machine.arch,
+        machine.cpu_name,
+        machine.logical_cpus,
+        machine.mem_total_bytes,
+        machine.numa_nodes,
+    ]
     digest = hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:8]
     return f"{machine.arch}-{name}-{machine.logical_cpus}cpu-{digest}"
 
@@ -49,7 +55,7 @@ def measure_triad(array_mib: int = ARRAY_MIB, passes: int = PASSES, threads: Opt
     import torch
 
     before = torch.get_num_threads()
-    n = array_mib * 2 ** 20 // 4  # float32 elements per array
+    n = array_mib * 2**20 // 4  # float32 elements per array
     a = torch.empty(n, dtype=torch.float32)
     b = torch.full((n,), 1.0, dtype=torch.float32)
     c = torch.full((n,), 2.0, dtype=torch.float32)
@@ -70,12 +76,20 @@ def measure_triad(array_mib: int = ARRAY_MIB, passes: int = PASSES, threads: Opt
     if float(a[n // 2]) != 7.0:  # 1 + 3 * 2: the passes really ran
         raise RuntimeError("triad produced a wrong value")
     best = max(samples, key=lambda t: max(samples[t]))
-    return {"triad_gbs": max(samples[best]), "threads": best, "samples_gbs": {str(t): s for t, s in samples.items()},
-            "array_mib": array_mib, "passes": passes, "dtype": "float32", "torch_version": torch.__version__}
+    return {
+        "triad_gbs": max(samples[best]),
+        "threads": best,
+        "samples_gbs": {str(t): s for t, s in samples.items()},
+        "array_mib": array_mib,
+        "passes": passes,
+        "dtype": "float32",
+        "torch_version": torch.__version__,
+    }
 
 
-def machine_bandwidth(machine: Machine, *, refresh: bool = False,
-                      progress: Optional[Callable[[str], None]] = None) -> dict:
+def machine_bandwidth(
+    machine: Machine, *, refresh: bool = False, progress: Optional[Callable[[str], None]] = None
+) -> dict:
     """The cached triad result for this machine, measuring it first when absent (or `refresh`).
 
     Returns the JSON dict: triad_gbs (best pass), samples_gbs, key, measured_at, path, ..."""
@@ -89,10 +103,16 @@ def machine_bandwidth(machine: Machine, *, refresh: bool = False,
         except (OSError, ValueError):
             pass
     if progress:
-        progress(f"measuring memory bandwidth once for this machine (triad, 3 x {ARRAY_MIB} MiB, best of {PASSES} "
-                 "passes at 1 thread and at all usable CPUs)")
-    data = {"key": machine_key(machine), "cpu": machine.cpu_name, **measure_triad(threads=machine.usable_cpus()),
-            "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        progress(
+            f"measuring memory bandwidth once for this machine (triad, 3 x {ARRAY_MIB} MiB, best of {PASSES} "
+            "passes at 1 thread and at all usable CPUs)"
+        )
+    data = {
+        "key": machine_key(machine),
+        "cpu": machine.cpu_name,
+        **measure_triad(threads=machine.usable_cpus()),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -50,9 +50,24 @@ from .workload import (
     to_stderr,
 )
 
-__all__ = ["PROMPTS", "GENS", "BATCHES", "REPETITIONS", "WARMUP", "SEED", "Test", "Workload",
-           "plan_for", "run_plan", "run", "environment", "bytes_per_step", "INT4_READ_BYTES", "OFFLINE_EXCLUDED",
-           "SERVER_EXCLUDED"]
+__all__ = [
+    "PROMPTS",
+    "GENS",
+    "BATCHES",
+    "REPETITIONS",
+    "WARMUP",
+    "SEED",
+    "Test",
+    "Workload",
+    "plan_for",
+    "run_plan",
+    "run",
+    "environment",
+    "bytes_per_step",
+    "INT4_READ_BYTES",
+    "OFFLINE_EXCLUDED",
+    "SERVER_EXCLUDED",
+]
 
 
 def _provenance(path) -> Optional[str]:
@@ -65,24 +80,61 @@ def _provenance(path) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------- statistics
-def plan_for(model_dir, machine: hardware.Machine, workload: Workload, profile: Optional[launch.Profile] = None, *,
-             ranks: Optional[int] = None, reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None, extra_args=()) -> tuple:
+def plan_for(
+    model_dir,
+    machine: hardware.Machine,
+    workload: Workload,
+    profile: Optional[launch.Profile] = None,
+    *,
+    ranks: Optional[int] = None,
+    reserve: Optional[int] = None,
+    kv_cache_gib: Optional[int] = None,
+    extra_args=(),
+) -> tuple:
     """(CheckpointFacts, Plan) as `arm-int4 serve` would plan it, max-model-len sized to the workload
     (unless the profile sets one): a smaller KV cache, same kernels."""
-    return launch.engine_plan(model_dir, machine, profile, ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib,
-                              max_model_len=None if profile and profile.max_model_len else workload.max_model_len,
-                              extra_args=extra_args, can_bind=runner.can_set_affinity())
+    return launch.engine_plan(
+        model_dir,
+        machine,
+        profile,
+        ranks=ranks,
+        reserve=reserve,
+        kv_cache_gib=kv_cache_gib,
+        max_model_len=None if profile and profile.max_model_len else workload.max_model_len,
+        extra_args=extra_args,
+        can_bind=runner.can_set_affinity(),
+    )
 
 
 def _base_record(facts, test: Test, workload: Workload, where: dict, **kw) -> Record:
-    return Record(model=facts.path, model_name=facts.name, quantization=quant_label(facts),
-                  quantized=bool(facts.quant_method), test=test.name, prompt_tokens=test.prompt, gen_tokens=test.gen,
-                  batch=test.batch, repetitions=workload.repetitions, warmup=workload.warmup, **where, **kw)
+    return Record(
+        model=facts.path,
+        model_name=facts.name,
+        quantization=quant_label(facts),
+        quantized=bool(facts.quant_method),
+        test=test.name,
+        prompt_tokens=test.prompt,
+        gen_tokens=test.gen,
+        batch=test.batch,
+        repetitions=workload.repetitions,
+        warmup=workload.warmup,
+        **where,
+        **kw,
+    )
 
 
-def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, machine: hardware.Machine,
-             bandwidth_gbs: Optional[float] = None, label: str = "", log_dir=None, env_info: Optional[dict] = None,
-             progress: Callable[[str], None] = to_stderr) -> list:
+def run_plan(
+    plan: launch.Plan,
+    facts: CheckpointFacts,
+    workload: Workload,
+    *,
+    machine: hardware.Machine,
+    bandwidth_gbs: Optional[float] = None,
+    label: str = "",
+    log_dir=None,
+    env_info: Optional[dict] = None,
+    progress: Callable[[str], None] = to_stderr,
+) -> list:
     """Run every test of `workload` in one fresh engine configured by `plan`; one Record per test.
 
     Never raises for a failing engine or test: the Record carries `error`. The vLLM log goes to
@@ -92,9 +144,16 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
     tests, name = workload.tests(), facts.name + (f" [{label}]" if label else "")
     tag = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", label) if label else ""  # "all-2t eager" -> "-all-2t-eager"
     log = Path(log_dir or tempfile.gettempdir()) / (
-        f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log")
-    job = {"model": facts.path, "tests": [[t.prompt, t.gen, t.batch] for t in tests], "warmup": workload.warmup,
-           "repetitions": workload.repetitions, "seed": workload.seed, "rss_interval_s": 0.25}
+        f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log"
+    )
+    job = {
+        "model": facts.path,
+        "tests": [[t.prompt, t.gen, t.batch] for t in tests],
+        "warmup": workload.warmup,
+        "repetitions": workload.repetitions,
+        "seed": workload.seed,
+        "rss_interval_s": 0.25,
+    }
     warn = kernel_note(facts, machine)
     if warn:
         progress(f"warning: {facts.name}: {warn}")
@@ -104,8 +163,10 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
     def on_update(result: dict) -> None:
         nonlocal shown
         for entry in result.get("tests", [])[shown:]:
-            progress(f"{name}: {Test(*_entry_key(entry)).name}: " + (
-                f"failed: {entry['error']}" if entry["error"] else _quick(entry)))
+            progress(
+                f"{name}: {Test(*_entry_key(entry)).name}: "
+                + (f"failed: {entry['error']}" if entry["error"] else _quick(entry))
+            )
         shown = len(result.get("tests", []))
 
     run = runner.run_worker("bench", job, plan=plan, log=log, on_update=on_update)
@@ -115,14 +176,26 @@ def run_plan(plan: launch.Plan, facts: CheckpointFacts, workload: Workload, *, m
         warn = f"{warn} — but vLLM's log says it ran {ran}"
     dtype = plan.dtype if plan.dtype in FLOAT_BYTES else "bfloat16"
     common = dict(
-        weights_in_memory_bytes=weights_in_memory(facts, dtype, machine.arch), model_bytes=model_bytes(facts.path),
-        kv_bytes_per_token=kv_bytes_per_token(facts, dtype), bandwidth_gbs=bandwidth_gbs, dtype=plan.dtype,
-        threads=plan.threads_per_rank, engine_args=plan.engine_kwargs(), env=dict(plan.env), config=label,
-        int4_kernel=ran, excluded=OFFLINE_EXCLUDED,
-        notes=[n for n in (_provenance(facts.path), warn) if n], load_s=result.get("load_s"),
-        linear_kernels=run.linear_kernels)
-    where = {**env_info, "vllm_version": result.get("vllm_version") or env_info.get("vllm_version"),
-             "torch_version": result.get("torch_version") or env_info.get("torch_version")}
+        weights_in_memory_bytes=weights_in_memory(facts, dtype, machine.arch),
+        model_bytes=model_bytes(facts.path),
+        kv_bytes_per_token=kv_bytes_per_token(facts, dtype),
+        bandwidth_gbs=bandwidth_gbs,
+        dtype=plan.dtype,
+        threads=plan.threads_per_rank,
+        engine_args=plan.engine_kwargs(),
+        env=dict(plan.env),
+        config=label,
+        int4_kernel=ran,
+        excluded=OFFLINE_EXCLUDED,
+        notes=[n for n in (_provenance(facts.path), warn) if n],
+        load_s=result.get("load_s"),
+        linear_kernels=run.linear_kernels,
+    )
+    where = {
+        **env_info,
+        "vllm_version": result.get("vllm_version") or env_info.get("vllm_version"),
+        "torch_version": result.get("torch_version") or env_info.get("torch_version"),
+    }
     done = {_entry_key(e): e for e in result.get("tests", [])}
     records = []
     for t in tests:
@@ -148,30 +221,59 @@ def _entry_key(e: dict) -> tuple:
 
 def _quick(entry) -> str:
     """A one-line progress summary of a worker test entry."""
-    rec = Record(model="", model_name="", quantization=None, quantized=False, test="", prompt_tokens=entry["prompt"],
-                 gen_tokens=entry["gen"], batch=entry["batch"])
+    rec = Record(
+        model="",
+        model_name="",
+        quantization=None,
+        quantized=False,
+        test="",
+        prompt_tokens=entry["prompt"],
+        gen_tokens=entry["gen"],
+        batch=entry["batch"],
+    )
     fill_record(rec, entry["reps"], None, None)
-    return (f"prefill {short(rec.prefill_tok_s)} tok/s, decode {short(rec.decode_tok_s)} tok/s, "
-            f"TTFT {short(rec.ttft_ms)} ms")
+    return (
+        f"prefill {short(rec.prefill_tok_s)} tok/s, decode {short(rec.decode_tok_s)} tok/s, "
+        f"TTFT {short(rec.ttft_ms)} ms"
+    )
 
 
-def run(model_specs, workload: Workload = Workload(), *, profile: Optional[launch.Profile] = None,
-        ranks: Optional[int] = None, reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None, extra_args=(), log_dir=None,
-        refresh_bandwidth: bool = False, progress: Callable[[str], None] = to_stderr) -> list:
+def run(
+    model_specs,
+    workload: Workload = Workload(),
+    *,
+    profile: Optional[launch.Profile] = None,
+    ranks: Optional[int] = None,
+    reserve: Optional[int] = None,
+    kv_cache_gib: Optional[int] = None,
+    extra_args=(),
+    log_dir=None,
+    refresh_bandwidth: bool = False,
+    progress: Callable[[str], None] = to_stderr,
+) -> list:
     """Bench each MODEL (dir, hub id or 'default') in turn, one engine at a time. A model that
     cannot be resolved or planned is recorded as failed and the others still run."""
     machine = hardware.detect()
     env, bw, records = environment(machine), None, []
     for spec in model_specs:
         try:
-            facts, plan = plan_for(models.resolve(spec, progress=progress), machine, workload, profile,
-                                   ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib, extra_args=extra_args)
+            facts, plan = plan_for(
+                models.resolve(spec, progress=progress),
+                machine,
+                workload,
+                profile,
+                ranks=ranks,
+                reserve=reserve,
+                kv_cache_gib=kv_cache_gib,
+                extra_args=extra_args,
+            )
         except ArmInt4Error as exc:
             progress(f"error: {spec}: {exc}")
             records += failed_records(spec, workload, env, str(exc))
             continue
         if bw is None:  # measured before any engine runs, once per machine (cached)
             bw = bandwidth.machine_bandwidth(machine, refresh=refresh_bandwidth, progress=progress)["triad_gbs"]
-        records += run_plan(plan, facts, workload, machine=machine, bandwidth_gbs=bw, log_dir=log_dir,
-                            env_info=env, progress=progress)
+        records += run_plan(
+            plan, facts, workload, machine=machine, bandwidth_gbs=bw, log_dir=log_dir, env_info=env, progress=progress
+        )
     return records

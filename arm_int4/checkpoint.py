@@ -100,8 +100,11 @@ def read_checkpoint(path) -> CheckpointFacts:
             q_values += numel * 8
         elif n.endswith(".weight") and n[:-7] in quantized and t.dtype == "I8":
             q_values += numel
-        elif t.dtype in _ST_FLOAT and n[:-7 if n.endswith(".weight") else None] not in quantized \
-                and not n.endswith((".weight_scale", ".weight_zero_point")):
+        elif (
+            t.dtype in _ST_FLOAT
+            and n[: -7 if n.endswith(".weight") else None] not in quantized
+            and not n.endswith((".weight_scale", ".weight_zero_point"))
+        ):
             f_values += numel
         else:
             other += t.nbytes
@@ -109,15 +112,25 @@ def read_checkpoint(path) -> CheckpointFacts:
     if not tensors and qcfg:  # no safetensors to look into: the config's bias switches speak
         biased = bool(text.get("attention_bias") or text.get("mlp_bias"))
     return CheckpointFacts(
-        path=path, name=os.path.basename(os.path.abspath(path)), model_type=cfg.get("model_type"),
-        quant_method=qcfg.get("quant_method"), scheme=scheme_from_config(qcfg) if qcfg else None,
-        is_moe=any(isinstance(e, int) and e > 1 for e in experts), quantized_linear_bias=biased,
-        num_layers=text.get("num_hidden_layers"), num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim,
-        kv_lora_rank=text.get("kv_lora_rank"), max_position_embeddings=text.get("max_position_embeddings"),
+        path=path,
+        name=os.path.basename(os.path.abspath(path)),
+        model_type=cfg.get("model_type"),
+        quant_method=qcfg.get("quant_method"),
+        scheme=scheme_from_config(qcfg) if qcfg else None,
+        is_moe=any(isinstance(e, int) and e > 1 for e in experts),
+        quantized_linear_bias=biased,
+        num_layers=text.get("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        kv_lora_rank=text.get("kv_lora_rank"),
+        max_position_embeddings=text.get("max_position_embeddings"),
         config_dtype=text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype"),
-        quantized_values=q_values, float_values=f_values, other_bytes=other,
-        sources=("config.json",) + (("safetensors headers",) if tensors else ()))
+        quantized_values=q_values,
+        float_values=f_values,
+        other_bytes=other,
+        sources=("config.json",) + (("safetensors headers",) if tensors else ()),
+    )
 
 
 def weights_in_memory(facts: CheckpointFacts, dtype: str, arch: str) -> int:

@@ -13,8 +13,19 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import ArmInt4Error, EnvironmentMissing, UsageError
-from .options import BuildOptions, DemoOptions, EvalOptions, InfoOptions, LearningPathOptions, OptionsParser, QuantizeOptions, options_from_namespace
-from .options import BenchOptions, ServeOptions, TuneOptions
+from .options import (
+    BenchOptions,
+    BuildOptions,
+    DemoOptions,
+    EvalOptions,
+    InfoOptions,
+    LearningPathOptions,
+    OptionsParser,
+    QuantizeOptions,
+    ServeOptions,
+    TuneOptions,
+    options_from_namespace,
+)
 
 __all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
 
@@ -61,9 +72,19 @@ def _cmd_serve(opts: ServeOptions) -> int:
     model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
     facts = launch.read_checkpoint(model_dir)
     profile = launch.Profile.load(opts.profile) if opts.profile else None
-    plan = launch.plan(hardware.detect(probe_runtime=False), facts, profile, ranks=opts.ranks, reserve=opts.reserve,
-                       kv_cache_gib=opts.kv_cache_gib, max_model_len=opts.max_model_len, host=opts.host,
-                       port=opts.port, extra_args=opts.vllm_args or (), can_bind=runner.can_set_affinity())
+    plan = launch.plan(
+        hardware.detect(probe_runtime=False),
+        facts,
+        profile,
+        ranks=opts.ranks,
+        reserve=opts.reserve,
+        kv_cache_gib=opts.kv_cache_gib,
+        max_model_len=opts.max_model_len,
+        host=opts.host,
+        port=opts.port,
+        extra_args=opts.vllm_args or (),
+        can_bind=runner.can_set_affinity(),
+    )
     if opts.dry_run:
         print(plan.format())
         return 0
@@ -75,15 +96,23 @@ def _cmd_serve(opts: ServeOptions) -> int:
 def _cmd_bench(opts: BenchOptions) -> int:
     from . import bench, launch, report
 
-    workload = bench.Workload(prompts=tuple(opts.prompt), gens=tuple(opts.gen), batches=tuple(opts.batch),
-                              repetitions=opts.repetitions, warmup=opts.warmup, seed=opts.seed)
+    workload = bench.Workload(
+        prompts=tuple(opts.prompt),
+        gens=tuple(opts.gen),
+        batches=tuple(opts.batch),
+        repetitions=opts.repetitions,
+        warmup=opts.warmup,
+        seed=opts.seed,
+    )
     report.check_targets(json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)
     if opts.server:
         from . import bench_server
 
         if len(opts.models) > 1 or opts.vllm_args or opts.profile:
-            raise UsageError(f"--server {opts.server}: the server is already configured; give at most one MODEL "
-                             "(its checkpoint dir) and no --profile or vLLM args")
+            raise UsageError(
+                f"--server {opts.server}: the server is already configured; give at most one MODEL "
+                "(its checkpoint dir) and no --profile or vLLM args"
+            )
         if opts.vs_llamacpp:
             raise UsageError("--vs-llamacpp runs beside bench's own vLLM engines (same threads): drop --server")
         records = bench_server.run_server(opts.server, workload, model_dir=opts.models[0] if opts.models else None)
@@ -93,16 +122,32 @@ def _cmd_bench(opts: BenchOptions) -> int:
         if opts.vs_llamacpp:  # env and GGUF settled before any engine starts
             from . import llamacpp
 
-            say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+            say = lambda m: print(m, file=sys.stderr, flush=True)
             peer = llamacpp.prepare(opts.vs_llamacpp, first, progress=say)
-        records = bench.run(opts.models or ["default"], workload, profile=profile, ranks=opts.ranks,
-                            reserve=opts.reserve,
-                            kv_cache_gib=opts.kv_cache_gib, extra_args=opts.vllm_args or (), log_dir=opts.log_dir,
-                            refresh_bandwidth=opts.refresh_bandwidth)
+        records = bench.run(
+            opts.models or ["default"],
+            workload,
+            profile=profile,
+            ranks=opts.ranks,
+            reserve=opts.reserve,
+            kv_cache_gib=opts.kv_cache_gib,
+            extra_args=opts.vllm_args or (),
+            log_dir=opts.log_dir,
+            refresh_bandwidth=opts.refresh_bandwidth,
+        )
         if peer:
-            records += llamacpp.run_like(peer, first, workload, profile=profile, ranks=opts.ranks, reserve=opts.reserve,
-                                         kv_cache_gib=opts.kv_cache_gib, extra_args=opts.vllm_args or (),
-                                         log_dir=opts.log_dir, progress=say)
+            records += llamacpp.run_like(
+                peer,
+                first,
+                workload,
+                profile=profile,
+                ranks=opts.ranks,
+                reserve=opts.reserve,
+                kv_cache_gib=opts.kv_cache_gib,
+                extra_args=opts.vllm_args or (),
+                log_dir=opts.log_dir,
+                progress=say,
+            )
     report.emit(records, json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)
     return report.exit_code(records)
 
@@ -110,25 +155,42 @@ def _cmd_bench(opts: BenchOptions) -> int:
 def _cmd_tune(opts: TuneOptions) -> int:
     from . import bench, hardware, models, report, tune
 
-    workload = bench.Workload(prompts=tuple(opts.prompt), gens=tuple(opts.gen), batches=tuple(opts.batch),
-                              repetitions=opts.repetitions, warmup=opts.warmup)
+    workload = bench.Workload(
+        prompts=tuple(opts.prompt),
+        gens=tuple(opts.gen),
+        batches=tuple(opts.batch),
+        repetitions=opts.repetitions,
+        warmup=opts.warmup,
+    )
     report.check_targets(json_path=opts.json)
     model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
     output = opts.output or tune.default_output(model_dir, opts.objective)
     tune.check_output(output, opts.overwrite)  # before any engine starts
     machine = hardware.detect()
-    outcome = tune.sweep(model_dir, objective=opts.objective, tpot_limit_ms=opts.tpot_limit_ms, workload=workload,
-                         modes=opts.modes, kinds=opts.placements, machine=machine, extra_args=opts.vllm_args or (),
-                         log_dir=opts.log_dir, bandwidth_gbs=tune.bandwidth_for(machine))
+    outcome = tune.sweep(
+        model_dir,
+        objective=opts.objective,
+        tpot_limit_ms=opts.tpot_limit_ms,
+        workload=workload,
+        modes=opts.modes,
+        kinds=opts.placements,
+        machine=machine,
+        extra_args=opts.vllm_args or (),
+        log_dir=opts.log_dir,
+        bandwidth_gbs=tune.bandwidth_for(machine),
+    )
     if outcome.profile is not None:
         outcome.path = tune.write_profile(output, outcome.profile, overwrite=opts.overwrite)
     report.emit(outcome.records, json_path=opts.json)
     if opts.json != "-":
         print("\n" + tune.format_summary(outcome, opts.objective, opts.tpot_limit_ms), end="")
     if outcome.profile is None:
-        why = ("every candidate failed" if all(r.error for r in outcome.records) else
-               f"no batch size kept TPOT p50 within {opts.tpot_limit_ms:g} ms: raise --tpot-limit-ms or give "
-               "smaller -b sizes")
+        why = (
+            "every candidate failed"
+            if all(r.error for r in outcome.records)
+            else f"no batch size kept TPOT p50 within {opts.tpot_limit_ms:g} ms: raise --tpot-limit-ms or give "
+            "smaller -b sizes"
+        )
         print(f"arm-int4 tune: error: no profile written: {why}", file=sys.stderr)
         return 1
     print(f"arm-int4 tune: profile written to {outcome.path}", file=sys.stderr)
@@ -143,9 +205,17 @@ def _cmd_demo(opts: DemoOptions) -> int:
     return 1 if result.failed else 0
 
 
-_BUILD_FLAGS = (("vllm_version", "--vllm-version"), ("source", "--source"), ("source_from", "--from"),
-                ("jobs", "--jobs"), ("out", "--out"), ("workdir", "--workdir"), ("offline_deps", "--offline-deps"),
-                ("machine_dump", "--machine-dump"), ("test_wheel", "--test-wheel"))
+_BUILD_FLAGS = (
+    ("vllm_version", "--vllm-version"),
+    ("source", "--source"),
+    ("source_from", "--from"),
+    ("jobs", "--jobs"),
+    ("out", "--out"),
+    ("workdir", "--workdir"),
+    ("offline_deps", "--offline-deps"),
+    ("machine_dump", "--machine-dump"),
+    ("test_wheel", "--test-wheel"),
+)
 
 
 def _cmd_build(opts: BuildOptions) -> int:
@@ -154,8 +224,9 @@ def _cmd_build(opts: BuildOptions) -> int:
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "build_vllm_cpu.sh"
     if not script.is_file():
-        raise EnvironmentMissing(f"arm-int4 build needs a checkout of arm-int4 ({script} not found): "
-                                 "clone the repository and run it there")
+        raise EnvironmentMissing(
+            f"arm-int4 build needs a checkout of arm-int4 ({script} not found): clone the repository and run it there"
+        )
     args = []
     for name, flag in _BUILD_FLAGS:
         if getattr(opts, name) is not None:
@@ -171,16 +242,34 @@ def _cmd_eval(opts: EvalOptions) -> int:
         print(f"arm-int4: {m}", file=sys.stderr, flush=True)
 
     if opts.output and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output))):
-        raise UsageError(f"--output {opts.output}: directory {os.path.dirname(os.path.abspath(opts.output))} "
-                         "does not exist")
+        raise UsageError(
+            f"--output {opts.output}: directory {os.path.dirname(os.path.abspath(opts.output))} does not exist"
+        )
     dirs = [models.resolve(m, progress=log) for m in opts.models]
     baseline = models.resolve(opts.baseline, progress=log) if opts.baseline else None
-    ppl_kwargs = dict(max_len=opts.max_len, stride=opts.stride, dtype=opts.dtype, num_tokens=opts.num_tokens,
-                      bos=not opts.no_bos, log=opts.log)
+    ppl_kwargs = dict(
+        max_len=opts.max_len,
+        stride=opts.stride,
+        dtype=opts.dtype,
+        num_tokens=opts.num_tokens,
+        bos=not opts.no_bos,
+        log=opts.log,
+    )
     limit = int(opts.limit) if opts.limit >= 1 and opts.limit == int(opts.limit) else opts.limit
-    out = lmeval.run_eval(dirs, baseline=baseline, tasks=opts.tasks, text=opts.text, ppl_kwargs=ppl_kwargs,
-                          include_path=opts.include_path, progress=log, num_fewshot=opts.num_fewshot, limit=limit,
-                          batch_size=opts.batch_size, dtype=opts.dtype, log=opts.log)
+    out = lmeval.run_eval(
+        dirs,
+        baseline=baseline,
+        tasks=opts.tasks,
+        text=opts.text,
+        ppl_kwargs=ppl_kwargs,
+        include_path=opts.include_path,
+        progress=log,
+        num_fewshot=opts.num_fewshot,
+        limit=limit,
+        batch_size=opts.batch_size,
+        dtype=opts.dtype,
+        log=opts.log,
+    )
     if opts.output:
         with open(opts.output, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2, default=str)
@@ -191,42 +280,59 @@ def _cmd_eval(opts: EvalOptions) -> int:
     elif opts.format == "json":
         print(json.dumps(out["perplexity"] if only_ppl else out, indent=2, default=str))
     else:
-        for r in (out["perplexity"] if only_ppl else out["rows"]):
+        for r in out["perplexity"] if only_ppl else out["rows"]:
             print(json.dumps(r))
     return 0
 
 
 # name → (options class, handler, one-line help, examples epilog)
 COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
-    "bench": (BenchOptions, _cmd_bench,
-              "prefill/decode tok/s, TTFT, TPOT, GB/s of vLLM on this CPU; several models side by side",
-              "examples:\n  arm-int4 bench default\n"
-              "  arm-int4 bench ./m ./m-w4a8dyn-mse-channelwise -p 128 -n 64 -b 1 4 --json r.json --plot r.png\n"
-              "  arm-int4 bench ./m -- --enforce-eager\n"
-              "  arm-int4 bench default --vs-llamacpp -p 128 -n 64 -b 1 4   # vLLM BF16 vs llama.cpp Q4_1\n"
-              "  arm-int4 bench --server http://127.0.0.1:8000 -b 1 4 16"),
-    "build": (BuildOptions, _cmd_build,
-              "build vLLM's CPU wheel from source for this machine, record how, smoke-test it",
-              "examples:\n  arm-int4 build --dry-run\n"
-              "  arm-int4 build --dry-run --machine-dump tests/fixtures/machines/graviton2\n"
-              "  arm-int4 build --offline-deps /srv/vllm-deps --jobs 16"),
-    "demo": (DemoOptions, _cmd_demo,
-             "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, perplexity, bench, "
-             "summary table + PNG",
-             "examples:\n  arm-int4 demo\n  arm-int4 demo --quick --output /tmp/demo"),
-    "eval": (EvalOptions, _cmd_eval,
-             "accuracy through vLLM: perplexity on a packaged text and lm-eval tasks, vs an unquantized baseline",
-             "examples:\n"
-             "  arm-int4 eval ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise --baseline default\n"
-             "  arm-int4 eval ./m-cw --baseline ./m --tasks perplexity opticks_cloze --num-fewshot 0 --limit 50\n"
-             "  arm-int4 eval ./m-cw --baseline ./m --tasks gsm8k --output gsm8k.json   # vLLM's INT4 doc (hub data)\n"
-             "  arm-int4 eval ./m-cw --tasks my_task --include-path ./my_tasks\n"
-             "  arm-int4 eval ./m-cw ./m-g32 --baseline ./m --num-tokens 2048 --format json\n"
-             "  arm-int4 eval default --text notes.txt --num-tokens 0"),
-    "info": (InfoOptions, _cmd_info, "describe this machine: CPU, ISA features, cores, NUMA, memory, INT4 kernel",
-             "examples:\n  arm-int4 info\n  arm-int4 info --json"),
+    "bench": (
+        BenchOptions,
+        _cmd_bench,
+        "prefill/decode tok/s, TTFT, TPOT, GB/s of vLLM on this CPU; several models side by side",
+        "examples:\n  arm-int4 bench default\n"
+        "  arm-int4 bench ./m ./m-w4a8dyn-mse-channelwise -p 128 -n 64 -b 1 4 --json r.json --plot r.png\n"
+        "  arm-int4 bench ./m -- --enforce-eager\n"
+        "  arm-int4 bench default --vs-llamacpp -p 128 -n 64 -b 1 4   # vLLM BF16 vs llama.cpp Q4_1\n"
+        "  arm-int4 bench --server http://127.0.0.1:8000 -b 1 4 16",
+    ),
+    "build": (
+        BuildOptions,
+        _cmd_build,
+        "build vLLM's CPU wheel from source for this machine, record how, smoke-test it",
+        "examples:\n  arm-int4 build --dry-run\n"
+        "  arm-int4 build --dry-run --machine-dump tests/fixtures/machines/graviton2\n"
+        "  arm-int4 build --offline-deps /srv/vllm-deps --jobs 16",
+    ),
+    "demo": (
+        DemoOptions,
+        _cmd_demo,
+        "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, perplexity, bench, "
+        "summary table + PNG",
+        "examples:\n  arm-int4 demo\n  arm-int4 demo --quick --output /tmp/demo",
+    ),
+    "eval": (
+        EvalOptions,
+        _cmd_eval,
+        "accuracy through vLLM: perplexity on a packaged text and lm-eval tasks, vs an unquantized baseline",
+        "examples:\n"
+        "  arm-int4 eval ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise --baseline default\n"
+        "  arm-int4 eval ./m-cw --baseline ./m --tasks perplexity opticks_cloze --num-fewshot 0 --limit 50\n"
+        "  arm-int4 eval ./m-cw --baseline ./m --tasks gsm8k --output gsm8k.json   # vLLM's INT4 doc (hub data)\n"
+        "  arm-int4 eval ./m-cw --tasks my_task --include-path ./my_tasks\n"
+        "  arm-int4 eval ./m-cw ./m-g32 --baseline ./m --num-tokens 2048 --format json\n"
+        "  arm-int4 eval default --text notes.txt --num-tokens 0",
+    ),
+    "info": (
+        InfoOptions,
+        _cmd_info,
+        "describe this machine: CPU, ISA features, cores, NUMA, memory, INT4 kernel",
+        "examples:\n  arm-int4 info\n  arm-int4 info --json",
+    ),
     "quantize": (
-        QuantizeOptions, _cmd_quantize,
+        QuantizeOptions,
+        _cmd_quantize,
         "quantize a Hugging Face model to INT4 (W4A8-dynamic) in compressed-tensors format",
         "examples:\n"
         "  arm-int4 quantize default                                  # channelwise, mse\n"
@@ -235,7 +341,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 quantize --verify-only ./model-w4a8dyn-mse-channelwise",
     ),
     "tune": (
-        TuneOptions, _cmd_tune,
+        TuneOptions,
+        _cmd_tune,
         "sweep CPU binding, threads, eager vs compiled and batch size in vLLM; write the best as a profile",
         "examples:\n"
         "  arm-int4 tune ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise     # best batch-1 decode\n"
@@ -244,7 +351,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 serve --profile m.json ./model; arm-int4 bench --profile m.json ./model",
     ),
     "serve": (
-        ServeOptions, _cmd_serve,
+        ServeOptions,
+        _cmd_serve,
         "serve a model with vLLM's OpenAI-compatible server, env and engine args planned for this CPU",
         "examples:\n"
         "  arm-int4 serve ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise\n"
@@ -264,8 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"arm-int4 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, (options_class, _handler, help_, epilog) in COMMANDS.items():
-        sub.add_parser(name, options_class=options_class, help=help_, description=help_, epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_parser(
+            name,
+            options_class=options_class,
+            help=help_,
+            description=help_,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     return parser
 
 
@@ -275,7 +389,7 @@ def main(argv=None) -> int:
     passthrough = None  # everything after the first `--` goes to vLLM untouched
     if "--" in argv:
         cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     ns = parser.parse_args(argv)
     if passthrough is not None:
         if not hasattr(ns, "vllm_args"):
@@ -306,7 +420,7 @@ def learning_path_main(argv=None) -> int:
         LearningPathOptions,
         prog="quantize_vllm_models.py",
         description="Quantize a model using INT4 with minmax or mse and dynamic activation quantization "
-                    "(Arm learning path interface; output ./{model}-w4a8dyn-{method}-{scheme}[-g{N}]).",
+        "(Arm learning path interface; output ./{model}-w4a8dyn-{method}-{scheme}[-g{N}]).",
         epilog="example:\n  quantize_vllm_models.py deepseek-ai/DeepSeek-V2-Lite --scheme channelwise --method mse",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -28,8 +28,17 @@ from typing import Union
 from . import evaluate
 from .errors import EnvironmentMissing
 
-__all__ = ["ENDING_WORDS", "ITEMS_SHA256", "NUM_TEST", "NUM_TRAIN", "SKIP_CHARS", "TASK", "TEXT", "build_items",
-           "write_task"]
+__all__ = [
+    "ENDING_WORDS",
+    "ITEMS_SHA256",
+    "NUM_TEST",
+    "NUM_TRAIN",
+    "SKIP_CHARS",
+    "TASK",
+    "TEXT",
+    "build_items",
+    "write_task",
+]
 
 TASK = "opticks_cloze"
 TEXT = "opticks"  # an arm_int4.evaluate.TEXTS key
@@ -59,14 +68,13 @@ def build_items(text: str) -> tuple:
     """(test items, train items): {"id", "context", "choices" (4 strings), "label" (gold index)}."""
     sents = _sentences(text)
     if len(sents) < NUM_TEST + NUM_TRAIN:
-        raise EnvironmentMissing(f"the {TEXT} text yields {len(sents)} usable sentences, "
-                                          f"{NUM_TEST + NUM_TRAIN} needed")
+        raise EnvironmentMissing(f"the {TEXT} text yields {len(sents)} usable sentences, {NUM_TEST + NUM_TRAIN} needed")
     rng = random.Random(SEED)
     rng.shuffle(sents)
     split = [(s.split()[:-ENDING_WORDS], " ".join(s.split()[-ENDING_WORDS:])) for s in sents]
     endings = [e for _, e in split]
     items = []
-    for i, (ctx, gold) in enumerate(split[:NUM_TEST + NUM_TRAIN]):
+    for i, (ctx, gold) in enumerate(split[: NUM_TEST + NUM_TRAIN]):
         distractors: list = []
         while len(distractors) < 3:
             e = rng.choice(endings)
@@ -111,7 +119,7 @@ metadata:
 """
 
 
-def write_task(directory: Union[str, Path], text: Union[str, "evaluate.Text"] = TEXT) -> Path:
+def write_task(directory: Union[str, Path], text: Union[str, evaluate.Text] = TEXT) -> Path:
     """Write the task (YAML + test/train JSONL) into `directory` (an lm-eval include path)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -120,10 +128,13 @@ def write_task(directory: Union[str, Path], text: Union[str, "evaluate.Text"] = 
     body = _jsonl(test) + _jsonl(train)
     digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
     if digest != ITEMS_SHA256:
-        raise EnvironmentMissing(f"{TASK} items changed (sha256 {digest[:12]}…, expected "
-                                          f"{ITEMS_SHA256[:12]}…): the builder or the {TEXT} text differs")
+        raise EnvironmentMissing(
+            f"{TASK} items changed (sha256 {digest[:12]}…, expected "
+            f"{ITEMS_SHA256[:12]}…): the builder or the {TEXT} text differs"
+        )
     (directory / f"{TASK}_test.jsonl").write_text(_jsonl(test), encoding="utf-8")
     (directory / f"{TASK}_train.jsonl").write_text(_jsonl(train), encoding="utf-8")
-    (directory / f"{TASK}.yaml").write_text(_yaml(directory / f"{TASK}_test.jsonl",
-                                                  directory / f"{TASK}_train.jsonl"), encoding="utf-8")
+    (directory / f"{TASK}.yaml").write_text(
+        _yaml(directory / f"{TASK}_test.jsonl", directory / f"{TASK}_train.jsonl"), encoding="utf-8"
+    )
     return directory

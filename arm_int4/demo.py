@@ -13,8 +13,8 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 from . import kernels
 from .errors import UsageError
@@ -88,39 +88,55 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
     names = [output_dir_name(base.name, Scheme.from_options("w4a8", s, m, g)) for s, m, g in DEMO_CONFIGS]
     taken = [n for n in names if (out_root / n).exists()]
     if taken and not (own_cache or overwrite):
-        raise UsageError(f"{out_root / taken[0]} already exists: pass --overwrite to replace the demo's outputs, "
-                         "or another --output")
-    for i, ((scheme, method, g), name) in enumerate(zip(DEMO_CONFIGS, names), 1):
+        raise UsageError(
+            f"{out_root / taken[0]} already exists: pass --overwrite to replace the demo's outputs, or another --output"
+        )
+    for i, ((scheme, method, g), name) in enumerate(zip(DEMO_CONFIGS, names, strict=False), 1):
         _log(f"step 2/4: quantize {i}/{len(DEMO_CONFIGS)} ({scheme}, {method})")
         t0 = time.time()
-        res = quantize(QuantizeOptions(model=str(base), scheme=scheme, method=method, groupsize=g,
-                                       output=str(out_root / name), overwrite=True))
-        rows.append(DemoRow(f"W4A8 {res.scheme.label}", res.output, _dir_bytes(res.output), res.layers,
-                            time.time() - t0))
+        res = quantize(
+            QuantizeOptions(
+                model=str(base), scheme=scheme, method=method, groupsize=g, output=str(out_root / name), overwrite=True
+            )
+        )
+        rows.append(
+            DemoRow(f"W4A8 {res.scheme.label}", res.output, _dir_bytes(res.output), res.layers, time.time() - t0)
+        )
     n = DEMO_TOKENS[quick]
     _log(f"step 3/4: perplexity through vLLM, first {n} tokens of '{evaluate.DEFAULT_TEXT}', 3 engines")
-    scored = evaluate.compare(base, [r.path for r in rows[1:]], evaluate.load_text(evaluate.DEFAULT_TEXT),
-                              num_tokens=n, progress=_log)
-    for row, rec in zip(rows, scored):
+    scored = evaluate.compare(
+        base, [r.path for r in rows[1:]], evaluate.load_text(evaluate.DEFAULT_TEXT), num_tokens=n, progress=_log
+    )
+    for row, rec in zip(rows, scored, strict=False):
         row.ppl, row.delta_ppl = rec["ppl"], rec["delta_ppl"]
     prompts, gens, batches, reps = DEMO_WORKLOAD[quick]
     workload = bench.Workload(prompts=prompts, gens=gens, batches=batches, repetitions=reps, warmup=1)
     _log(f"step 4/4: bench BF16 vs both ({', '.join(t.name for t in workload.tests())}; eager engines), 3 engines")
-    records = bench.run([str(r.path) for r in rows], workload, profile=launch.Profile(enforce_eager=True),
-                        progress=_log)
+    records = bench.run(
+        [str(r.path) for r in rows], workload, profile=launch.Profile(enforce_eager=True), progress=_log
+    )
     per_model = len(workload.tests())  # bench.run: each model's records in order, failed ones included
     for i, row in enumerate(rows):
-        mine = {r.batch: r for r in records[i * per_model:(i + 1) * per_model] if r.error is None}
+        mine = {r.batch: r for r in records[i * per_model : (i + 1) * per_model] if r.error is None}
         if 1 in mine:
             b1 = mine[1]
-            row.prefill_tok_s, row.decode_tok_s, row.decode_tok_s_sd = b1.prefill_tok_s, b1.decode_tok_s, \
-                b1.decode_tok_s_sd
+            row.prefill_tok_s, row.decode_tok_s, row.decode_tok_s_sd = (
+                b1.prefill_tok_s,
+                b1.decode_tok_s,
+                b1.decode_tok_s_sd,
+            )
             row.x86_fallback = kernels.is_x86_fallback(b1.int4_kernel)
             row.kernel = b1.int4_kernel or f"dense ({b1.dtype})"
         if max(batches) in mine and max(batches) > 1:
             row.decode_batch_tok_s = mine[max(batches)].decode_tok_s
-    result = DemoResult(rows, out_root / "demo-summary.md", out_root / "demo-bench.png",
-                        out_root / "demo-bench.json", max(batches), failed=report.exit_code(records) != 0)
+    result = DemoResult(
+        rows,
+        out_root / "demo-summary.md",
+        out_root / "demo-bench.png",
+        out_root / "demo-bench.json",
+        max(batches),
+        failed=report.exit_code(records) != 0,
+    )
     report.plot(records, str(result.plot))
     _write(result.bench_json, report.format_json(records))
     _write(result.summary, format_rows(result) + "\n\n" + report.format_markdown(records))
@@ -130,9 +146,22 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
 def format_rows(result: DemoResult) -> str:
     rows, big = result.rows, result.batch
     base = rows[0]
-    head = ["model", "size (MiB)", "vs BF16", "INT4 layers", "quantize (s)", "perplexity", "Δ ppl",
-            "prefill tok/s b1", "decode tok/s b1", "vs BF16"] + ([f"decode tok/s b{big}"] if big > 1 else []) + [
-        "linear kernel (vLLM's log)", "path"]
+    head = (
+        [
+            "model",
+            "size (MiB)",
+            "vs BF16",
+            "INT4 layers",
+            "quantize (s)",
+            "perplexity",
+            "Δ ppl",
+            "prefill tok/s b1",
+            "decode tok/s b1",
+            "vs BF16",
+        ]
+        + ([f"decode tok/s b{big}"] if big > 1 else [])
+        + ["linear kernel (vLLM's log)", "path"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
         ppl = [f"{r.ppl:.2f}", f"{r.delta_ppl:+.2f}"] if r.ppl is not None else ["-", "-"]
@@ -141,13 +170,25 @@ def format_rows(result: DemoResult) -> str:
         if r.x86_fallback:
             dec += " (x86 fallback)"
         quantized = r is not base
-        cells = [r.label, f"{r.size_bytes / 2**20:.1f}", f"{r.size_bytes / base.size_bytes:.2f}×",
-                 str(r.layers) if quantized else "-", f"{r.seconds:.1f}" if quantized else "-", *ppl, "-" if r.prefill_tok_s is None else f"{r.prefill_tok_s:.0f}", dec, ratio]
+        cells = [
+            r.label,
+            f"{r.size_bytes / 2**20:.1f}",
+            f"{r.size_bytes / base.size_bytes:.2f}×",
+            str(r.layers) if quantized else "-",
+            f"{r.seconds:.1f}" if quantized else "-",
+            *ppl,
+            "-" if r.prefill_tok_s is None else f"{r.prefill_tok_s:.0f}",
+            dec,
+            ratio,
+        ]
         if big > 1:
             cells.append("-" if r.decode_batch_tok_s is None else f"{r.decode_batch_tok_s:.1f}")
         lines.append("| " + " | ".join(cells + [r.kernel or "-", str(r.path)]) + " |")
     if any(r.x86_fallback for r in rows):
-        lines += ["", "> INT4 speed here is vLLM's x86 reference fallback for `_dyn_quant_matmul_4bit`, slower "
-                      "than BF16 by design: not an Arm figure. On Arm the same checkpoints run KleidiAI kernels."]
+        lines += [
+            "",
+            "> INT4 speed here is vLLM's x86 reference fallback for `_dyn_quant_matmul_4bit`, slower "
+            "than BF16 by design: not an Arm figure. On Arm the same checkpoints run KleidiAI kernels.",
+        ]
     lines += ["", f"summary: {result.summary}", f"plot: {result.plot}", f"bench records: {result.bench_json}"]
     return "\n".join(lines)

@@ -34,9 +34,29 @@ from .errors import EnvironmentMissing, ModelError, UsageError
 from .schemes import scheme_from_config
 
 __all__ = [
-    "DEFAULT_TEXT", "DTYPES", "MAX_LEN", "NUM_TOKENS", "STRIDE", "TEXTS", "PackagedText", "Text", "Window",
-    "check_comparable", "compare", "format_table", "load_text", "model_fingerprint", "perplexity",
-    "quantization_label", "score_windows", "engine_plan", "check_env", "read_config", "provenance_note", "sliding_windows", "tokenize",
+    "DEFAULT_TEXT",
+    "DTYPES",
+    "MAX_LEN",
+    "NUM_TOKENS",
+    "STRIDE",
+    "TEXTS",
+    "PackagedText",
+    "Text",
+    "Window",
+    "check_comparable",
+    "compare",
+    "format_table",
+    "load_text",
+    "model_fingerprint",
+    "perplexity",
+    "quantization_label",
+    "score_windows",
+    "engine_plan",
+    "check_env",
+    "read_config",
+    "provenance_note",
+    "sliding_windows",
+    "tokenize",
 ]
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -75,7 +95,7 @@ class Text:
     sha256: str  # of the UTF-8 bytes: two results are comparable only on the same text
 
     @classmethod
-    def of(cls, text: Union[str, "Text"], name: str = "<text>") -> "Text":
+    def of(cls, text: Union[str, Text], name: str = "<text>") -> Text:
         if isinstance(text, Text):
             return text
         return cls(name, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
@@ -89,12 +109,15 @@ def load_text(spec: str = DEFAULT_TEXT) -> Text:
         try:
             data = f.read_bytes()
         except OSError:
-            raise EnvironmentMissing(f"text {spec!r}: {f} is missing from this arm_int4 install: reinstall arm-int4 "
-                                     "or pass a .txt file") from None
+            raise EnvironmentMissing(
+                f"text {spec!r}: {f} is missing from this arm_int4 install: reinstall arm-int4 or pass a .txt file"
+            ) from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != pt.sha256:
-            raise EnvironmentMissing(f"{f} changed (sha256 {digest[:12]}…, expected {pt.sha256[:12]}…): results "
-                                     "would not compare with earlier ones; reinstall arm-int4 or pass a .txt file")
+            raise EnvironmentMissing(
+                f"{f} changed (sha256 {digest[:12]}…, expected {pt.sha256[:12]}…): results "
+                "would not compare with earlier ones; reinstall arm-int4 or pass a .txt file"
+            )
         return Text(spec, data.decode("utf-8"), digest)
     p = Path(spec).expanduser()
     if not p.is_file():
@@ -123,8 +146,9 @@ def sliding_windows(ids: Sequence[int], *, max_len: int, stride: int, bos_id: Op
     if span < 2:
         raise UsageError(f"--max-len {max_len} leaves no room for text tokens: use at least {len(prefix) + 2}")
     if not 0 < stride <= span:
-        raise UsageError(f"--stride {stride} must be between 1 and {span} (max-len minus the BOS token), "
-                         "or tokens would be skipped")
+        raise UsageError(
+            f"--stride {stride} must be between 1 and {span} (max-len minus the BOS token), or tokens would be skipped"
+        )
     n = len(ids)
     if n < (1 if prefix else 2):
         raise UsageError(f"the text is only {n} token(s) long: nothing to score")
@@ -173,7 +197,9 @@ def model_fingerprint(model_dir: Union[str, Path], tokenizer=None) -> dict:
     tok = tokenizer or _tokenizer(Path(model_dir))
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     return {
-        "tokenizer_sha256": hashlib.sha256(json.dumps([vocab, tok.bos_token_id, tok.eos_token_id]).encode()).hexdigest(),
+        "tokenizer_sha256": hashlib.sha256(
+            json.dumps([vocab, tok.bos_token_id, tok.eos_token_id]).encode()
+        ).hexdigest(),
         "architectures": cfg.get("architectures"),
         "hidden_size": text.get("hidden_size"),
         "num_hidden_layers": text.get("num_hidden_layers"),
@@ -184,15 +210,21 @@ def model_fingerprint(model_dir: Union[str, Path], tokenizer=None) -> dict:
 def check_comparable(baseline_dir: Union[str, Path], candidate_dir: Union[str, Path]) -> None:
     """UsageError (one line) when the two models differ in tokenizer or architecture."""
     a, b = model_fingerprint(baseline_dir), model_fingerprint(candidate_dir)
-    diffs = [f"tokenizer vocabulary ({a[k][:12]}… vs {b[k][:12]}…)" if k == "tokenizer_sha256"
-             else f"{k} ({a[k]} vs {b[k]})" for k in a if a[k] != b[k]]
+    diffs = [
+        f"tokenizer vocabulary ({a[k][:12]}… vs {b[k][:12]}…)" if k == "tokenizer_sha256" else f"{k} ({a[k]} vs {b[k]})"
+        for k in a
+        if a[k] != b[k]
+    ]
     if diffs:
-        raise UsageError(f"baseline {baseline_dir} is not comparable with {candidate_dir}: {', '.join(diffs)} "
-                         "differ; the baseline must be the unquantized model the candidate was made from")
+        raise UsageError(
+            f"baseline {baseline_dir} is not comparable with {candidate_dir}: {', '.join(diffs)} "
+            "differ; the baseline must be the unquantized model the candidate was made from"
+        )
 
 
-def tokenize(model_dir: Union[str, Path], text: Union[str, Text], num_tokens: Optional[int] = None,
-             tokenizer=None) -> tuple:
+def tokenize(
+    model_dir: Union[str, Path], text: Union[str, Text], num_tokens: Optional[int] = None, tokenizer=None
+) -> tuple:
     """(text token ids cut to num_tokens (None or 0: all), BOS id or None), with the model's tokenizer."""
     tok = tokenizer or _tokenizer(Path(model_dir))
     ids = tok(Text.of(text).text, add_special_tokens=False)["input_ids"]
@@ -206,8 +238,10 @@ def tokenize(model_dir: Union[str, Path], text: Union[str, Text], num_tokens: Op
 # ------------------------------------------------------------------------------------ vLLM
 def check_env() -> None:
     if importlib.util.find_spec("vllm") is None:
-        raise EnvironmentMissing(f"perplexity runs vLLM, which {sys.executable} cannot import: run it with the "
-                                 "serving environment's python (.venv/bin/python; scripts/setup.sh builds it)")
+        raise EnvironmentMissing(
+            f"perplexity runs vLLM, which {sys.executable} cannot import: run it with the "
+            "serving environment's python (.venv/bin/python; scripts/setup.sh builds it)"
+        )
 
 
 def engine_plan(model_dir: Union[str, Path], *, max_model_len: int, dtype: str = "auto", batched_tokens=None):
@@ -220,13 +254,26 @@ def engine_plan(model_dir: Union[str, Path], *, max_model_len: int, dtype: str =
     extra = ["--max-num-batched-tokens", str(batched_tokens)] if batched_tokens else []
     if dtype != "auto":
         extra += ["--dtype", dtype]
-    return launch.engine_plan(model_dir, hardware.detect(probe_runtime=False), launch.Profile(enforce_eager=True),
-                              max_model_len=max_model_len, extra_args=extra, can_bind=runner.can_set_affinity())
+    return launch.engine_plan(
+        model_dir,
+        hardware.detect(probe_runtime=False),
+        launch.Profile(enforce_eager=True),
+        max_model_len=max_model_len,
+        extra_args=extra,
+        can_bind=runner.can_set_affinity(),
+    )
 
 
-def score_windows(model_dir: Union[str, Path], windows: Sequence[Window], *, dtype: str = "auto",
-                  return_token_logprobs: bool = False, log: Optional[Union[str, Path]] = None,
-                  progress: Optional[Callable[[str], None]] = None, plan=None) -> dict:
+def score_windows(
+    model_dir: Union[str, Path],
+    windows: Sequence[Window],
+    *,
+    dtype: str = "auto",
+    return_token_logprobs: bool = False,
+    log: Optional[Union[str, Path]] = None,
+    progress: Optional[Callable[[str], None]] = None,
+    plan=None,
+) -> dict:
     """Run the windows through a fresh vLLM engine planned by launch.plan; the worker's result plus
     `linear_kernels` (from vLLM's log) and `dtype` (what the plan chose).
 
@@ -240,11 +287,18 @@ def score_windows(model_dir: Union[str, Path], windows: Sequence[Window], *, dty
     # vLLM's default 4096-token step outlived its 300 s execute_model RPC timeout
     if plan is None or (plan.max_model_len or 0) < max_model_len:
         _, plan = engine_plan(model_dir, max_model_len=max_model_len, dtype=dtype, batched_tokens=max_model_len)
-    job = {"model": str(model_dir), "seed": 0, "windows": [list(w.ids) for w in windows],
-           "score_from": [w.score_from for w in windows], "return_token_logprobs": return_token_logprobs}
+    job = {
+        "model": str(model_dir),
+        "seed": 0,
+        "windows": [list(w.ids) for w in windows],
+        "score_from": [w.score_from for w in windows],
+        "return_token_logprobs": return_token_logprobs,
+    }
     if progress:
-        progress(f"scoring {len(windows)} windows of {model_dir} with vLLM, dtype {plan.dtype}"
-                 + (f" (log: {log})" if log else ""))
+        progress(
+            f"scoring {len(windows)} windows of {model_dir} with vLLM, dtype {plan.dtype}"
+            + (f" (log: {log})" if log else "")
+        )
     run = runner.run_worker("perplexity", job, plan=plan, log=log)
     result = run.check(f"vLLM could not score {model_dir}")
     result["linear_kernels"] = run.linear_kernels
@@ -260,10 +314,18 @@ def provenance_note(model_dir: Path) -> Optional[str]:
         return None
 
 
-def perplexity(model_dir: Union[str, Path], text: Union[str, Text], *, max_len: int = MAX_LEN,
-               stride: int = STRIDE, dtype: str = DTYPE, num_tokens: Optional[int] = NUM_TOKENS, bos: bool = True,
-               log: Optional[Union[str, Path]] = None,
-               progress: Optional[Callable[[str], None]] = None) -> dict:
+def perplexity(
+    model_dir: Union[str, Path],
+    text: Union[str, Text],
+    *,
+    max_len: int = MAX_LEN,
+    stride: int = STRIDE,
+    dtype: str = DTYPE,
+    num_tokens: Optional[int] = NUM_TOKENS,
+    bos: bool = True,
+    log: Optional[Union[str, Path]] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Sliding-window perplexity of `text` (the text itself, or a Text from load_text) under
     `model_dir`, served by vLLM. One flat record.
 
@@ -306,8 +368,14 @@ def perplexity(model_dir: Union[str, Path], text: Union[str, Text], *, max_len: 
     }
 
 
-def compare(baseline_dir: Union[str, Path], candidates: Sequence[Union[str, Path]], text: Union[str, Text], *,
-            progress: Optional[Callable[[str], None]] = None, **kwargs) -> list:
+def compare(
+    baseline_dir: Union[str, Path],
+    candidates: Sequence[Union[str, Path]],
+    text: Union[str, Text],
+    *,
+    progress: Optional[Callable[[str], None]] = None,
+    **kwargs,
+) -> list:
     """Perplexity of a baseline and each candidate on the same text and windows.
 
     Rows = perplexity() records plus `delta_ppl` (ppl - baseline ppl) and `ratio` (ppl / baseline
@@ -333,19 +401,25 @@ def compare(baseline_dir: Union[str, Path], candidates: Sequence[Union[str, Path
 
 def format_table(rows: Sequence[dict]) -> str:
     """Markdown table of perplexity (or compare) records."""
-    head = ("| model | quantization | ppl | Δ ppl | ratio | scored tokens | engine load s | scoring s | "
-            "linear kernel (vLLM's log) |")
+    head = (
+        "| model | quantization | ppl | Δ ppl | ratio | scored tokens | engine load s | scoring s | "
+        "linear kernel (vLLM's log) |"
+    )
     out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         delta = f"{r['delta_ppl']:+.4f}" if "delta_ppl" in r else ""
         ratio = f"{r['ratio']:.4f}" if "ratio" in r else ""
         kernel = ", ".join(r.get("linear_kernels") or []) or f"dense ({r['dtype']})"
-        out.append(f"| {r['model_name']} | {r['quantization']} | {r['ppl']:.4f} | {delta} | {ratio} | "
-                   f"{r['scored_tokens']} | {r['load_s']:.1f} | {r['score_s']:.1f} | {kernel} |")
+        out.append(
+            f"| {r['model_name']} | {r['quantization']} | {r['ppl']:.4f} | {delta} | {ratio} | "
+            f"{r['scored_tokens']} | {r['load_s']:.1f} | {r['score_s']:.1f} | {kernel} |"
+        )
     r = rows[0] if rows else {}
     if r:
-        out.append(f"\ntext {r['text']} (sha256 {r['text_sha256'][:12]}…), first {r['text_tokens']} tokens, "
-                   f"windows of {r['max_len']} tokens every {r['stride']}, BOS {r['bos_token_id']}, dtype {r['dtype']}")
+        out.append(
+            f"\ntext {r['text']} (sha256 {r['text_sha256'][:12]}…), first {r['text_tokens']} tokens, "
+            f"windows of {r['max_len']} tokens every {r['stride']}, BOS {r['bos_token_id']}, dtype {r['dtype']}"
+        )
     for note in dict.fromkeys(x.get("provenance") for x in rows if x.get("provenance")):
         out.append(f"note: {note}")
     return "\n".join(out)

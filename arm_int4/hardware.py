@@ -5,22 +5,34 @@ exactly like the live one. torch is imported only when `probe_runtime` is set; v
 """
 
 import dataclasses
-from typing import Any, Optional
 import importlib.metadata
 import json
 import math
 import os
 import platform
 import re
+from typing import Any, Optional
 
 from arm_int4 import sysfs
 from arm_int4.errors import EnvironmentMissing, UsageError
 from arm_int4.sysfs import format_cpulist, parse_cpulist
 
 __all__ = [
-    "Machine", "detect", "from_dump", "from_lscpu_json", "from_lscpu_text", "parse_cpuinfo",
-    "parse_lscpu_text", "parse_cpulist", "format_cpulist", "select_int4_kernel", "int4_moe_kernel", "MOE_KERNEL_RULE", "format_table",
-    "ARM_FEATURES", "X86_FEATURES",
+    "Machine",
+    "detect",
+    "from_dump",
+    "from_lscpu_json",
+    "from_lscpu_text",
+    "parse_cpuinfo",
+    "parse_lscpu_text",
+    "parse_cpulist",
+    "format_cpulist",
+    "select_int4_kernel",
+    "int4_moe_kernel",
+    "MOE_KERNEL_RULE",
+    "format_table",
+    "ARM_FEATURES",
+    "X86_FEATURES",
 ]
 
 # The ISA features that decide INT4/INT8 kernel speed; everything else in "Features:" is dropped.
@@ -29,17 +41,32 @@ X86_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "am
 
 # MIDR (implementer, part) -> core name; names follow util-linux lscpu-arm.c, spaced like Arm's docs.
 _MIDR: dict[tuple[Optional[str], Optional[str]], str] = {
-    ("0x41", "0xd0c"): "Neoverse N1", ("0x41", "0xd40"): "Neoverse V1",
-    ("0x41", "0xd49"): "Neoverse N2", ("0x41", "0xd4f"): "Neoverse V2",
-    ("0x41", "0xd83"): "Neoverse V3AE", ("0x41", "0xd84"): "Neoverse V3",
-    ("0x41", "0xd8e"): "Neoverse N3", ("0x41", "0xd4a"): "Neoverse E1",
-    ("0x41", "0xd08"): "Cortex-A72", ("0x41", "0xd0b"): "Cortex-A76",
+    ("0x41", "0xd0c"): "Neoverse N1",
+    ("0x41", "0xd40"): "Neoverse V1",
+    ("0x41", "0xd49"): "Neoverse N2",
+    ("0x41", "0xd4f"): "Neoverse V2",
+    ("0x41", "0xd83"): "Neoverse V3AE",
+    ("0x41", "0xd84"): "Neoverse V3",
+    ("0x41", "0xd8e"): "Neoverse N3",
+    ("0x41", "0xd4a"): "Neoverse E1",
+    ("0x41", "0xd08"): "Cortex-A72",
+    ("0x41", "0xd0b"): "Cortex-A76",
     ("0x6d", "0xd49"): "Neoverse N2",  # bare-metal Azure Cobalt 100 reports Microsoft's implementer
-    ("0xc0", "0xac3"): "AmpereOne (Ampere-1)", ("0xc0", "0xac4"): "AmpereOne (Ampere-1a)",
-    ("0x48", "0xd01"): "Kunpeng 920", ("0x46", "0x001"): "A64FX", ("0x43", "0x0af"): "ThunderX2",
+    ("0xc0", "0xac3"): "AmpereOne (Ampere-1)",
+    ("0xc0", "0xac4"): "AmpereOne (Ampere-1a)",
+    ("0x48", "0xd01"): "Kunpeng 920",
+    ("0x46", "0x001"): "A64FX",
+    ("0x43", "0x0af"): "ThunderX2",
 }
-_VENDORS = {"0x41": "ARM", "0x6d": "Microsoft", "0xc0": "Ampere", "0x48": "HiSilicon",
-            "0x46": "Fujitsu", "0x43": "Cavium", "0x4e": "NVIDIA"}
+_VENDORS = {
+    "0x41": "ARM",
+    "0x6d": "Microsoft",
+    "0xc0": "Ampere",
+    "0x48": "HiSilicon",
+    "0x46": "Fujitsu",
+    "0x43": "Cavium",
+    "0x4e": "NVIDIA",
+}
 # lscpu prints the same names hyphenated ("Neoverse-N1", "Ampere-1a").
 _LSCPU_NAMES = {n.replace(" ", "-"): n for n in _MIDR.values()}
 _LSCPU_NAMES.update({"Ampere-1": "AmpereOne (Ampere-1)", "Ampere-1a": "AmpereOne (Ampere-1a)"})
@@ -51,7 +78,8 @@ _PLATFORMS: dict[Optional[str], tuple[str, ...]] = {
     "Neoverse N2": ("Microsoft Azure Cobalt 100", "Alibaba Yitian 710"),
     "Neoverse V2": ("AWS Graviton4", "NVIDIA Grace", "Google Axion"),
     "Neoverse V3": ("AWS Graviton5", "Microsoft Azure Cobalt 200"),
-    "AmpereOne (Ampere-1)": ("Ampere AmpereOne",), "AmpereOne (Ampere-1a)": ("Ampere AmpereOne",),
+    "AmpereOne (Ampere-1)": ("Ampere AmpereOne",),
+    "AmpereOne (Ampere-1a)": ("Ampere AmpereOne",),
 }
 # What each core implements, to flag kernels too old to report it (see graviton3-cpuinfo-block).
 _CORE_ISA: dict[Optional[str], set[str]] = {
@@ -61,15 +89,95 @@ _CORE_ISA: dict[Optional[str], set[str]] = {
     "Neoverse V2": {"asimd", "asimddp", "i8mm", "bf16", "sve", "sve2"},
 }
 # Linux arm64 hwcap names: lets a flag split across two wrapped lscpu lines be glued back together.
-_ARM_HWCAPS = set((
-    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
-    "dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg dcpodp "
-    "sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm svebf16 "
-    "i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme smei16i64 smef64f64 smei8i32 smef16f32 "
-    "smeb16f32 smef32f32 smefa64 wfxt ebf16 sveebf16 cssc rprfm sve2p1 sme2 sme2p1 smei16i32 "
-    "smebi32i32 smeb16b16 smef16f16 mops hbc sveb16b16 lrcpc3 lse128 fpmr lut faminmax").split())
+_ARM_HWCAPS = set(
+    [
+        "fp",
+        "asimd",
+        "evtstrm",
+        "aes",
+        "pmull",
+        "sha1",
+        "sha2",
+        "crc32",
+        "atomics",
+        "fphp",
+        "asimdhp",
+        "cpuid",
+        "asimdrdm",
+        "jscvt",
+        "fcma",
+        "lrcpc",
+        "dcpop",
+        "sha3",
+        "sm3",
+        "sm4",
+        "asimddp",
+        "sha512",
+        "sve",
+        "asimdfhm",
+        "dit",
+        "uscat",
+        "ilrcpc",
+        "flagm",
+        "ssbs",
+        "sb",
+        "paca",
+        "pacg",
+        "dcpodp",
+        "sve2",
+        "sveaes",
+        "svepmull",
+        "svebitperm",
+        "svesha3",
+        "svesm4",
+        "flagm2",
+        "frint",
+        "svei8mm",
+        "svef32mm",
+        "svef64mm",
+        "svebf16",
+        "i8mm",
+        "bf16",
+        "dgh",
+        "rng",
+        "bti",
+        "mte",
+        "ecv",
+        "afp",
+        "rpres",
+        "mte3",
+        "sme",
+        "smei16i64",
+        "smef64f64",
+        "smei8i32",
+        "smef16f32",
+        "smeb16f32",
+        "smef32f32",
+        "smefa64",
+        "wfxt",
+        "ebf16",
+        "sveebf16",
+        "cssc",
+        "rprfm",
+        "sve2p1",
+        "sme2",
+        "sme2p1",
+        "smei16i32",
+        "smebi32i32",
+        "smeb16b16",
+        "smef16f16",
+        "mops",
+        "hbc",
+        "sveb16b16",
+        "lrcpc3",
+        "lse128",
+        "fpmr",
+        "lut",
+        "faminmax",
+    ]
+)
 _KNOWN_FLAGS = _ARM_HWCAPS | set(X86_FEATURES) | {"avx512bw", "avx512vl", "avx512dq", "avx_vnni"}
-_GiB = 1024 ** 3
+_GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +285,9 @@ def _flatten_lscpu_json(data) -> dict[str, str]:
     return out
 
 
-def select_int4_kernel(arch: str, *, vllm_installed: bool, torch_has_dyn_quant_op: bool | None,
-                       kleidiai: bool | None) -> str | None:
+def select_int4_kernel(
+    arch: str, *, vllm_installed: bool, torch_has_dyn_quant_op: bool | None, kleidiai: bool | None
+) -> str | None:
     """The linear kernel vLLM uses for W4A8 on CPU. Mirrors vLLM 0.32
     kernels/linear/mixed_precision/dynamic_4bit.py `can_implement`: any CPU platform; on Arm it
     also needs torch.ops.aten._dyn_quant_matmul_4bit (and fp32/bf16/fp16 activations, and a group
@@ -199,8 +308,10 @@ def select_int4_kernel(arch: str, *, vllm_installed: bool, torch_has_dyn_quant_o
 # vLLM 0.32 fused_moe/oracle/w4a8_int8.py has one W4A8 MoE backend: CPUExpertsInt4
 # (experts/cpu_int4_moe.py), whose is_supported_config refuses any CPU but Arm ("kernel only
 # supports Arm CPU"); it runs torch.ops._C.dynamic_4bit_int_moe over KleidiAI-packed experts.
-MOE_KERNEL_RULE = ("vLLM 0.32's only W4A8 MoE kernel (CPUExpertsInt4, KleidiAI INT4 experts) runs on Arm CPUs only "
-                   "(aarch64: Graviton, Axion, Grace, Ampere...)")
+MOE_KERNEL_RULE = (
+    "vLLM 0.32's only W4A8 MoE kernel (CPUExpertsInt4, KleidiAI INT4 experts) runs on Arm CPUs only "
+    "(aarch64: Graviton, Axion, Grace, Ampere...)"
+)
 
 
 def int4_moe_kernel(machine) -> str | None:
@@ -235,14 +346,23 @@ def _runtime(arch: str, probe_torch: bool) -> tuple[dict, list[str]]:
             info["torch_kleidiai"] = bool(kai()) if kai else False
             has_op = hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit")
     info["int4_kernel"] = select_int4_kernel(
-        arch, vllm_installed=info["vllm_version"] is not None, torch_has_dyn_quant_op=has_op,
-        kleidiai=info["torch_kleidiai"])
+        arch,
+        vllm_installed=info["vllm_version"] is not None,
+        torch_has_dyn_quant_op=has_op,
+        kleidiai=info["torch_kleidiai"],
+    )
     return info, notes
 
 
 # First word of a platform name -> what DMI sys_vendor/product_name or the SoC id says there.
-_MAKER_HINTS = {"AWS": "amazon", "Ampere": "ampere", "NVIDIA": "nvidia", "Google": "google",
-                "Microsoft": "microsoft", "Alibaba": "alibaba"}
+_MAKER_HINTS = {
+    "AWS": "amazon",
+    "Ampere": "ampere",
+    "NVIDIA": "nvidia",
+    "Google": "google",
+    "Microsoft": "microsoft",
+    "Alibaba": "alibaba",
+}
 
 
 def _narrow_platforms(platforms: tuple[str, ...], hints: str) -> tuple[str, ...]:
@@ -251,8 +371,7 @@ def _narrow_platforms(platforms: tuple[str, ...], hints: str) -> tuple[str, ...]
     return kept or platforms
 
 
-def _build(*, cpuinfo: str | None, lscpu: dict[str, str], extra: dict,
-           sources: list[str]) -> Machine:
+def _build(*, cpuinfo: str | None, lscpu: dict[str, str], extra: dict, sources: list[str]) -> Machine:
     blocks = parse_cpuinfo(cpuinfo) if cpuinfo else []
     first = blocks[0] if blocks else {}
     notes: list[str] = list(extra.pop("notes", []))
@@ -287,12 +406,15 @@ def _build(*, cpuinfo: str | None, lscpu: dict[str, str], extra: dict,
     elif len(platforms) > 1 and extra.get("hints"):
         platforms = _narrow_platforms(platforms, extra["hints"])
     if len(platforms) > 1:
-        notes.append(f"{cpu_name} is a core, not a product: MIDR and lscpu cannot tell "
-                     + " / ".join(platforms) + " apart")
+        notes.append(
+            f"{cpu_name} is a core, not a product: MIDR and lscpu cannot tell " + " / ".join(platforms) + " apart"
+        )
     missing = _CORE_ISA.get(cpu_name, set()) - set(flags)
     if flags and missing:
-        notes.append(f"{cpu_name} implements {', '.join(sorted(missing))} but the kernel does not report "
-                     "it (old kernel?): software that checks hwcaps will not use it")
+        notes.append(
+            f"{cpu_name} implements {', '.join(sorted(missing))} but the kernel does not report "
+            "it (old kernel?): software that checks hwcaps will not use it"
+        )
     if arch == "aarch64" and not cpu_name:
         notes.append("no MIDR or lscpu model name in the source: CPU core unknown")
 
@@ -310,12 +432,25 @@ def _build(*, cpuinfo: str | None, lscpu: dict[str, str], extra: dict,
     sockets = sockets or sysfs.to_int(lscpu.get("Socket(s)"))
     numa = extra.get("numa_nodes") or sorted(
         (int(m.group(1)), format_cpulist(parse_cpulist(v)))
-        for k, v in lscpu.items() if (m := re.fullmatch(r"NUMA node(\d+) CPU\(s\)", k)) and v)
+        for k, v in lscpu.items()
+        if (m := re.fullmatch(r"NUMA node(\d+) CPU\(s\)", k)) and v
+    )
     decoded: dict[str, Any] = dict(
-        arch=arch, cpu_name=cpu_name, vendor=vendor, implementer=impl, part=part,
-        likely_platforms=tuple(platforms), features=features, logical_cpus=logical,
-        physical_cores=physical, threads_per_core=(logical // physical if logical and physical else None),
-        sockets=sockets, numa_nodes=tuple(numa), sources=tuple(sources), notes=tuple(notes))
+        arch=arch,
+        cpu_name=cpu_name,
+        vendor=vendor,
+        implementer=impl,
+        part=part,
+        likely_platforms=tuple(platforms),
+        features=features,
+        logical_cpus=logical,
+        physical_cores=physical,
+        threads_per_core=(logical // physical if logical and physical else None),
+        sockets=sockets,
+        numa_nodes=tuple(numa),
+        sources=tuple(sources),
+        notes=tuple(notes),
+    )
     # fields not decoded here (memory, cgroup, runtime) come from the caller's `extra`, else None
     values: dict[str, Any] = {f.name: decoded.get(f.name, extra.get(f.name)) for f in dataclasses.fields(Machine)}
     return Machine(**values)
@@ -328,8 +463,10 @@ def detect(root: str = "/", *, probe_runtime: bool = True) -> Machine:
     /sys/fs/cgroup and DMI ids. With probe_runtime, also imports torch and reads vLLM's version."""
     cpuinfo = sysfs.read_text(os.path.join(root, "proc/cpuinfo"))
     if cpuinfo is None:
-        raise EnvironmentMissing(f"cannot read {os.path.join(root, 'proc/cpuinfo')}: "
-                                 "pass root= a directory holding proc/ and sys/, or use from_dump()")
+        raise EnvironmentMissing(
+            f"cannot read {os.path.join(root, 'proc/cpuinfo')}: "
+            "pass root= a directory holding proc/ and sys/, or use from_dump()"
+        )
     sources, extra = [os.path.join(root, "proc/cpuinfo")], dict[str, Any]()
     cpu_dir, node_dir = os.path.join(root, "sys/devices/system/cpu"), os.path.join(root, "sys/devices/system/node")
     online = sysfs.read_text(os.path.join(cpu_dir, "online"))
@@ -346,9 +483,14 @@ def detect(root: str = "/", *, probe_runtime: bool = True) -> Machine:
     extra["cgroup_version"], extra["cgroup_cpu_quota"], extra["cgroup_cpuset"] = sysfs.cgroup_cpu(root)
     if root == "/" and hasattr(os, "sched_getaffinity"):
         extra["affinity"] = format_cpulist(os.sched_getaffinity(0))
-    extra["hints"] = " ".join((sysfs.read_text(os.path.join(root, p)) or "").strip() for p in (
-        "sys/devices/virtual/dmi/id/sys_vendor", "sys/devices/virtual/dmi/id/product_name",
-        "sys/devices/soc0/soc_id")).replace("jep106:036b", "NVIDIA")  # JEP106 bank 4, 0x6b = NVIDIA
+    extra["hints"] = " ".join(
+        (sysfs.read_text(os.path.join(root, p)) or "").strip()
+        for p in (
+            "sys/devices/virtual/dmi/id/sys_vendor",
+            "sys/devices/virtual/dmi/id/product_name",
+            "sys/devices/soc0/soc_id",
+        )
+    ).replace("jep106:036b", "NVIDIA")  # JEP106 bank 4, 0x6b = NVIDIA
     extra["tcmalloc_path"] = sysfs.tcmalloc(root)
     machine = _build(cpuinfo=cpuinfo, lscpu={}, extra=extra, sources=sources)
     if not probe_runtime:
@@ -382,8 +524,10 @@ def from_dump(folder: str) -> Machine:
         lscpu, sources = parse_lscpu_text(text), sources + ["lscpu.txt"]
     if not sources:
         raise UsageError(f"no cpuinfo, lscpu.json or lscpu.txt in {folder!r}: add at least one")
-    extra: dict[str, Any] = {"numa_nodes": sysfs.numa_nodes(os.path.join(folder, "node")),
-             "node_memory": sysfs.node_memory(os.path.join(folder, "node"))}
+    extra: dict[str, Any] = {
+        "numa_nodes": sysfs.numa_nodes(os.path.join(folder, "node")),
+        "node_memory": sysfs.node_memory(os.path.join(folder, "node")),
+    }
     meminfo = sysfs.read_text(os.path.join(folder, "meminfo"))
     if meminfo:
         extra["mem_total_bytes"], extra["mem_available_bytes"] = sysfs.meminfo(meminfo)
@@ -397,20 +541,33 @@ def format_table(machine: Machine) -> str:
     m, gib = machine, (lambda b: f"{b / _GiB:.1f} GiB" if b else "unknown")
     midr = f"implementer {m.implementer}, part {m.part}" if m.implementer else "-"
     rows = [
-        ("Architecture", m.arch), ("CPU", m.cpu_name or "unknown"), ("Vendor", m.vendor or "unknown"),
-        ("MIDR", midr), ("Likely platforms", ", ".join(m.likely_platforms) or "-"),
-        ("ISA features", " ".join(m.features) or "none of " + " ".join(
-            ARM_FEATURES if m.arch == "aarch64" else X86_FEATURES)),
-        ("Logical CPUs", m.logical_cpus), ("Physical cores", m.physical_cores),
-        ("Threads per core", m.threads_per_core), ("Sockets", m.sockets),
+        ("Architecture", m.arch),
+        ("CPU", m.cpu_name or "unknown"),
+        ("Vendor", m.vendor or "unknown"),
+        ("MIDR", midr),
+        ("Likely platforms", ", ".join(m.likely_platforms) or "-"),
+        (
+            "ISA features",
+            " ".join(m.features) or "none of " + " ".join(ARM_FEATURES if m.arch == "aarch64" else X86_FEATURES),
+        ),
+        ("Logical CPUs", m.logical_cpus),
+        ("Physical cores", m.physical_cores),
+        ("Threads per core", m.threads_per_core),
+        ("Sockets", m.sockets),
         ("NUMA nodes", "; ".join(f"node{n}: {c}" for n, c in m.numa_nodes) or "unknown"),
-        ("Memory total", gib(m.mem_total_bytes)), ("Memory available", gib(m.mem_available_bytes)),
+        ("Memory total", gib(m.mem_total_bytes)),
+        ("Memory available", gib(m.mem_available_bytes)),
         ("cgroup", m.cgroup_version or "none found"),
         ("cgroup CPU quota", f"{m.cgroup_cpu_quota:g} CPUs" if m.cgroup_cpu_quota else "no limit"),
-        ("cgroup cpuset", m.cgroup_cpuset or "-"), ("Affinity", m.affinity or "-"),
-        ("Usable CPUs", m.usable_cpus()), ("tcmalloc", m.tcmalloc_path or "not found"),
-        ("torch", (m.torch_version or "not importable") + (
-            f" (KleidiAI {'yes' if m.torch_kleidiai else 'no'})" if m.torch_version else "")),
+        ("cgroup cpuset", m.cgroup_cpuset or "-"),
+        ("Affinity", m.affinity or "-"),
+        ("Usable CPUs", m.usable_cpus()),
+        ("tcmalloc", m.tcmalloc_path or "not found"),
+        (
+            "torch",
+            (m.torch_version or "not importable")
+            + (f" (KleidiAI {'yes' if m.torch_kleidiai else 'no'})" if m.torch_version else ""),
+        ),
         ("vLLM", m.vllm_version or "not installed"),
         ("INT4 kernel (W4A8)", m.int4_kernel or "n/a (needs vLLM)"),
         ("INT4 MoE kernel (W4A8)", int4_moe_kernel(m) or "n/a (needs vLLM)"),

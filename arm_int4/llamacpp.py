@@ -29,15 +29,31 @@ from . import models
 from .errors import EnvironmentMissing, ModelError, RunError, UsageError
 from .report import Record
 
-__all__ = ["AUTO", "VERSION", "FTYPE", "EXCLUDED", "Peer", "env_dir", "env_python", "build_flags", "prepare",
-           "resolve_gguf", "convert", "run", "run_like", "records_from_result"]
+__all__ = [
+    "AUTO",
+    "VERSION",
+    "FTYPE",
+    "EXCLUDED",
+    "Peer",
+    "env_dir",
+    "env_python",
+    "build_flags",
+    "prepare",
+    "resolve_gguf",
+    "convert",
+    "run",
+    "run_like",
+    "records_from_result",
+]
 
 AUTO = "auto"  # --vs-llamacpp without a FILE: find (default model) or convert the GGUF
 VERSION = "0.3.36"  # llama-cpp-python, as scripts/setup.sh builds it
 FTYPE = "Q4_1"  # what a converted model is quantized to: the type of the shipped default GGUF
 SETUP_HINT = "ARM_INT4_LLAMACPP=1 scripts/setup.sh"
-EXCLUDED = ("llama.cpp: tokenization (prompts are token ids), detokenization, model load; timed: llama_decode "
-            "+ reading logits + greedy argmax")
+EXCLUDED = (
+    "llama.cpp: tokenization (prompts are token ids), detokenization, model load; timed: llama_decode "
+    "+ reading logits + greedy argmax"
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,10 @@ def env_dir() -> Path:
 def env_python() -> Path:
     py = env_dir() / "bin" / "python"
     if not (env_dir() / ".arm-int4-key").is_file() or not py.exists():
-        raise EnvironmentMissing(f"llama.cpp is not set up ({env_dir()} missing): run {SETUP_HINT} "
-                                 f"(builds llama-cpp-python {VERSION} from source, ~20 min on 2 cores)")
+        raise EnvironmentMissing(
+            f"llama.cpp is not set up ({env_dir()} missing): run {SETUP_HINT} "
+            f"(builds llama-cpp-python {VERSION} from source, ~20 min on 2 cores)"
+        )
     return py
 
 
@@ -83,19 +101,24 @@ def resolve_gguf(choice: str, model_spec: str, model_dir, python: Path, progress
     if choice != AUTO:
         p = Path(choice).expanduser()
         if not p.is_file():
-            raise UsageError(f"--vs-llamacpp {choice}: no such file; give a .gguf file, or no value to use "
-                             "the model's own GGUF (put MODEL before --vs-llamacpp)")
+            raise UsageError(
+                f"--vs-llamacpp {choice}: no such file; give a .gguf file, or no value to use "
+                "the model's own GGUF (put MODEL before --vs-llamacpp)"
+            )
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise UsageError(f"--vs-llamacpp {choice}: not a GGUF file (no GGUF magic bytes)")
         return p, f"llama.cpp GGUF given: {p}"
     if _is_default(model_spec, model_dir):
-        return (models.packaged_gguf(),
-                f"llama.cpp runs the shipped {models.DEFAULT_GGUF}; vLLM's BF16 default model is this file "
-                "dequantized (same weights, Q4_1 in llama.cpp vs BF16 in vLLM)")
+        return (
+            models.packaged_gguf(),
+            f"llama.cpp runs the shipped {models.DEFAULT_GGUF}; vLLM's BF16 default model is this file "
+            "dequantized (same weights, Q4_1 in llama.cpp vs BF16 in vLLM)",
+        )
     return convert(Path(model_dir), python, progress=progress), (
         f"llama.cpp GGUF converted from {model_dir} by llama.cpp's convert_hf_to_gguf.py (BF16) and quantized "
-        f"to {FTYPE} by llama_model_quantize")
+        f"to {FTYPE} by llama_model_quantize"
+    )
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -110,8 +133,10 @@ def convert(model_dir: Path, python: Path, progress=print) -> Path:
     """model_dir (unquantized HF) -> a cached Q4_1 GGUF, through llama.cpp's own tools."""
     cfg = json.loads((model_dir / "config.json").read_text())
     if cfg.get("quantization_config"):
-        raise ModelError(f"{model_dir} is quantized ({cfg['quantization_config'].get('quant_method')}): "
-                         "llama.cpp's converter takes unquantized checkpoints; give --vs-llamacpp FILE.gguf")
+        raise ModelError(
+            f"{model_dir} is quantized ({cfg['quantization_config'].get('quant_method')}): "
+            "llama.cpp's converter takes unquantized checkpoints; give --vs-llamacpp FILE.gguf"
+        )
     script = env_dir() / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise EnvironmentMissing(f"{script} is missing: rerun {SETUP_HINT}, or give --vs-llamacpp FILE.gguf")
@@ -124,15 +149,25 @@ def convert(model_dir: Path, python: Path, progress=print) -> Path:
         bf16 = tmp / "model.bf16.gguf"
         progress(f"llama.cpp: converting {model_dir} to GGUF (convert_hf_to_gguf.py, once)")
         # this env's python: llama.cpp's converter needs torch + transformers, not llama_cpp
-        proc = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(bf16), "--outtype",
-                               "bf16"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, str(script), str(model_dir), "--outfile", str(bf16), "--outtype", "bf16"],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0 or not bf16.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            raise RunError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {last}; "
-                           "give --vs-llamacpp FILE.gguf instead")
+            raise RunError(
+                f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {last}; give --vs-llamacpp FILE.gguf instead"
+            )
         progress(f"llama.cpp: quantizing to {FTYPE}")
-        result = _run_worker(python, {"quantize": {"src": str(bf16), "dst": str(tmp / "q.gguf"), "ftype": FTYPE},
-                                      "threads": os.cpu_count() or 1}, tmp / "quantize.log")
+        result = _run_worker(
+            python,
+            {
+                "quantize": {"src": str(bf16), "dst": str(tmp / "q.gguf"), "ftype": FTYPE},
+                "threads": os.cpu_count() or 1,
+            },
+            tmp / "quantize.log",
+        )
         if not result.get("ok"):
             raise RunError(f"llama.cpp could not quantize {bf16} to {FTYPE}: {result.get('error')}")
         os.replace(tmp / "q.gguf", out)
@@ -144,13 +179,18 @@ def convert(model_dir: Path, python: Path, progress=print) -> Path:
 def prepare(choice: str, model_spec: str, progress=print) -> Peer:
     """Everything that can fail before vLLM starts: the env first, then the GGUF."""
     python = env_python()
-    model_dir = models.resolve(model_spec, progress=progress) if choice == AUTO and not models.names_packaged_default(model_spec) else None
+    model_dir = (
+        models.resolve(model_spec, progress=progress)
+        if choice == AUTO and not models.names_packaged_default(model_spec)
+        else None
+    )
     gguf, note = resolve_gguf(choice, model_spec, model_dir, python, progress=progress)
     return Peer(gguf=gguf, note=note, python=python)
 
 
-def _run_worker(python: Path, job: dict, log: Path, progress: Optional[Callable[[str], None]] = None,
-                cpus=None) -> dict:
+def _run_worker(
+    python: Path, job: dict, log: Path, progress: Optional[Callable[[str], None]] = None, cpus=None
+) -> dict:
     """Run llamacpp_worker.py on `job` through arm_int4.runner (its own process group, reaped on the
     way out); its result, with "error" set when it failed."""
     from . import runner
@@ -161,36 +201,66 @@ def _run_worker(python: Path, job: dict, log: Path, progress: Optional[Callable[
         nonlocal shown
         for e in result.get("tests", [])[shown:]:
             if progress:
-                progress(f"llama.cpp: pp{e['prompt']} tg{e['gen']} b{e['batch']}: "
-                         + (f"failed: {e['error']}" if e["error"] else "done"))
+                progress(
+                    f"llama.cpp: pp{e['prompt']} tg{e['gen']} b{e['batch']}: "
+                    + (f"failed: {e['error']}" if e["error"] else "done")
+                )
         shown = len(result.get("tests", []))
 
     run = runner.run_worker("llamacpp", job, python=str(python), log=log, on_update=on_update, cpus=cpus)
     return {**run.result, "ok": run.ok, "error": run.error}
 
 
-def records_from_result(result: dict, peer: Peer, workload, *, threads: int, env_info: dict,
-                        bandwidth_gbs: Optional[float] = None, flags: Optional[str] = None, log=None) -> list:
+def records_from_result(
+    result: dict,
+    peer: Peer,
+    workload,
+    *,
+    threads: int,
+    env_info: dict,
+    bandwidth_gbs: Optional[float] = None,
+    flags: Optional[str] = None,
+    log=None,
+) -> list:
     """Worker result -> one Record per test of `workload` (failed tests carry `error`)."""
     from .workload import fill_record as _fill
 
     desc = result.get("desc") or ""
     ftype = desc.split()[-1] if desc else "unknown"
-    notes = [peer.note, f"llama.cpp: llama-cpp-python {result.get('llama_cpp_version') or VERSION} built from "
-                        f"source with {flags or 'unrecorded CMake flags'}; {threads} thread(s); batch B = B parallel "
-                        "sequences in one context (llama_decode over one token per sequence per step)"]
+    notes = [
+        peer.note,
+        f"llama.cpp: llama-cpp-python {result.get('llama_cpp_version') or VERSION} built from "
+        f"source with {flags or 'unrecorded CMake flags'}; {threads} thread(s); batch B = B parallel "
+        "sequences in one context (llama_decode over one token per sequence per step)",
+    ]
     if result.get("system_info"):
         notes.append(f"llama.cpp system info: {result['system_info'].strip()}")
     where = {**env_info, "vllm_version": None, "torch_version": None}
-    common = dict(model=str(peer.gguf), model_name=f"llama.cpp {peer.gguf.name.removesuffix('.gguf')}",
-                  quantization=f"gguf {ftype}", quantized=True, mode="llamacpp",
-                  repetitions=workload.repetitions, warmup=workload.warmup, threads=threads,
-                  engine_args={"n_threads": threads, "n_threads_batch": threads, "n_seq_max": "batch",
-                               "kv_unified": False, "n_ubatch": 512, "flash_attn": "auto"},
-                  model_bytes=peer.gguf.stat().st_size if peer.gguf.exists() else None,
-                  weights_in_memory_bytes=result.get("model_bytes"),
-                  kv_bytes_per_token=result.get("kv_bytes_per_token"),
-                  bandwidth_gbs=bandwidth_gbs, load_s=result.get("load_s"), excluded=EXCLUDED, notes=notes)
+    common = dict(
+        model=str(peer.gguf),
+        model_name=f"llama.cpp {peer.gguf.name.removesuffix('.gguf')}",
+        quantization=f"gguf {ftype}",
+        quantized=True,
+        mode="llamacpp",
+        repetitions=workload.repetitions,
+        warmup=workload.warmup,
+        threads=threads,
+        engine_args={
+            "n_threads": threads,
+            "n_threads_batch": threads,
+            "n_seq_max": "batch",
+            "kv_unified": False,
+            "n_ubatch": 512,
+            "flash_attn": "auto",
+        },
+        model_bytes=peer.gguf.stat().st_size if peer.gguf.exists() else None,
+        weights_in_memory_bytes=result.get("model_bytes"),
+        kv_bytes_per_token=result.get("kv_bytes_per_token"),
+        bandwidth_gbs=bandwidth_gbs,
+        load_s=result.get("load_s"),
+        excluded=EXCLUDED,
+        notes=notes,
+    )
     done = {(e["prompt"], e["gen"], e["batch"]): e for e in result.get("tests", [])}
     records = []
     for t in workload.tests():
@@ -203,25 +273,49 @@ def records_from_result(result: dict, peer: Peer, workload, *, threads: int, env
             rec.peak_rss_bytes = e.get("peak_rss_bytes")
             if result.get("model_bytes"):
                 # every GGUF tensor once (the tied output matrix is the embedding) + f16 KV at the mean context
-                rec.bytes_per_step = int(result["model_bytes"] + t.batch * (result.get("kv_bytes_per_token") or 0)
-                                         * (t.prompt + t.gen / 2))
+                rec.bytes_per_step = int(
+                    result["model_bytes"] + t.batch * (result.get("kv_bytes_per_token") or 0) * (t.prompt + t.gen / 2)
+                )
             _fill(rec, e["reps"], rec.bytes_per_step, bandwidth_gbs)
         records.append(rec)
     return records
 
 
-def run(peer: Peer, workload, *, threads: int, env_info: dict, cpus=None, bandwidth_gbs: Optional[float] = None,
-        log_dir=None, progress: Callable[[str], None] = print) -> list:
+def run(
+    peer: Peer,
+    workload,
+    *,
+    threads: int,
+    env_info: dict,
+    cpus=None,
+    bandwidth_gbs: Optional[float] = None,
+    log_dir=None,
+    progress: Callable[[str], None] = print,
+) -> list:
     """Every test of `workload` on llama.cpp, `threads` threads (pinned to `cpus` when given)."""
     tests = workload.tests()
     log = Path(log_dir or tempfile.gettempdir()) / f"arm-int4-llamacpp-{os.getpid()}-{time.time_ns()}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     progress(f"llama.cpp: {peer.gguf.name}, {threads} thread(s), {len(tests)} test(s) (log: {log})")
-    job = {"gguf": str(peer.gguf), "threads": threads, "tests": [[t.prompt, t.gen, t.batch] for t in tests],
-           "warmup": workload.warmup, "repetitions": workload.repetitions, "seed": workload.seed}
+    job = {
+        "gguf": str(peer.gguf),
+        "threads": threads,
+        "tests": [[t.prompt, t.gen, t.batch] for t in tests],
+        "warmup": workload.warmup,
+        "repetitions": workload.repetitions,
+        "seed": workload.seed,
+    }
     result = _run_worker(peer.python, job, log, progress, cpus=cpus)
-    records = records_from_result(result, peer, workload, threads=threads, env_info=env_info,
-                                  bandwidth_gbs=bandwidth_gbs, flags=build_flags(), log=log)
+    records = records_from_result(
+        result,
+        peer,
+        workload,
+        threads=threads,
+        env_info=env_info,
+        bandwidth_gbs=bandwidth_gbs,
+        flags=build_flags(),
+        log=log,
+    )
     if any(r.error for r in records):
         progress(f"llama.cpp: failed; log kept: {log}")
     elif not log_dir:
@@ -229,18 +323,43 @@ def run(peer: Peer, workload, *, threads: int, env_info: dict, cpus=None, bandwi
     return records
 
 
-def run_like(peer: Peer, model_spec: str, workload, *, profile=None, ranks: Optional[int] = None,
-             reserve: Optional[int] = None,
-             kv_cache_gib: Optional[int] = None, extra_args=(), log_dir=None,
-             progress: Callable[[str], None] = print) -> list:
+def run_like(
+    peer: Peer,
+    model_spec: str,
+    workload,
+    *,
+    profile=None,
+    ranks: Optional[int] = None,
+    reserve: Optional[int] = None,
+    kv_cache_gib: Optional[int] = None,
+    extra_args=(),
+    log_dir=None,
+    progress: Callable[[str], None] = print,
+) -> list:
     """run() with the thread count and CPU binding of the vLLM plan `bench` uses for `model_spec`."""
     from . import bandwidth, bench, hardware
 
     machine = hardware.detect()
-    _, plan = bench.plan_for(models.resolve(model_spec, progress=progress), machine, workload, profile,
-                             ranks=ranks, reserve=reserve, kv_cache_gib=kv_cache_gib, extra_args=extra_args)
+    _, plan = bench.plan_for(
+        models.resolve(model_spec, progress=progress),
+        machine,
+        workload,
+        profile,
+        ranks=ranks,
+        reserve=reserve,
+        kv_cache_gib=kv_cache_gib,
+        extra_args=extra_args,
+    )
     cpus = hardware.parse_cpulist(plan.bind_lists[0]) if plan.bind_lists else None
     threads = plan.threads_per_rank or len(cpus or os.sched_getaffinity(0))
     bw = bandwidth.machine_bandwidth(machine, progress=progress)["triad_gbs"]
-    return run(peer, workload, threads=threads, cpus=cpus, env_info=bench.environment(machine), bandwidth_gbs=bw,
-               log_dir=log_dir, progress=progress)
+    return run(
+        peer,
+        workload,
+        threads=threads,
+        cpus=cpus,
+        env_info=bench.environment(machine),
+        bandwidth_gbs=bw,
+        log_dir=log_dir,
+        progress=progress,
+    )

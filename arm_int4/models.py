@@ -121,8 +121,10 @@ def resolve(model: str, progress=print) -> Path:
         return default_model_dir(progress)
     p = Path(model).expanduser()
     if model == "default":  # a directory named default is here
-        progress(f"MODEL 'default': using the local directory {p.resolve()}, which shadows the packaged "
-                 f"{DEFAULT_MODEL_NAME} (run from another directory to use that)")
+        progress(
+            f"MODEL 'default': using the local directory {p.resolve()}, which shadows the packaged "
+            f"{DEFAULT_MODEL_NAME} (run from another directory to use that)"
+        )
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} has no config.json: MODEL must be a Hugging Face model directory")

@@ -37,10 +37,14 @@ class InfoOptions:
 
 @dataclass
 class DemoOptions:
-    output: Optional[str] = opt(None, "where the demo's checkpoints go (default: ~/.cache/arm-int4/demo)",
-                                metavar="DIR")
-    quick: bool = opt(False, "a shorter run for CI: 128 tokens of perplexity instead of 512, bench batch 1 only "
-                             "with shorter prompts and outputs")
+    output: Optional[str] = opt(
+        None, "where the demo's checkpoints go (default: ~/.cache/arm-int4/demo)", metavar="DIR"
+    )
+    quick: bool = opt(
+        False,
+        "a shorter run for CI: 128 tokens of perplexity instead of 512, bench batch 1 only "
+        "with shorter prompts and outputs",
+    )
     overwrite: bool = opt(False, "replace the demo's outputs in --output (the default cache dir is always reused)")
 
 
@@ -59,8 +63,13 @@ class LearningPathOptions:
 
     def to_quantize_options(self) -> QuantizeOptions:
         # fp32 observers: the learning path's script casts the model to fp32 before quantizing
-        return QuantizeOptions(model=self.model_id, scheme=self.scheme, method=self.method, groupsize=self.groupsize,
-                               observer_precision="fp32")
+        return QuantizeOptions(
+            model=self.model_id,
+            scheme=self.scheme,
+            method=self.method,
+            groupsize=self.groupsize,
+            observer_precision="fp32",
+        )
 
 
 def _describe_default(f) -> str:
@@ -105,23 +114,41 @@ def options_from_namespace(options_class, ns: argparse.Namespace):
 @dataclass
 class ServeOptions:
     model: str = positional(
-        "model", "a local Hugging Face model dir (quantized or not), a hub id, or 'default'", metavar="MODEL")
+        "model", "a local Hugging Face model dir (quantized or not), a hub id, or 'default'", metavar="MODEL"
+    )
     vllm_args: Optional[List[str]] = opt(
-        None, "after --: passed to vLLM's server unchanged and last, so they win over the plan",
-        args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")
-    profile: Optional[str] = opt(None, "a tuned profile (JSON from `arm-int4 tune`) overriding the plan's rules",
-                                 metavar="FILE")
+        None,
+        "after --: passed to vLLM's server unchanged and last, so they win over the plan",
+        args=["vllm_args"],
+        nargs="*",
+        type=str,
+        metavar="VLLM_ARG",
+    )
+    profile: Optional[str] = opt(
+        None, "a tuned profile (JSON from `arm-int4 tune`) overriding the plan's rules", metavar="FILE"
+    )
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = opt(8000, "TCP port to listen on; checked free before vLLM starts")
     kv_cache_gib: Optional[int] = opt(
-        None, "KV cache per rank in whole GiB (VLLM_CPU_KVCACHE_SPACE; default: sized from available memory)",
-        metavar="N")
-    max_model_len: Optional[int] = opt(None, "longest prompt + output in tokens (default: the model's, capped "
-                                             "by the KV cache)", metavar="TOKENS")
-    reserve: Optional[int] = opt(None, "CPUs kept free of inference threads for vLLM's scheduler and API "
-                                       "server, in total (default: 1 per rank, as vLLM)", metavar="N")
-    ranks: Optional[int] = opt(None, "tensor-parallel ranks, each bound to its own CPUs (several may share a NUMA "
-                                     "node); default: one per NUMA node (vLLM's --tensor-parallel-size)", metavar="N")
+        None,
+        "KV cache per rank in whole GiB (VLLM_CPU_KVCACHE_SPACE; default: sized from available memory)",
+        metavar="N",
+    )
+    max_model_len: Optional[int] = opt(
+        None, "longest prompt + output in tokens (default: the model's, capped by the KV cache)", metavar="TOKENS"
+    )
+    reserve: Optional[int] = opt(
+        None,
+        "CPUs kept free of inference threads for vLLM's scheduler and API "
+        "server, in total (default: 1 per rank, as vLLM)",
+        metavar="N",
+    )
+    ranks: Optional[int] = opt(
+        None,
+        "tensor-parallel ranks, each bound to its own CPUs (several may share a NUMA "
+        "node); default: one per NUMA node (vLLM's --tensor-parallel-size)",
+        metavar="N",
+    )
     dry_run: bool = opt(False, "print the plan as a shell snippet (export lines + command) and exit")
 
 
@@ -129,16 +156,19 @@ class ServeOptions:
 class BuildOptions:
     """Every default is None: the defaults live once, in scripts/build_vllm_cpu.sh."""
 
-    vllm_version: Optional[str] = opt(None, "vLLM release to build (script default: the version arm-int4 runs)",
-                                      metavar="V")
+    vllm_version: Optional[str] = opt(
+        None, "vLLM release to build (script default: the version arm-int4 runs)", metavar="V"
+    )
     source: Optional[str] = opt(None, "build this vLLM source tree instead (kept as is)", metavar="DIR")
-    source_from: Optional[str] = opt(None, "where a release comes from (script default: sdist)", args=["--from"],
-                                     choices=("sdist", "git"))
+    source_from: Optional[str] = opt(
+        None, "where a release comes from (script default: sdist)", args=["--from"], choices=("sdist", "git")
+    )
     jobs: Optional[int] = opt(None, "compile jobs (script default: min(usable CPUs, memory / 4 GiB))", metavar="N")
     out: Optional[str] = opt(None, "wheel + build record dir (script default: build/dist)", metavar="DIR")
     workdir: Optional[str] = opt(None, "source tree, venvs, logs; kept (script default: build/work)", metavar="DIR")
-    offline_deps: Optional[str] = opt(None, "local oneDNN/ComputeLibrary (and wheels/, sdist) instead of github.com",
-                                      metavar="DIR")
+    offline_deps: Optional[str] = opt(
+        None, "local oneDNN/ComputeLibrary (and wheels/, sdist) instead of github.com", metavar="DIR"
+    )
     machine_dump: Optional[str] = opt(None, "plan as a recorded machine (only with --dry-run)", metavar="DIR")
     test_wheel: Optional[str] = opt(None, "only install WHL in a scratch venv and smoke-test it", metavar="WHL")
     dry_run: bool = opt(False, "print the plan and exit (exit 1 if a check would stop the build)")
@@ -148,112 +178,188 @@ class BuildOptions:
 @dataclass
 class EvalOptions:
     models: List[str] = positional(
-        "models", "models to score: local Hugging Face model dirs (quantized or not), hub ids, or 'default'",
-        nargs="+", metavar="MODEL")
+        "models",
+        "models to score: local Hugging Face model dirs (quantized or not), hub ids, or 'default'",
+        nargs="+",
+        metavar="MODEL",
+    )
     baseline: Optional[str] = opt(
-        None, "also score this unquantized model and report Δ ppl and ratio against it (refused unless its "
-              "tokenizer and architecture match every MODEL's)", metavar="MODEL")
-    text: str = opt(evaluate.DEFAULT_TEXT, "text to score: 'opticks' (Newton's Opticks, shipped in the serving "
-                                            "environment) or a UTF-8 .txt file", metavar="NAME|FILE")
+        None,
+        "also score this unquantized model and report Δ ppl and ratio against it (refused unless its "
+        "tokenizer and architecture match every MODEL's)",
+        metavar="MODEL",
+    )
+    text: str = opt(
+        evaluate.DEFAULT_TEXT,
+        "text to score: 'opticks' (Newton's Opticks, shipped in the serving environment) or a UTF-8 .txt file",
+        metavar="NAME|FILE",
+    )
     num_tokens: int = opt(evaluate.NUM_TOKENS, "score the first N tokens of the text (0: all of it)", metavar="N")
     max_len: int = opt(evaluate.MAX_LEN, "tokens per window, BOS included", metavar="TOKENS")
-    stride: int = opt(evaluate.STRIDE, "tokens between window starts; each token is scored once, with at least "
-                                       "max-len - 1 - stride tokens of context", metavar="TOKENS")
+    stride: int = opt(
+        evaluate.STRIDE,
+        "tokens between window starts; each token is scored once, with at least max-len - 1 - stride tokens of context",
+        metavar="TOKENS",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
-        evaluate.DTYPE, "vLLM's activation dtype (auto: the checkpoint's)")
+        evaluate.DTYPE, "vLLM's activation dtype (auto: the checkpoint's)"
+    )
     no_bos: bool = opt(False, "do not open each window with the tokenizer's BOS token")
     format: Literal["md", "json", "jsonl"] = opt("md", "md: a table; json/jsonl: the full records")
-    log: Optional[str] = opt(None, "append vLLM's logs here (default: a temp file, kept only on failure)",
-                             metavar="FILE")
-    tasks: List[str] = opt(list(lmeval.TASKS), f"what to score: '{lmeval.PERPLEXITY}' (the --text check), "
-                                               "'opticks_cloze' (a packaged multiple-choice task, offline), or lm-eval "
-                                               "task names (e.g. gsm8k, as in vLLM's INT4 doc; hub data needs network)",
-                           nargs="+", metavar="TASK")
+    log: Optional[str] = opt(
+        None, "append vLLM's logs here (default: a temp file, kept only on failure)", metavar="FILE"
+    )
+    tasks: List[str] = opt(
+        list(lmeval.TASKS),
+        f"what to score: '{lmeval.PERPLEXITY}' (the --text check), "
+        "'opticks_cloze' (a packaged multiple-choice task, offline), or lm-eval "
+        "task names (e.g. gsm8k, as in vLLM's INT4 doc; hub data needs network)",
+        nargs="+",
+        metavar="TASK",
+    )
     num_fewshot: int = opt(lmeval.NUM_FEWSHOT, "lm-eval tasks: few-shot examples per prompt", metavar="N")
     limit: float = opt(lmeval.LIMIT, "lm-eval tasks: documents per task (a fraction if < 1; 0: all)", metavar="N")
-    batch_size: str = opt(lmeval.BATCH_SIZE, "lm-eval tasks: requests per vLLM call ('auto': all at once)",
-                          metavar="auto|N")
-    include_path: Optional[str] = opt(None, "lm-eval tasks: a directory of task YAML files (local data: "
-                                            "dataset_path: json + data_files)", metavar="DIR")
-    output: Optional[str] = opt(None, "also save every record (perplexity, lm-eval results and samples) as JSON",
-                                metavar="FILE")
+    batch_size: str = opt(
+        lmeval.BATCH_SIZE, "lm-eval tasks: requests per vLLM call ('auto': all at once)", metavar="auto|N"
+    )
+    include_path: Optional[str] = opt(
+        None,
+        "lm-eval tasks: a directory of task YAML files (local data: dataset_path: json + data_files)",
+        metavar="DIR",
+    )
+    output: Optional[str] = opt(
+        None, "also save every record (perplexity, lm-eval results and samples) as JSON", metavar="FILE"
+    )
 
 
 @dataclass
 class BenchOptions:
-    models: List[str] = field(default_factory=list, metadata=dict(  # none given: [] ('default'), not a crash
-        args=["models"], help="model dirs (quantized or not), hub ids, or 'default' (when none is given); several = "
-                              "one side-by-side table with speed-ups over the first unquantized one",
-        nargs="*", metavar="MODEL"))
+    models: List[str] = field(
+        default_factory=list,
+        metadata=dict(  # none given: [] ('default'), not a crash
+            args=["models"],
+            help="model dirs (quantized or not), hub ids, or 'default' (when none is given); several = "
+            "one side-by-side table with speed-ups over the first unquantized one",
+            nargs="*",
+            metavar="MODEL",
+        ),
+    )
     vllm_args: Optional[List[str]] = opt(
-        None, "after --: engine args passed to vLLM unchanged and last (e.g. -- --enforce-eager)",
-        args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")
-    prompt: List[int] = opt(list(bench.PROMPTS), "prompt lengths in tokens", args=["-p", "--prompt"], nargs="+",
-                            type=int, metavar="N")
-    gen: List[int] = opt(list(bench.GENS), "tokens generated per request", args=["-n", "--gen"], nargs="+",
-                         type=int, metavar="N")
-    batch: List[int] = opt(list(bench.BATCHES), "concurrent requests per batch", args=["-b", "--batch"],
-                           nargs="+", type=int, metavar="N")
-    repetitions: int = opt(bench.REPETITIONS, "timed batches per test (mean ± sd over them)",
-                           args=["-r", "--repetitions"], metavar="N")
+        None,
+        "after --: engine args passed to vLLM unchanged and last (e.g. -- --enforce-eager)",
+        args=["vllm_args"],
+        nargs="*",
+        type=str,
+        metavar="VLLM_ARG",
+    )
+    prompt: List[int] = opt(
+        list(bench.PROMPTS), "prompt lengths in tokens", args=["-p", "--prompt"], nargs="+", type=int, metavar="N"
+    )
+    gen: List[int] = opt(
+        list(bench.GENS), "tokens generated per request", args=["-n", "--gen"], nargs="+", type=int, metavar="N"
+    )
+    batch: List[int] = opt(
+        list(bench.BATCHES), "concurrent requests per batch", args=["-b", "--batch"], nargs="+", type=int, metavar="N"
+    )
+    repetitions: int = opt(
+        bench.REPETITIONS, "timed batches per test (mean ± sd over them)", args=["-r", "--repetitions"], metavar="N"
+    )
     warmup: int = opt(bench.WARMUP, "untimed batches per test before the timed ones", metavar="N")
     seed: int = opt(bench.SEED, "seed of the random prompt token ids and of vLLM", metavar="N")
-    json: Optional[str] = opt(None, "also write the records as JSON ('-': to stdout instead of the table)",
-                              metavar="FILE")
+    json: Optional[str] = opt(
+        None, "also write the records as JSON ('-': to stdout instead of the table)", metavar="FILE"
+    )
     jsonl: Optional[str] = opt(None, "also write the records as JSON lines ('-': to stdout)", metavar="FILE")
     csv: Optional[str] = opt(None, "also write the records as CSV ('-': to stdout)", metavar="FILE")
     plot: Optional[str] = opt(None, "draw prefill and decode tok/s per model and test", metavar="FILE.png")
-    server: Optional[str] = opt(None, "time this running OpenAI-compatible server instead (batch = concurrent "
-                                      "clients); MODEL, if given, is its checkpoint dir (for GB/s)",
-                                metavar="URL")
+    server: Optional[str] = opt(
+        None,
+        "time this running OpenAI-compatible server instead (batch = concurrent "
+        "clients); MODEL, if given, is its checkpoint dir (for GB/s)",
+        metavar="URL",
+    )
     profile: Optional[str] = opt(None, "a tuned profile (JSON from `arm-int4 tune`) as for serve", metavar="FILE")
-    kv_cache_gib: Optional[int] = opt(None, "KV cache per rank in whole GiB (default: sized from the workload "
-                                            "and available memory)", metavar="N")
+    kv_cache_gib: Optional[int] = opt(
+        None, "KV cache per rank in whole GiB (default: sized from the workload and available memory)", metavar="N"
+    )
     reserve: Optional[int] = opt(None, "CPUs kept free of inference threads, as for serve", metavar="N")
     ranks: Optional[int] = opt(None, "tensor-parallel ranks, each bound to its own CPUs, as for serve", metavar="N")
-    log_dir: Optional[str] = opt(None, "keep every vLLM log here (default: temp files, kept only on failure)",
-                                 metavar="DIR")
+    log_dir: Optional[str] = opt(
+        None, "keep every vLLM log here (default: temp files, kept only on failure)", metavar="DIR"
+    )
     refresh_bandwidth: bool = opt(False, "measure this machine's memory bandwidth again (it is cached)")
     vs_llamacpp: Optional[str] = opt(
-        None, "also run llama.cpp (llama-cpp-python, set up by ARM_INT4_LLAMACPP=1 scripts/setup.sh) on the same "
-              "tests and threads as the first MODEL, in the same table; FILE.gguf, or no value: the shipped Q4_1 "
-              "GGUF for 'default', else llama.cpp's own conversion of MODEL to Q4_1 (put MODEL first)",
-        nargs="?", const=llamacpp.AUTO, type=str, metavar="GGUF")
+        None,
+        "also run llama.cpp (llama-cpp-python, set up by ARM_INT4_LLAMACPP=1 scripts/setup.sh) on the same "
+        "tests and threads as the first MODEL, in the same table; FILE.gguf, or no value: the shipped Q4_1 "
+        "GGUF for 'default', else llama.cpp's own conversion of MODEL to Q4_1 (put MODEL first)",
+        nargs="?",
+        const=llamacpp.AUTO,
+        type=str,
+        metavar="GGUF",
+    )
 
 
 @dataclass
 class TuneOptions:
     model: str = positional(
-        "model", "the model dir to tune for (quantized or not), a hub id, or 'default'", metavar="MODEL")
+        "model", "the model dir to tune for (quantized or not), a hub id, or 'default'", metavar="MODEL"
+    )
     vllm_args: Optional[List[str]] = opt(
-        None, "after --: engine args passed to vLLM unchanged in every candidate (not written to the profile)",
-        args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")
+        None,
+        "after --: engine args passed to vLLM unchanged in every candidate (not written to the profile)",
+        args=["vllm_args"],
+        nargs="*",
+        type=str,
+        metavar="VLLM_ARG",
+    )
     objective: Literal["decode", "throughput"] = opt(
-        tune.OBJECTIVES[0], "decode: best batch-1 decode tok/s; throughput: best output tok/s among batch sizes "
-                            "whose per-request TPOT p50 is within --tpot-limit-ms (sets max_num_seqs)")
-    tpot_limit_ms: float = opt(tune.TPOT_LIMIT_MS, "TPOT p50 limit for --objective throughput, in ms",
-                               metavar="MS")
-    modes: List[str] = opt(list(tune.MODES), "compilation modes to try: eager (--enforce-eager, starts faster) "
-                                             "and compiled (vLLM's default)", nargs="+", choices=tune.MODES,
-                           metavar="MODE")
-    placements: List[str] = opt(list(tune.PLACEMENTS), "CPU placements to try, where they apply: all CPUs bound; "
-                                                       "reserve1 (one left to vLLM); half (16+ CPUs); numa (one "
-                                                       "rank per node, 2+ nodes); auto (vLLM's own binding)",
-                                nargs="+", choices=tune.PLACEMENTS, metavar="KIND")
-    output: Optional[str] = opt(None, "where the profile JSON goes (default: ./{model}-{objective}.profile.json)",
-                                metavar="FILE")
+        tune.OBJECTIVES[0],
+        "decode: best batch-1 decode tok/s; throughput: best output tok/s among batch sizes "
+        "whose per-request TPOT p50 is within --tpot-limit-ms (sets max_num_seqs)",
+    )
+    tpot_limit_ms: float = opt(tune.TPOT_LIMIT_MS, "TPOT p50 limit for --objective throughput, in ms", metavar="MS")
+    modes: List[str] = opt(
+        list(tune.MODES),
+        "compilation modes to try: eager (--enforce-eager, starts faster) and compiled (vLLM's default)",
+        nargs="+",
+        choices=tune.MODES,
+        metavar="MODE",
+    )
+    placements: List[str] = opt(
+        list(tune.PLACEMENTS),
+        "CPU placements to try, where they apply: all CPUs bound; "
+        "reserve1 (one left to vLLM); half (16+ CPUs); numa (one "
+        "rank per node, 2+ nodes); auto (vLLM's own binding)",
+        nargs="+",
+        choices=tune.PLACEMENTS,
+        metavar="KIND",
+    )
+    output: Optional[str] = opt(
+        None, "where the profile JSON goes (default: ./{model}-{objective}.profile.json)", metavar="FILE"
+    )
     overwrite: bool = opt(False, "replace an existing --output file")
-    prompt: List[int] = opt(list(tune.PROMPTS), "prompt lengths in tokens", args=["-p", "--prompt"], nargs="+",
-                            type=int, metavar="N")
-    gen: List[int] = opt(list(tune.GENS), "tokens generated per request", args=["-n", "--gen"], nargs="+",
-                         type=int, metavar="N")
-    batch: List[int] = opt(list(tune.BATCHES), "concurrent requests per batch (throughput objective; decode "
-                                               "measures batch 1)", args=["-b", "--batch"], nargs="+", type=int,
-                           metavar="N")
-    repetitions: int = opt(tune.REPETITIONS, "timed batches per test (mean ± sd over them)",
-                           args=["-r", "--repetitions"], metavar="N")
+    prompt: List[int] = opt(
+        list(tune.PROMPTS), "prompt lengths in tokens", args=["-p", "--prompt"], nargs="+", type=int, metavar="N"
+    )
+    gen: List[int] = opt(
+        list(tune.GENS), "tokens generated per request", args=["-n", "--gen"], nargs="+", type=int, metavar="N"
+    )
+    batch: List[int] = opt(
+        list(tune.BATCHES),
+        "concurrent requests per batch (throughput objective; decode measures batch 1)",
+        args=["-b", "--batch"],
+        nargs="+",
+        type=int,
+        metavar="N",
+    )
+    repetitions: int = opt(
+        tune.REPETITIONS, "timed batches per test (mean ± sd over them)", args=["-r", "--repetitions"], metavar="N"
+    )
     warmup: int = opt(bench.WARMUP, "untimed batches per test before the timed ones", metavar="N")
-    json: Optional[str] = opt(None, "also write every candidate's records as JSON ('-': to stdout instead of "
-                                    "the tables)", metavar="FILE")
-    log_dir: Optional[str] = opt(None, "keep every vLLM log here (default: temp files, kept only on failure)",
-                                 metavar="DIR")
+    json: Optional[str] = opt(
+        None, "also write every candidate's records as JSON ('-': to stdout instead of the tables)", metavar="FILE"
+    )
+    log_dir: Optional[str] = opt(
+        None, "keep every vLLM log here (default: temp files, kept only on failure)", metavar="DIR"
+    )

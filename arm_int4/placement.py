@@ -37,7 +37,7 @@ def _split(cpus: list, parts: int) -> list:
     """`parts` equal contiguous slices of one node's CPUs (a remainder is left unbound: tensor-parallel
     ranks wait for the slowest, so unequal thread counts only waste the extra CPUs)."""
     size = len(cpus) // parts
-    return [cpus[k * size:(k + 1) * size] for k in range(parts)]
+    return [cpus[k * size : (k + 1) * size] for k in range(parts)]
 
 
 def rank_lists(per_node: list, ranks: int) -> list:
@@ -48,7 +48,7 @@ def rank_lists(per_node: list, ranks: int) -> list:
         return [sorted(set().union(*map(set, per_node)))]
     nodes = per_node[:ranks]
     counts = [ranks // len(nodes) + (1 if k < ranks % len(nodes) else 0) for k in range(len(nodes))]
-    lists = [chunk for n, c in zip(nodes, counts) for chunk in _split(list(n), c)]
+    lists = [chunk for n, c in zip(nodes, counts, strict=False) for chunk in _split(list(n), c)]
     return lists if all(lists) else []
 
 
@@ -59,15 +59,27 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
     usable = machine.usable_cpus()
     if not can_bind or bind_mode == "nobind":
         if ranks_wanted and ranks_wanted > 1:
-            raise PreflightError(f"{ranks_wanted} tensor-parallel ranks need their own CPUs, but "
-                                 + ("this process may not set CPU affinity (container policy)" if not can_bind
-                                    else "the profile says bind: nobind") + ": use one rank")
+            raise PreflightError(
+                f"{ranks_wanted} tensor-parallel ranks need their own CPUs, but "
+                + (
+                    "this process may not set CPU affinity (container policy)"
+                    if not can_bind
+                    else "the profile says bind: nobind"
+                )
+                + ": use one rank"
+            )
         reserve = 1 if reserve is None else reserve
         threads = (usable - reserve if usable > reserve else usable) if usable else None
-        why.append("VLLM_CPU_OMP_THREADS_BIND=nobind: " + (
-            "sched_setaffinity is not permitted here (container seccomp/cgroup policy)" if not can_bind
-            else "from the profile") + f"; one rank, OMP_NUM_THREADS={threads} "
-            f"({usable} usable CPUs, {usable - threads if usable else 0} reserved)")
+        why.append(
+            "VLLM_CPU_OMP_THREADS_BIND=nobind: "
+            + (
+                "sched_setaffinity is not permitted here (container seccomp/cgroup policy)"
+                if not can_bind
+                else "from the profile"
+            )
+            + f"; one rank, OMP_NUM_THREADS={threads} "
+            f"({usable} usable CPUs, {usable - threads if usable else 0} reserved)"
+        )
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -76,32 +88,44 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
     more_ranks_than_nodes = bool(ranks_wanted and per_node and ranks_wanted > len(per_node))
     if bind_mode == "auto" or not per_node or (smt and not more_ranks_than_nodes):
         if ranks_wanted and ranks_wanted > max(len(per_node), 1) and bind_mode == "auto":
-            raise PreflightError(f"{ranks_wanted} ranks with VLLM_CPU_OMP_THREADS_BIND=auto: vLLM binds one rank per "
-                                 f"NUMA node and this machine has {len(per_node) or 'an unknown number of'} node(s) "
-                                 "(\"Not enough allowed NUMA nodes\"): drop bind: auto so the plan gives each rank its CPUs")
-        reason = ("from the profile" if bind_mode == "auto" else
-                  "x86 SMT: vLLM's auto binding keeps one logical CPU per physical core" if smt else
-                  "CPU ids unknown in this machine record")
+            raise PreflightError(
+                f"{ranks_wanted} ranks with VLLM_CPU_OMP_THREADS_BIND=auto: vLLM binds one rank per "
+                f"NUMA node and this machine has {len(per_node) or 'an unknown number of'} node(s) "
+                '("Not enough allowed NUMA nodes"): drop bind: auto so the plan gives each rank its CPUs'
+            )
+        reason = (
+            "from the profile"
+            if bind_mode == "auto"
+            else "x86 SMT: vLLM's auto binding keeps one logical CPU per physical core"
+            if smt
+            else "CPU ids unknown in this machine record"
+        )
         env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
         if reserve is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserve)
-        why.append(f"VLLM_CPU_OMP_THREADS_BIND=auto ({reason}): vLLM binds rank N to the N-th allowed "
-                   "NUMA node and reserves VLLM_CPU_NUM_OF_RESERVED_CPU (default 1 per rank) for its scheduler")
+        why.append(
+            f"VLLM_CPU_OMP_THREADS_BIND=auto ({reason}): vLLM binds rank N to the N-th allowed "
+            "NUMA node and reserves VLLM_CPU_NUM_OF_RESERVED_CPU (default 1 per rank) for its scheduler"
+        )
         ranks = ranks_wanted or 1
         return ranks, (), None, env
     ranks = len(per_node) if ranks_wanted is None else ranks_wanted
     if ranks > 1 and not heads_split(facts, ranks):
         if ranks_wanted:
-            raise PreflightError(f"{facts.name}: {facts.num_heads} attention heads ({facts.num_kv_heads} KV heads) do "
-                                 f"not split over {ranks} tensor-parallel ranks: choose a rank count that divides them")
+            raise PreflightError(
+                f"{facts.name}: {facts.num_heads} attention heads ({facts.num_kv_heads} KV heads) do "
+                f"not split over {ranks} tensor-parallel ranks: choose a rank count that divides them"
+            )
         why.append(f"{facts.num_heads} attention heads do not split over {ranks} ranks: one rank spans all nodes")
         ranks = 1
     lists = rank_lists(per_node, ranks)
     if not lists:
-        raise PreflightError(f"{ranks} ranks do not fit {sum(map(len, per_node))} usable CPUs on {len(per_node)} NUMA "
-                             "node(s): each rank needs at least one CPU of its own; use fewer ranks")
+        raise PreflightError(
+            f"{ranks} ranks do not fit {sum(map(len, per_node))} usable CPUs on {len(per_node)} NUMA "
+            "node(s): each rank needs at least one CPU of its own; use fewer ranks"
+        )
     if usable and sum(map(len, lists)) > usable:  # a CPU quota below the cpuset: trim evenly
-        lists = [c[:max(1, usable // ranks)] for c in lists]
+        lists = [c[: max(1, usable // ranks)] for c in lists]
         why.append(f"cgroup CPU quota {machine.cgroup_cpu_quota:g}: {usable} threads in all")
     total = sum(map(len, lists))
     reserve = ranks if reserve is None else reserve
@@ -111,10 +135,10 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
     per_rank = [reserve // ranks] * ranks  # vLLM's split: the remainder goes to the last ranks
     for i in range(ranks - 1, ranks - 1 - reserve % ranks, -1):
         per_rank[i] += 1
-    if any(len(c) - k < 1 for c, k in zip(lists, per_rank)):
+    if any(len(c) - k < 1 for c, k in zip(lists, per_rank, strict=False)):
         why.append(f"no CPU reserved: a rank would be left without CPUs after reserving {reserve}")
         reserve, per_rank = 0, [0] * ranks
-    lists = [c[:len(c) - k] if k else c for c, k in zip(lists, per_rank)]
+    lists = [c[: len(c) - k] if k else c for c, k in zip(lists, per_rank, strict=False)]
     bind = tuple(format_cpulist(c) for c in lists)
     env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind)
     if ranks > len(per_node):
@@ -126,10 +150,17 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
     else:
         scope = "one rank"
     limits = " ∩ ".join(x for x, v in (("affinity", machine.affinity), ("cgroup cpuset", machine.cgroup_cpuset)) if v)
-    why.append(f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}: {scope}"
-               + (f", only CPUs in {limits}" if limits else "")
-               + (f"; {reserve} CPU(s) left out for vLLM's scheduler/API process (reserve)" if reserve
-                  else "; no CPU reserved"))
-    why.append("vLLM sets OMP_NUM_THREADS per worker from its bind list (VLLM_CPU_NUM_OF_RESERVED_CPU "
-               "only applies to 'auto', so the plan leaves reserved CPUs out of the lists itself)")
+    why.append(
+        f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}: {scope}"
+        + (f", only CPUs in {limits}" if limits else "")
+        + (
+            f"; {reserve} CPU(s) left out for vLLM's scheduler/API process (reserve)"
+            if reserve
+            else "; no CPU reserved"
+        )
+    )
+    why.append(
+        "vLLM sets OMP_NUM_THREADS per worker from its bind list (VLLM_CPU_NUM_OF_RESERVED_CPU "
+        "only applies to 'auto', so the plan leaves reserved CPUs out of the lists itself)"
+    )
     return ranks, bind, min(map(len, lists)), env

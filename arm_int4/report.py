@@ -13,8 +13,20 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["Record", "METRICS", "to_dict", "format_json", "format_jsonl", "format_csv", "format_markdown",
-           "plot", "check_targets", "emit", "exit_code", "baseline_name"]
+__all__ = [
+    "Record",
+    "METRICS",
+    "to_dict",
+    "format_json",
+    "format_jsonl",
+    "format_csv",
+    "format_markdown",
+    "plot",
+    "check_targets",
+    "emit",
+    "exit_code",
+    "baseline_name",
+]
 
 # Statistics carried as mean + `_sd` + `_samples` (one sample per repetition).
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms", "total_tok_s", "output_tok_s", "achieved_gbs")
@@ -79,7 +91,9 @@ class Record:
     engine_args: dict = field(default_factory=dict)  # LLM(...) keyword arguments
     env: dict = field(default_factory=dict)  # environment variables the plan set
     linear_kernels: list = field(default_factory=list)  # from vLLM's log ("Using X for Y")
-    int4_kernel: Optional[str] = None  # the quantized linear kernel vLLM's log says it ran (kernels.describe); None: dense
+    int4_kernel: Optional[str] = (
+        None  # the quantized linear kernel vLLM's log says it ran (kernels.describe); None: dense
+    )
     # ---- environment
     cpu: Optional[str] = None
     arch: Optional[str] = None
@@ -161,8 +175,12 @@ def _side_by_side(records, metric: str, title: str) -> list:
     for w in who:
         if w != base:
             head += [label[w], "×"]
-    lines = [f"### {title}, side by side (× = speed-up over {base})", "",
-             "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    lines = [
+        f"### {title}, side by side (× = speed-up over {base})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---" + "|---:" * (len(head) - 1) + "|",
+    ]
     cell = {(_who(r), r.test): r for r in ok}
     for test in dict.fromkeys(r.test for r in records):
         b = cell.get((base, test))
@@ -184,41 +202,85 @@ def format_markdown(records) -> str:
     r0 = next((r for r in records if r.error is None), records[0])
     out = ["## arm-int4 bench", ""]
     bw = f"; memory bandwidth (triad) {r0.bandwidth_gbs:.1f} GB/s" if r0.bandwidth_gbs else ""
-    out.append(f"- machine: {r0.cpu or 'unknown CPU'} ({r0.arch}), {r0.usable_cpus} usable of {r0.logical_cpus} "
-               f"logical CPUs, {' '.join(r0.cpu_features) or 'no listed ISA features'}{bw}")
-    out.append(f"- software: vLLM {r0.vllm_version}, torch {r0.torch_version}, Python {r0.python_version}, "
-               f"arm-int4 {r0.arm_int4_version} (git {r0.git_commit or 'unknown'})")
+    out.append(
+        f"- machine: {r0.cpu or 'unknown CPU'} ({r0.arch}), {r0.usable_cpus} usable of {r0.logical_cpus} "
+        f"logical CPUs, {' '.join(r0.cpu_features) or 'no listed ISA features'}{bw}"
+    )
+    out.append(
+        f"- software: vLLM {r0.vllm_version}, torch {r0.torch_version}, Python {r0.python_version}, "
+        f"arm-int4 {r0.arm_int4_version} (git {r0.git_commit or 'unknown'})"
+    )
     modes = {r.mode for r in records}
-    out.append(f"- method: {r0.warmup} untimed warm-up batch(es), then {r0.repetitions} timed repetitions per test; "
-               "mean ± sd over repetitions, p50/p99 over all requests; "
-               + " / ".join(text for mode, text in (
-                   ("offline", "vLLM's offline engine in a fresh subprocess per configuration"),
-                   ("server", "an OpenAI server over HTTP, one client per concurrent request"),
-                   ("llamacpp", "llama.cpp (llama-cpp-python) in a subprocess, batch B = B parallel sequences in "
-                                "one context")) if mode in modes))
+    out.append(
+        f"- method: {r0.warmup} untimed warm-up batch(es), then {r0.repetitions} timed repetitions per test; "
+        "mean ± sd over repetitions, p50/p99 over all requests; "
+        + " / ".join(
+            text
+            for mode, text in (
+                ("offline", "vLLM's offline engine in a fresh subprocess per configuration"),
+                ("server", "an OpenAI server over HTTP, one client per concurrent request"),
+                (
+                    "llamacpp",
+                    "llama.cpp (llama-cpp-python) in a subprocess, batch B = B parallel sequences in one context",
+                ),
+            )
+            if mode in modes
+        )
+    )
     for ex in dict.fromkeys(r.excluded for r in records if r.excluded):
         out.append(f"- not timed: {ex}")
     starts = {_who(r): r.load_s for r in records if r.load_s is not None}
     if starts:
         out.append("- engine start (untimed): " + "; ".join(f"{w} {s:.0f} s" for w, s in starts.items()))
-    out += ["- test ppP tgN bB: B concurrent requests of P prompt tokens, N generated each; decode tok/s = B / TPOT "
-            "(all streams); prefill tok/s = B·P / slowest TTFT; total tok/s = B·(P+N) / wall time; GB/s = decode "
-            "steps/s × (weights read + KV read per step)", ""]
+    out += [
+        "- test ppP tgN bB: B concurrent requests of P prompt tokens, N generated each; decode tok/s = B / TPOT "
+        "(all streams); prefill tok/s = B·P / slowest TTFT; total tok/s = B·(P+N) / wall time; GB/s = decode "
+        "steps/s × (weights read + KV read per step)",
+        "",
+    ]
     cfg = any(r.config for r in records)
-    head = ["model"] + (["config"] if cfg else []) + [
-        "quantization", "test", "prefill tok/s", "decode tok/s", "TTFT ms p50/p99", "TPOT ms p50/p99",
-        "total tok/s", "GB/s (% of triad)", "peak RSS", "model size"]
+    head = (
+        ["model"]
+        + (["config"] if cfg else [])
+        + [
+            "quantization",
+            "test",
+            "prefill tok/s",
+            "decode tok/s",
+            "TTFT ms p50/p99",
+            "TPOT ms p50/p99",
+            "total tok/s",
+            "GB/s (% of triad)",
+            "peak RSS",
+            "model size",
+        ]
+    )
     out += ["| " + " | ".join(head) + " |", "|---|" + ("---|" if cfg else "") + "---|---|" + "---:|" * 8]
     for r in records:
         if r.error is not None:
             row = [r.model_name] + ([r.config] if cfg else []) + [r.quantization or "-", r.test, "failed"] + ["-"] * 7
         else:
-            gbs = "-" if r.achieved_gbs is None else _n(r.achieved_gbs) + (
-                f" ({r.bandwidth_pct:.0f}%)" if r.bandwidth_pct is not None else "")
-            row = [r.model_name] + ([r.config] if cfg else []) + [
-                r.quantization or "-", r.test, _pm(r, "prefill_tok_s"), _pm(r, "decode_tok_s"),
-                f"{_n(r.ttft_ms_p50)} / {_n(r.ttft_ms_p99)}", f"{_n(r.tpot_ms_p50)} / {_n(r.tpot_ms_p99)}",
-                _pm(r, "total_tok_s"), gbs, _bytes(r.peak_rss_bytes), _bytes(r.model_bytes)]
+            gbs = (
+                "-"
+                if r.achieved_gbs is None
+                else _n(r.achieved_gbs) + (f" ({r.bandwidth_pct:.0f}%)" if r.bandwidth_pct is not None else "")
+            )
+            row = (
+                [r.model_name]
+                + ([r.config] if cfg else [])
+                + [
+                    r.quantization or "-",
+                    r.test,
+                    _pm(r, "prefill_tok_s"),
+                    _pm(r, "decode_tok_s"),
+                    f"{_n(r.ttft_ms_p50)} / {_n(r.ttft_ms_p99)}",
+                    f"{_n(r.tpot_ms_p50)} / {_n(r.tpot_ms_p99)}",
+                    _pm(r, "total_tok_s"),
+                    gbs,
+                    _bytes(r.peak_rss_bytes),
+                    _bytes(r.model_bytes),
+                ]
+            )
         out.append("| " + " | ".join(row) + " |")
     out.append("")
     out += _side_by_side(records, "decode_tok_s", "decode tok/s")
@@ -250,7 +312,7 @@ def plot(records, path: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(tests) * max(1, len(who)) / 2 + 4), 4.5))
     width = 0.8 / max(1, len(who))
     panels = (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s (all streams)"))
-    for ax, (metric, title) in zip(axes, panels):
+    for ax, (metric, title) in zip(axes, panels, strict=False):
         for i, w in enumerate(who):
             vals = [getattr(cell.get((w, t)), metric, None) or 0 for t in tests]
             errs = [getattr(cell.get((w, t)), metric + "_sd", None) or 0 for t in tests]
@@ -274,16 +336,24 @@ def plot(records, path: str) -> str:
 _FORMATS = {"json": format_json, "jsonl": format_jsonl, "csv": format_csv}
 
 
-def check_targets(*, json_path: Optional[str] = None, csv_path: Optional[str] = None,
-                  jsonl_path: Optional[str] = None, plot_path: Optional[str] = None) -> None:
+def check_targets(
+    *,
+    json_path: Optional[str] = None,
+    csv_path: Optional[str] = None,
+    jsonl_path: Optional[str] = None,
+    plot_path: Optional[str] = None,
+) -> None:
     """Refuse output paths that cannot work before anything is measured (UsageError, one line)."""
     from .errors import UsageError
 
     targets = {"--json": json_path, "--jsonl": jsonl_path, "--csv": csv_path, "--plot": plot_path}
     to_stdout = [k for k, v in targets.items() if v == "-"]
     if len(to_stdout) > 1 or plot_path == "-":
-        raise UsageError(f"{' and '.join(to_stdout)} both ask for stdout ('-'): send at most one text format there"
-                         if plot_path != "-" else "--plot needs a FILE.png, not stdout")
+        raise UsageError(
+            f"{' and '.join(to_stdout)} both ask for stdout ('-'): send at most one text format there"
+            if plot_path != "-"
+            else "--plot needs a FILE.png, not stdout"
+        )
     if plot_path and not plot_path.lower().endswith(".png"):
         raise UsageError(f"--plot {plot_path}: the file name must end in .png")
     for flag, path in targets.items():
@@ -292,8 +362,15 @@ def check_targets(*, json_path: Optional[str] = None, csv_path: Optional[str] = 
             raise UsageError(f"{flag} {path}: directory {parent} does not exist")
 
 
-def emit(records, *, md=None, json_path: Optional[str] = None, csv_path: Optional[str] = None,
-         jsonl_path: Optional[str] = None, plot_path: Optional[str] = None) -> None:
+def emit(
+    records,
+    *,
+    md=None,
+    json_path: Optional[str] = None,
+    csv_path: Optional[str] = None,
+    jsonl_path: Optional[str] = None,
+    plot_path: Optional[str] = None,
+) -> None:
     """Markdown to `md` (default: stdout) unless another format goes to stdout ('-'); the others
     to their files."""
     check_targets(json_path=json_path, csv_path=csv_path, jsonl_path=jsonl_path, plot_path=plot_path)

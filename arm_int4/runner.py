@@ -38,8 +38,21 @@ from . import workers
 from .errors import PreflightError, RunError, UsageError
 from .launch import Plan
 
-__all__ = ["ENGINE_WORKERS", "KERNEL_LINE", "linear_kernels", "WorkerRun", "run_worker", "Server", "serve_foreground", "check_port",
-           "can_set_affinity", "process_env", "group_pids", "http_get", "log_tail"]
+__all__ = [
+    "ENGINE_WORKERS",
+    "KERNEL_LINE",
+    "linear_kernels",
+    "WorkerRun",
+    "run_worker",
+    "Server",
+    "serve_foreground",
+    "check_port",
+    "can_set_affinity",
+    "process_env",
+    "group_pids",
+    "http_get",
+    "log_tail",
+]
 
 # Workers that start a vLLM engine: run_worker refuses them without a launch.Plan.
 ENGINE_WORKERS = frozenset({"bench", "perplexity", "lmeval"})
@@ -62,8 +75,9 @@ def check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PreflightError(f"port {port} on {host} is already in use: stop the server holding it "
-                                     "or pass --port N") from None
+                raise PreflightError(
+                    f"port {port} on {host} is already in use: stop the server holding it or pass --port N"
+                ) from None
             raise PreflightError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
@@ -164,8 +178,7 @@ class Server:
 
     log: a file path for stdout+stderr (bench), or None to inherit ours (serve)."""
 
-    def __init__(self, plan: Plan, *, log: Optional[str] = None, env: Optional[dict] = None,
-                 reap_grace: float = 5.0):
+    def __init__(self, plan: Plan, *, log: Optional[str] = None, env: Optional[dict] = None, reap_grace: float = 5.0):
         self.plan, self.log = plan, log
         self.proc: Optional[subprocess.Popen] = None
         self._log_file: Optional[IO[bytes]] = None
@@ -186,12 +199,17 @@ class Server:
     def start(self) -> "Server":
         out = None
         if self.log:
-            self._log_file = out = open(self.log, "ab")
+            self._log_file = out = open(self.log, "ab")  # noqa: SIM115 (held while the server runs; closed in stop())
         try:
-            self.proc = subprocess.Popen(list(self.plan.argv), env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT if out else None,
-                                         start_new_session=True,  # own session + group: pgid == pid
-                                         preexec_fn=_term_with_parent)
+            self.proc = subprocess.Popen(
+                list(self.plan.argv),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,  # own session + group: pgid == pid
+                preexec_fn=_term_with_parent,
+            )
         except OSError as exc:
             raise RunError(f"cannot start {self.plan.argv[0]}: {exc.strerror}") from None
         return self
@@ -213,8 +231,10 @@ class Server:
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 self.stop()
-                raise RunError(f"vLLM was not ready after {timeout:.0f} s (no 200 from /health on "
-                               f"{self.plan.base_url}){self._log_hint()}")
+                raise RunError(
+                    f"vLLM was not ready after {timeout:.0f} s (no 200 from /health on "
+                    f"{self.plan.base_url}){self._log_hint()}"
+                )
             time.sleep(poll)
 
     def _log_hint(self) -> str:
@@ -284,9 +304,18 @@ class WorkerRun:
         return self.result
 
 
-def run_worker(name: str, job: dict, *, plan: Optional[Plan] = None, python: Optional[str] = None,
-               env: Optional[dict] = None, log=None, on_update: Optional[Callable[[dict], None]] = None,
-               cpus=None, poll: float = 0.5) -> WorkerRun:
+def run_worker(
+    name: str,
+    job: dict,
+    *,
+    plan: Optional[Plan] = None,
+    python: Optional[str] = None,
+    env: Optional[dict] = None,
+    log=None,
+    on_update: Optional[Callable[[dict], None]] = None,
+    cpus=None,
+    poll: float = 0.5,
+) -> WorkerRun:
     """Run arm_int4/workers/{name}_worker.py on `job` in a fresh process group and wait for it.
 
     plan: required for ENGINE_WORKERS (bench, perplexity, lmeval): the interpreter is plan.argv[0],
@@ -340,9 +369,15 @@ def run_worker(name: str, job: dict, *, plan: Optional[Plan] = None, python: Opt
     try:
         with open(log, "ab") as out:
             try:
-                proc = subprocess.Popen([str(python), str(workers.path(name)), str(job_path), str(result_path)],
-                                        env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=child_setup)
+                proc = subprocess.Popen(
+                    [str(python), str(workers.path(name)), str(job_path), str(result_path)],
+                    env=full_env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=child_setup,
+                )
             except OSError as exc:
                 raise RunError(f"cannot start {python}: {exc.strerror}") from None
             while proc.poll() is None:
@@ -365,8 +400,7 @@ def run_worker(name: str, job: dict, *, plan: Optional[Plan] = None, python: Opt
     kernels = linear_kernels(log.read_text(encoding="utf-8", errors="replace")) if plan is not None else []
     if error is None and not keep:
         log.unlink(missing_ok=True)
-    return WorkerRun(name=name, result=result, returncode=proc.returncode, log=log, error=error,
-                     linear_kernels=kernels)
+    return WorkerRun(name=name, result=result, returncode=proc.returncode, log=log, error=error, linear_kernels=kernels)
 
 
 def serve_foreground(plan: Plan, *, ready_timeout: Optional[float] = None, out=None) -> int:
@@ -381,8 +415,7 @@ def serve_foreground(plan: Plan, *, ready_timeout: Optional[float] = None, out=N
     def forward(signum, _frame):
         got.append(signum)
         if len(got) == 1:
-            print(f"arm-int4 serve: {signal.Signals(signum).name}: stopping vLLM (again to kill)", file=out,
-                  flush=True)
+            print(f"arm-int4 serve: {signal.Signals(signum).name}: stopping vLLM (again to kill)", file=out, flush=True)
             server.send_signal(signum)
         elif server.pid is not None:
             try:
@@ -397,8 +430,12 @@ def serve_foreground(plan: Plan, *, ready_timeout: Optional[float] = None, out=N
         while server.process.poll() is None:
             if not announced and not got and server.ready():
                 announced = True
-                print(f"arm-int4 serve: ready in {time.monotonic() - t0:.0f} s: {plan.base_url}/v1 "
-                      f"(model {plan.served_model_name!r}); Ctrl-C stops it", file=out, flush=True)
+                print(
+                    f"arm-int4 serve: ready in {time.monotonic() - t0:.0f} s: {plan.base_url}/v1 "
+                    f"(model {plan.served_model_name!r}); Ctrl-C stops it",
+                    file=out,
+                    flush=True,
+                )
             elif not announced and ready_timeout and time.monotonic() - t0 > ready_timeout:
                 server.stop()
                 raise RunError(f"vLLM was not ready after {ready_timeout:.0f} s")

@@ -52,9 +52,7 @@ class Scheme:
         if self.preset not in PRESETS:
             raise UsageError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if self.granularity not in GRANULARITIES:
-            raise UsageError(
-                f"unknown scheme {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}"
-            )
+            raise UsageError(f"unknown scheme {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
         if self.observer not in OBSERVERS:
             raise UsageError(f"unknown method {self.observer!r}: choose one of {', '.join(OBSERVERS)}")
         if self.granularity == "groupwise":
@@ -68,7 +66,7 @@ class Scheme:
             raise UsageError("internal: channelwise schemes carry no group size")
 
     @classmethod
-    def from_options(cls, preset: str, scheme: str, method: str, groupsize: int | None) -> "Scheme":
+    def from_options(cls, preset: str, scheme: str, method: str, groupsize: int | None) -> Scheme:
         """The learning path's flags → a Scheme (groupsize only counts for groupwise)."""
         if preset == "w4a16" and scheme == "groupwise" and groupsize is None:
             groupsize = W4A16_GROUP

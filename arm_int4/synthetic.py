@@ -84,8 +84,9 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int):
     return fast
 
 
-def build_random_llama(out_dir: str | Path, shape: str | LlamaShape = "tiny", seed: int = 0,
-                       dtype: str = "bfloat16", **config_overrides) -> Path:
+def build_random_llama(
+    out_dir: str | Path, shape: str | LlamaShape = "tiny", seed: int = 0, dtype: str = "bfloat16", **config_overrides
+) -> Path:
     """Write a random LlamaForCausalLM (safetensors, `dtype`) plus tokenizer into out_dir.
 
     config_overrides go to LlamaConfig, e.g. attention_bias=True for Qwen2-style q/k/v biases."""
@@ -120,23 +121,53 @@ def build_random_llama(out_dir: str | Path, shape: str | LlamaShape = "tiny", se
 # Tiny MoE of each family llmcompressor and vLLM know: 2 layers, 4 experts, top-2, hidden 256,
 # expert intermediate 256 (Mixtral: 512, its experts use intermediate_size). Every dim is a
 # multiple of 128. DeepSeek-V2 keeps its real layout: layer 0 dense, MLA attention, 1 shared expert.
-_MOE_COMMON = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                   tie_word_embeddings=False, num_experts_per_tok=2)
+_MOE_COMMON = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    num_experts_per_tok=2,
+)
 MOE_FAMILIES = {  # family → (transformers config class, model class, config fields)
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=256, head_dim=64)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(num_experts=4, moe_intermediate_size=256, shared_expert_intermediate_size=512)),
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                    dict(n_routed_experts=4, moe_intermediate_size=256, n_shared_experts=1, first_k_dense_replace=1,
-                         kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64,
-                         n_group=1, topk_group=1)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=256, shared_expert_intermediate_size=512),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            n_routed_experts=4,
+            moe_intermediate_size=256,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=64,
+            q_lora_rank=None,
+            qk_rope_head_dim=32,
+            qk_nope_head_dim=32,
+            v_head_dim=64,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
 }
 
 
-def build_random_moe(out_dir: str | Path, family: str = "qwen3_moe", seed: int = 0, dtype: str = "bfloat16",
-                     tokenizer_from: str | Path | None = None, **config_overrides) -> Path:
+def build_random_moe(
+    out_dir: str | Path,
+    family: str = "qwen3_moe",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    tokenizer_from: str | Path | None = None,
+    **config_overrides,
+) -> Path:
     """Write a tiny random MoE of `family` (MOE_FAMILIES) plus tokenizer into out_dir.
 
     transformers 5 holds experts fused (3-D gate_up_proj / down_proj) but save_pretrained writes
@@ -156,8 +187,9 @@ def build_random_moe(out_dir: str | Path, family: str = "qwen3_moe", seed: int =
     else:
         tok = train_tokenizer(out, _MOE_COMMON["vocab_size"])
     settings: dict = {**_MOE_COMMON, **fields, **config_overrides}
-    config = getattr(transformers, config_cls)(**settings, bos_token_id=tok.bos_token_id,
-                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = getattr(transformers, config_cls)(
+        **settings, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(getattr(torch, dtype))
     model.save_pretrained(str(out), safe_serialization=True)

@@ -11,8 +11,19 @@ import subprocess
 
 from .errors import UsageError
 
-__all__ = ["parse_cpulist", "format_cpulist", "read_text", "to_int", "meminfo", "node_memory", "cgroup_memory", "numa_nodes", "topology", "cgroup_cpu",
-           "tcmalloc"]
+__all__ = [
+    "parse_cpulist",
+    "format_cpulist",
+    "read_text",
+    "to_int",
+    "meminfo",
+    "node_memory",
+    "cgroup_memory",
+    "numa_nodes",
+    "topology",
+    "cgroup_cpu",
+    "tcmalloc",
+]
 
 
 def parse_cpulist(text: str) -> list[int]:
@@ -66,8 +77,10 @@ def node_memory(node_dir: str) -> tuple[tuple[int, int, int], ...] | None:
 def cgroup_memory(root: str) -> tuple[int | None, int | None]:
     """(limit, usage) in bytes from the files vLLM 0.32 reads (cpu_resource_utils.py); None = none."""
     cg = os.path.join(root, "sys/fs/cgroup")
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         limit = to_int((read_text(os.path.join(cg, limit_file)) or "").strip())
         if limit is not None:
             if limit >= 1 << 62:  # v1's "unlimited" sentinel
@@ -152,8 +165,16 @@ def tcmalloc(root: str) -> str | None:
             out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             pass
-    hits = [line.split("=>", 1)[1].strip() for name in names for line in out.splitlines()
-            if line.strip().startswith(name) and "=>" in line]
-    hits += [h for name in names for d in ("usr/lib/*-linux-gnu", "usr/lib64", "usr/lib", "usr/local/lib",
-             "lib/*-linux-gnu") for h in sorted(glob.glob(os.path.join(root, d, name + "*")))]
+    hits = [
+        line.split("=>", 1)[1].strip()
+        for name in names
+        for line in out.splitlines()
+        if line.strip().startswith(name) and "=>" in line
+    ]
+    hits += [
+        h
+        for name in names
+        for d in ("usr/lib/*-linux-gnu", "usr/lib64", "usr/lib", "usr/local/lib", "lib/*-linux-gnu")
+        for h in sorted(glob.glob(os.path.join(root, d, name + "*")))
+    ]
     return hits[0] if hits else None

@@ -30,9 +30,29 @@ from . import __version__, bandwidth, bench, hardware, launch, placement
 from .errors import ArmInt4Error, UsageError
 from .workload import failed_records
 
-__all__ = ["OBJECTIVES", "TPOT_LIMIT_MS", "MODES", "PLACEMENTS", "PROMPTS", "GENS", "BATCHES", "REPETITIONS",
-           "Candidate", "Outcome", "placements", "candidates", "score", "select", "profile_for", "default_output",
-           "check_output", "write_profile", "sweep", "format_summary", "bandwidth_for"]
+__all__ = [
+    "OBJECTIVES",
+    "TPOT_LIMIT_MS",
+    "MODES",
+    "PLACEMENTS",
+    "PROMPTS",
+    "GENS",
+    "BATCHES",
+    "REPETITIONS",
+    "Candidate",
+    "Outcome",
+    "placements",
+    "candidates",
+    "score",
+    "select",
+    "profile_for",
+    "default_output",
+    "check_output",
+    "write_profile",
+    "sweep",
+    "format_summary",
+    "bandwidth_for",
+]
 
 # Defaults, written once (TuneOptions reads these).
 OBJECTIVES = ("decode", "throughput")
@@ -43,7 +63,7 @@ PROMPTS, GENS, BATCHES, REPETITIONS = (128,), (64,), (1, 4, 16), 2
 
 
 def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(msg, file=sys.stderr, flush=True)  # noqa: T201 (progress goes to stderr by design)
 
 
 @dataclass(frozen=True)
@@ -63,21 +83,55 @@ def placements(machine: hardware.Machine, kinds=PLACEMENTS) -> list:
     nodes = len(placement.cpu_sets(machine)) or 1
     half = cpus // 2
     table = {
-        "all": (True, Candidate(f"all-{cpus}t", launch.Profile(ranks=1, reserve=0),
-                                f"all {cpus} usable CPUs bound, one rank (Arm's learning path binds every core)")),
-        "reserve1": (cpus > 1, Candidate(f"reserve1-{cpus - 1}t", launch.Profile(ranks=1, reserve=1),
-                                         "one CPU left to vLLM's scheduler/API process (vLLM's CPU FAQ)")),
-        "half": (cpus >= 16, Candidate(f"half-{half}t", launch.Profile(ranks=1, reserve=cpus - half),
-                                       f"{half} threads: decode is memory-bound, fewer threads may reach the same "
-                                       "bandwidth")),
-        "numa": (nodes > 1, Candidate(f"numa{nodes}-ranks", launch.Profile(ranks=nodes, reserve=nodes),
-                                      f"one tensor-parallel rank per NUMA node ({nodes}), one CPU each reserved")),
-        "tp2": (nodes == 1 and cpus >= 2, Candidate(f"tp2-{cpus // 2 - (1 if cpus >= 4 else 0)}t",
-                                                    launch.Profile(ranks=2, reserve=2 if cpus >= 4 else 0),
-                                                    "two tensor-parallel ranks on one NUMA node, each with half of "
-                                                    "the CPUs" + (", one CPU each reserved" if cpus >= 4 else ""))),
-        "auto": (True, Candidate("vllm-auto", launch.Profile(bind="auto"),
-                                 "vLLM's default: VLLM_CPU_OMP_THREADS_BIND=auto, one reserved CPU per rank")),
+        "all": (
+            True,
+            Candidate(
+                f"all-{cpus}t",
+                launch.Profile(ranks=1, reserve=0),
+                f"all {cpus} usable CPUs bound, one rank (Arm's learning path binds every core)",
+            ),
+        ),
+        "reserve1": (
+            cpus > 1,
+            Candidate(
+                f"reserve1-{cpus - 1}t",
+                launch.Profile(ranks=1, reserve=1),
+                "one CPU left to vLLM's scheduler/API process (vLLM's CPU FAQ)",
+            ),
+        ),
+        "half": (
+            cpus >= 16,
+            Candidate(
+                f"half-{half}t",
+                launch.Profile(ranks=1, reserve=cpus - half),
+                f"{half} threads: decode is memory-bound, fewer threads may reach the same bandwidth",
+            ),
+        ),
+        "numa": (
+            nodes > 1,
+            Candidate(
+                f"numa{nodes}-ranks",
+                launch.Profile(ranks=nodes, reserve=nodes),
+                f"one tensor-parallel rank per NUMA node ({nodes}), one CPU each reserved",
+            ),
+        ),
+        "tp2": (
+            nodes == 1 and cpus >= 2,
+            Candidate(
+                f"tp2-{cpus // 2 - (1 if cpus >= 4 else 0)}t",
+                launch.Profile(ranks=2, reserve=2 if cpus >= 4 else 0),
+                "two tensor-parallel ranks on one NUMA node, each with half of "
+                "the CPUs" + (", one CPU each reserved" if cpus >= 4 else ""),
+            ),
+        ),
+        "auto": (
+            True,
+            Candidate(
+                "vllm-auto",
+                launch.Profile(bind="auto"),
+                "vLLM's default: VLLM_CPU_OMP_THREADS_BIND=auto, one reserved CPU per rank",
+            ),
+        ),
     }
     return [table[k][1] for k in PLACEMENTS if k in kinds and table[k][0]]
 
@@ -90,8 +144,11 @@ def candidates(machine: hardware.Machine, modes=MODES, kinds=PLACEMENTS) -> list
 def _with_mode(c: Candidate, mode: str) -> Candidate:
     if mode not in MODES:
         raise UsageError(f"--modes {mode}: choose from {', '.join(MODES)}")
-    return Candidate(f"{c.label} {mode}", dataclasses.replace(c.profile, enforce_eager=mode == "eager"),
-                     c.why + ("; --enforce-eager" if mode == "eager" else "; compiled (vLLM's default)"))
+    return Candidate(
+        f"{c.label} {mode}",
+        dataclasses.replace(c.profile, enforce_eager=mode == "eager"),
+        c.why + ("; --enforce-eager" if mode == "eager" else "; compiled (vLLM's default)"),
+    )
 
 
 # ------------------------------------------------------------------------------- selection
@@ -103,8 +160,11 @@ def score(records, objective: str, tpot_limit_ms: float = TPOT_LIMIT_MS) -> Opti
     if objective == "decode":
         vals = [(r.decode_tok_s, 1) for r in ok if r.batch == 1 and r.decode_tok_s is not None]
     elif objective == "throughput":
-        vals = [(r.output_tok_s, r.batch) for r in ok if r.output_tok_s is not None
-                and r.tpot_ms_p50 is not None and r.tpot_ms_p50 <= tpot_limit_ms]
+        vals = [
+            (r.output_tok_s, r.batch)
+            for r in ok
+            if r.output_tok_s is not None and r.tpot_ms_p50 is not None and r.tpot_ms_p50 <= tpot_limit_ms
+        ]
     else:
         raise UsageError(f"--objective {objective}: choose from {', '.join(OBJECTIVES)}")
     return max(vals, default=None)
@@ -149,32 +209,56 @@ def write_profile(path: str, profile: launch.Profile, overwrite: bool = False) -
     return path
 
 
-def profile_for(winner: Candidate, ranking: list, by_label: dict, *, objective: str, tpot_limit_ms: float,
-                machine: hardware.Machine, model_dir, workload: bench.Workload) -> launch.Profile:
+def profile_for(
+    winner: Candidate,
+    ranking: list,
+    by_label: dict,
+    *,
+    objective: str,
+    tpot_limit_ms: float,
+    machine: hardware.Machine,
+    model_dir,
+    workload: bench.Workload,
+) -> launch.Profile:
     """The winner's fields (+ max-num-seqs for throughput) with meta: machine, date, scores."""
-    unit = "decode tok/s at batch 1" if objective == "decode" else (
-        f"output tok/s, TPOT p50 <= {tpot_limit_ms:g} ms")
+    unit = "decode tok/s at batch 1" if objective == "decode" else (f"output tok/s, TPOT p50 <= {tpot_limit_ms:g} ms")
 
     def entry(label, value, batch):
         recs = by_label[label]
         errs = [r.error for r in recs if r.error]
-        return {"config": label, "score": value, "batch": batch,
-                "load_s": next((r.load_s for r in recs if r.load_s is not None), None),
-                **({"error": errs[0]} if errs else {})}
+        return {
+            "config": label,
+            "score": value,
+            "batch": batch,
+            "load_s": next((r.load_s for r in recs if r.load_s is not None), None),
+            **({"error": errs[0]} if errs else {}),
+        }
 
     best = ranking[0]
     meta = {
-        "tool": f"arm-int4 {__version__} tune", "vllm_version": machine.vllm_version,
+        "tool": f"arm-int4 {__version__} tune",
+        "vllm_version": machine.vllm_version,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"key": f"{machine.arch}-{machine.cpu_name or 'unknown'}-{machine.usable_cpus()}cpu",
-                    "cpu": machine.cpu_name, "arch": machine.arch, "usable_cpus": machine.usable_cpus(),
-                    "numa_nodes": len(machine.numa_nodes)},
-        "model": os.path.abspath(str(model_dir)), "objective": objective, "unit": unit,
+        "machine": {
+            "key": f"{machine.arch}-{machine.cpu_name or 'unknown'}-{machine.usable_cpus()}cpu",
+            "cpu": machine.cpu_name,
+            "arch": machine.arch,
+            "usable_cpus": machine.usable_cpus(),
+            "numa_nodes": len(machine.numa_nodes),
+        },
+        "model": os.path.abspath(str(model_dir)),
+        "objective": objective,
+        "unit": unit,
         "tpot_limit_ms": tpot_limit_ms if objective == "throughput" else None,
-        "workload": {"prompts": list(workload.prompts), "gens": list(workload.gens),
-                     "batches": list(workload.batches), "repetitions": workload.repetitions},
+        "workload": {
+            "prompts": list(workload.prompts),
+            "gens": list(workload.gens),
+            "batches": list(workload.batches),
+            "repetitions": workload.repetitions,
+        },
         "mode": "eager" if winner.profile.enforce_eager else "compiled",
-        "winner": entry(*best), "runners_up": [entry(*r) for r in ranking[1:]],
+        "winner": entry(*best),
+        "runners_up": [entry(*r) for r in ranking[1:]],
     }
     fields = {"max_num_seqs": best[2]} if objective == "throughput" else {}
     return dataclasses.replace(winner.profile, meta=meta, **fields)
@@ -191,10 +275,20 @@ class Outcome:
     path: Optional[str] = None  # where the profile was written
 
 
-def sweep(model_dir, *, objective: str = OBJECTIVES[0], tpot_limit_ms: float = TPOT_LIMIT_MS,
-          workload: Optional[bench.Workload] = None, modes=MODES, kinds=PLACEMENTS,
-          machine: Optional[hardware.Machine] = None, extra_args=(), log_dir=None,
-          bandwidth_gbs: Optional[float] = None, progress: Callable[[str], None] = _stderr) -> Outcome:
+def sweep(
+    model_dir,
+    *,
+    objective: str = OBJECTIVES[0],
+    tpot_limit_ms: float = TPOT_LIMIT_MS,
+    workload: Optional[bench.Workload] = None,
+    modes=MODES,
+    kinds=PLACEMENTS,
+    machine: Optional[hardware.Machine] = None,
+    extra_args=(),
+    log_dir=None,
+    bandwidth_gbs: Optional[float] = None,
+    progress: Callable[[str], None] = _stderr,
+) -> Outcome:
     """Run the staged sweep (module docstring) on MODEL_DIR. Never raises for a failing candidate:
     its records carry `error` and the sweep goes on. Outcome.profile is None if none qualified."""
     if objective not in OBJECTIVES:
@@ -238,16 +332,27 @@ def sweep(model_dir, *, objective: str = OBJECTIVES[0], tpot_limit_ms: float = T
                 return
             seen[key] = c.label
             progress(f"tune: stage {stage}: {c.label}: {c.why}")
-            by_label[c.label] = bench.run_plan(plan, facts, wl, machine=machine, bandwidth_gbs=bandwidth_gbs,
-                                               label=c.label, log_dir=log_dir, env_info=env_info, progress=progress)
+            by_label[c.label] = bench.run_plan(
+                plan,
+                facts,
+                wl,
+                machine=machine,
+                bandwidth_gbs=bandwidth_gbs,
+                label=c.label,
+                log_dir=log_dir,
+                env_info=env_info,
+                progress=progress,
+            )
         ran[c.label], stage_of[c.label], place_of[c.label] = c, stage, place
 
     # stage 1: placement x threads in the first mode (eager if allowed: it starts fastest)
     first_mode = "eager" if "eager" in modes else modes[0]
     places = placements(machine, kinds)
     if not places:
-        raise UsageError(f"--placements {' '.join(kinds)}: none applies to this machine "
-                         f"({machine.usable_cpus()} CPUs, {len(machine.numa_nodes)} NUMA node(s)); add all or auto")
+        raise UsageError(
+            f"--placements {' '.join(kinds)}: none applies to this machine "
+            f"({machine.usable_cpus()} CPUs, {len(machine.numa_nodes)} NUMA node(s)); add all or auto"
+        )
     for place in places:
         run(place, first_mode, probe, 1)
     best = (select(by_label, "decode") or [(None, None, None)])[0]
@@ -264,27 +369,55 @@ def sweep(model_dir, *, objective: str = OBJECTIVES[0], tpot_limit_ms: float = T
     records = [r for recs in by_label.values() for r in recs]
     if not ranking or ranking[0][1] is None:
         return Outcome(records, ranking, ran, stage_of, None)
-    profile = profile_for(ran[ranking[0][0]], ranking, by_label, objective=objective, tpot_limit_ms=tpot_limit_ms,
-                          machine=machine, model_dir=model_dir, workload=workload)
+    profile = profile_for(
+        ran[ranking[0][0]],
+        ranking,
+        by_label,
+        objective=objective,
+        tpot_limit_ms=tpot_limit_ms,
+        machine=machine,
+        model_dir=model_dir,
+        workload=workload,
+    )
     return Outcome(records, ranking, ran, stage_of, profile)
 
 
 def format_summary(outcome: Outcome, objective: str, tpot_limit_ms: float) -> str:
     """Markdown: one row per candidate (stage, engine start, score), best first."""
     unit = "decode tok/s (b1)" if objective == "decode" else f"output tok/s (TPOT p50 ≤ {tpot_limit_ms:g} ms)"
-    out = ["## arm-int4 tune", "", f"| rank | config | stage | engine start s | {unit} | batch | result |",
-           "|---:|---|---:|---:|---:|---:|---|"]
+    out = [
+        "## arm-int4 tune",
+        "",
+        f"| rank | config | stage | engine start s | {unit} | batch | result |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
     for i, (label, value, batch) in enumerate(outcome.ranking, 1):
         recs = [r for r in outcome.records if r.config == label]
         load = next((r.load_s for r in recs if r.load_s is not None), None)
         err = next((r.error for r in recs if r.error), None)
-        result = ("failed" if err and value is None else "over the TPOT limit" if value is None else
-                  "chosen" if i == 1 and outcome.profile else "partly failed" if err else "")
-        out.append(f"| {i} | {label} | {outcome.stages.get(label, '-')} | {'-' if load is None else f'{load:.0f}'} | "
-                   f"{'-' if value is None else f'{value:.1f}'} | {batch or '-'} | {result} |")
+        result = (
+            "failed"
+            if err and value is None
+            else "over the TPOT limit"
+            if value is None
+            else "chosen"
+            if i == 1 and outcome.profile
+            else "partly failed"
+            if err
+            else ""
+        )
+        out.append(
+            f"| {i} | {label} | {outcome.stages.get(label, '-')} | {'-' if load is None else f'{load:.0f}'} | "
+            f"{'-' if value is None else f'{value:.1f}'} | {batch or '-'} | {result} |"
+        )
     if outcome.profile:
-        out += ["", "profile: `" + json.dumps({k: v for k, v in outcome.profile.to_dict().items() if k != "meta"})
-                + "`" + (f" → {outcome.path}" if outcome.path else "")]
+        out += [
+            "",
+            "profile: `"
+            + json.dumps({k: v for k, v in outcome.profile.to_dict().items() if k != "meta"})
+            + "`"
+            + (f" → {outcome.path}" if outcome.path else ""),
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -295,4 +428,3 @@ def bandwidth_for(machine: hardware.Machine, progress=_stderr) -> Optional[float
     except (ArmInt4Error, OSError) as exc:
         progress(f"tune: memory bandwidth not measured: {exc}")
         return None
-

@@ -24,9 +24,29 @@ from .errors import UsageError
 from .report import Record
 
 __all__ = [
-    "BATCHES", "GENS", "INT4_READ_BYTES", "OFFLINE_EXCLUDED", "PROMPTS", "REPETITIONS", "SEED", "SERVER_EXCLUDED",
-    "WARMUP", "Test", "Workload", "bytes_per_step", "environment", "failed_records", "fill_record", "git_commit",
-    "kernel_note", "mean_sd", "model_bytes", "percentile", "quant_label", "short", "to_stderr",
+    "BATCHES",
+    "GENS",
+    "INT4_READ_BYTES",
+    "OFFLINE_EXCLUDED",
+    "PROMPTS",
+    "REPETITIONS",
+    "SEED",
+    "SERVER_EXCLUDED",
+    "WARMUP",
+    "Test",
+    "Workload",
+    "bytes_per_step",
+    "environment",
+    "failed_records",
+    "fill_record",
+    "git_commit",
+    "kernel_note",
+    "mean_sd",
+    "model_bytes",
+    "percentile",
+    "quant_label",
+    "short",
+    "to_stderr",
 ]
 
 # Defaults, written once (the CLI's BenchOptions reads these): llama-bench's spirit.
@@ -34,10 +54,12 @@ PROMPTS, GENS, BATCHES, REPETITIONS, WARMUP, SEED = (128, 512), (128,), (1, 8), 
 # Bytes a decode step reads per int4 weight: KleidiAI's packed layout holds two per byte on Arm;
 # vLLM's x86 reference fallback keeps an fp32-sized packed weight (measured, see NOTES).
 INT4_READ_BYTES = {"aarch64": 0.5, "x86_64": 4}
-OFFLINE_EXCLUDED = ("tokenization (prompts are token ids) and detokenization (off); engine start; "
-                    "random prompt generation")
-SERVER_EXCLUDED = ("prompt tokenization (prompts are token ids); included: HTTP, SSE framing and the "
-                   "server's detokenization")
+OFFLINE_EXCLUDED = (
+    "tokenization (prompts are token ids) and detokenization (off); engine start; random prompt generation"
+)
+SERVER_EXCLUDED = (
+    "prompt tokenization (prompts are token ids); included: HTTP, SSE framing and the server's detokenization"
+)
 
 
 def to_stderr(msg: str) -> None:
@@ -94,10 +116,15 @@ def git_commit() -> Optional[str]:
     if not (repo / ".git").exists():
         return None
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("-dirty" if dirty else "")) or None
@@ -105,12 +132,20 @@ def git_commit() -> Optional[str]:
 
 def environment(machine) -> dict:
     """The Record fields that describe where a run happened (machine: a hardware.Machine)."""
-    return dict(cpu=machine.cpu_name, arch=machine.arch, cpu_features=list(machine.features),
-                logical_cpus=machine.logical_cpus, usable_cpus=machine.usable_cpus(),
-                mem_total_bytes=machine.mem_total_bytes, torch_version=machine.torch_version,
-                vllm_version=machine.vllm_version, python_version=platform.python_version(),
-                arm_int4_version=__version__, git_commit=git_commit(),
-                time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return dict(
+        cpu=machine.cpu_name,
+        arch=machine.arch,
+        cpu_features=list(machine.features),
+        logical_cpus=machine.logical_cpus,
+        usable_cpus=machine.usable_cpus(),
+        mem_total_bytes=machine.mem_total_bytes,
+        torch_version=machine.torch_version,
+        vllm_version=machine.vllm_version,
+        python_version=platform.python_version(),
+        arm_int4_version=__version__,
+        git_commit=git_commit(),
+        time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _config_json(path) -> dict:
@@ -150,8 +185,11 @@ def kernel_note(facts: CheckpointFacts, machine) -> Optional[str]:
     """Before a run, for a W4A8 checkpoint on a machine without KleidiAI: what its numbers will not
     show (hardware's prediction; records then carry what vLLM's log says it ran, kernels.describe)."""
     k = machine.int4_kernel or ""
-    if not facts.scheme or facts.scheme.preset != "w4a8" or not ("fallback" in k or "reference" in k
-                                                                 or k.startswith("none")):
+    if (
+        not facts.scheme
+        or facts.scheme.preset != "w4a8"
+        or not ("fallback" in k or "reference" in k or k.startswith("none"))
+    ):
         return None
     kernel = k.split(" (")[0]
     if "fallback" in k:
@@ -161,10 +199,23 @@ def kernel_note(facts: CheckpointFacts, machine) -> Optional[str]:
 
 def failed_records(spec: str, workload: Workload, env: dict, error: str) -> list:
     """One Record per test of `workload` for a model that could not run at all."""
-    return [Record(model=spec, model_name=os.path.basename(spec.rstrip("/")) or spec, quantization=None,
-                   quantized=False, test=t.name, prompt_tokens=t.prompt, gen_tokens=t.gen, batch=t.batch,
-                   repetitions=workload.repetitions, warmup=workload.warmup, error=error, **env)
-            for t in workload.tests()]
+    return [
+        Record(
+            model=spec,
+            model_name=os.path.basename(spec.rstrip("/")) or spec,
+            quantization=None,
+            quantized=False,
+            test=t.name,
+            prompt_tokens=t.prompt,
+            gen_tokens=t.gen,
+            batch=t.batch,
+            repetitions=workload.repetitions,
+            warmup=workload.warmup,
+            error=error,
+            **env,
+        )
+        for t in workload.tests()
+    ]
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -218,5 +269,7 @@ def fill_record(rec: Record, reps: list, step_bytes: Optional[int], bw: Optional
     if bw and rec.achieved_gbs is not None:
         rec.bandwidth_pct = rec.achieved_gbs / bw * 100
         if max(x for x in samples["achieved_gbs"] if x is not None) > bw:
-            rec.notes = rec.notes + [f"{rec.model_name} {rec.test}: decode reads faster than the triad bandwidth: "
-                                     "not physical (weights cache-resident, or tokens streamed in bursts)"]
+            rec.notes = rec.notes + [
+                f"{rec.model_name} {rec.test}: decode reads faster than the triad bandwidth: "
+                "not physical (weights cache-resident, or tokens streamed in bursts)"
+            ]

@@ -40,18 +40,55 @@ def vllm_round(url: str, model: str, tokenizer: str, prompt: int, gen: int, batc
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    args = parser.parse_args([
-        "--base-url", url, "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
-        "--random-input-len", str(prompt), "--random-output-len", str(gen), "--random-range-ratio", "0",
-        "--num-prompts", str(batch), "--max-concurrency", str(batch), "--request-rate", "inf",
-        "--num-warmups", str(warmup), "--temperature", "0", "--ignore-eos", "--seed", str(seed),
-        "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"])
+    args = parser.parse_args(
+        [
+            "--base-url",
+            url,
+            "--model",
+            model,
+            "--tokenizer",
+            tokenizer,
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(prompt),
+            "--random-output-len",
+            str(gen),
+            "--random-range-ratio",
+            "0",
+            "--num-prompts",
+            str(batch),
+            "--max-concurrency",
+            str(batch),
+            "--request-rate",
+            "inf",
+            "--num-warmups",
+            str(warmup),
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--seed",
+            str(seed),
+            "--disable-tqdm",
+            "--percentile-metrics",
+            "ttft,tpot,itl,e2el",
+        ]
+    )
     with contextlib.redirect_stdout(sys.stderr):  # vLLM prints its report; stdout carries ours
         return main(args)
 
 
-def compare(url: str, tokenizer: str, prompts, gens, batches, repetitions: int, warmup: int, seed: int = 0,
-            progress=lambda m: None) -> list:
+def compare(
+    url: str,
+    tokenizer: str,
+    prompts,
+    gens,
+    batches,
+    repetitions: int,
+    warmup: int,
+    seed: int = 0,
+    progress=lambda m: None,
+) -> list:
     """Per test, `repetitions` rounds of each client, interleaved (ours, vLLM's, vLLM's, ours, ...)
     so that a neighbour's load on a shared machine falls on both alike."""
     from arm_int4 import bench_server
@@ -63,10 +100,11 @@ def compare(url: str, tokenizer: str, prompts, gens, batches, repetitions: int, 
         theirs = {m: [] for m in METRICS}
         for i in range(repetitions):
             w = warmup if i == 0 else 0
-            for who in (("ours", "vllm") if i % 2 == 0 else ("vllm", "ours")):
+            for who in ("ours", "vllm") if i % 2 == 0 else ("vllm", "ours"):
                 if who == "ours":
-                    wl = Workload(prompts=(t.prompt,), gens=(t.gen,), batches=(t.batch,), repetitions=1, warmup=w,
-                                  seed=seed + i)
+                    wl = Workload(
+                        prompts=(t.prompt,), gens=(t.gen,), batches=(t.batch,), repetitions=1, warmup=w, seed=seed + i
+                    )
                     rec = bench_server.run_server(url, wl, model_dir=tokenizer, progress=progress)[0]
                     if rec.error:
                         raise SystemExit(f"bench --server: {t.name}: {rec.error}")
@@ -111,7 +149,15 @@ if __name__ == "__main__":
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", help="write every row to this file")
     a = ap.parse_args()
-    result = compare(a.url, a.tokenizer, a.prompt, a.gen, a.batch, a.repetitions, a.warmup,
-                     progress=lambda m: print(m, file=sys.stderr, flush=True))
+    result = compare(
+        a.url,
+        a.tokenizer,
+        a.prompt,
+        a.gen,
+        a.batch,
+        a.repetitions,
+        a.warmup,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))

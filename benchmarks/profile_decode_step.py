@@ -43,8 +43,14 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype="bfloat16", max_model_len=args.prompt + args.gen, enforce_eager=args.eager,
-              max_num_seqs=4, seed=0)
+    llm = LLM(
+        model=path,
+        dtype="bfloat16",
+        max_model_len=args.prompt + args.gen,
+        enforce_eager=args.eager,
+        max_num_seqs=4,
+        seed=0,
+    )
     tok = llm.get_tokenizer()
     special = set(tok.all_special_ids)
     pool = [i for i in range(len(tok)) if i not in special]
@@ -52,8 +58,9 @@ def main(argv=None) -> int:
     params = SamplingParams(max_tokens=args.gen, ignore_eos=True, temperature=0.0, detokenize=False)
 
     def one():
-        return llm.generate([{"prompt_token_ids": [rng.choice(pool) for _ in range(args.prompt)]}], params,
-                            use_tqdm=False)
+        return llm.generate(
+            [{"prompt_token_ids": [rng.choice(pool) for _ in range(args.prompt)]}], params, use_tqdm=False
+        )
 
     one()  # warm-up
     t0 = time.perf_counter()
@@ -66,27 +73,39 @@ def main(argv=None) -> int:
     n = args.gen
     events = prof.key_averages()
     ranges = sorted((e for e in events if e.key.startswith("gpu_model_runner:")), key=lambda e: -e.cpu_time_total)
-    print(f"# {os.path.basename(path)}, {'eager' if args.eager else 'compiled'}, {args.threads} thread(s), "
-          f"torch {torch.__version__}; prompt {args.prompt}, {n} tokens, batch 1")
+    print(
+        f"# {os.path.basename(path)}, {'eager' if args.eager else 'compiled'}, {args.threads} thread(s), "
+        f"torch {torch.__version__}; prompt {args.prompt}, {n} tokens, batch 1"
+    )
     print(f"wall per token without profiler: {plain * 1e3:.2f} ms ({1 / plain:.1f} tok/s)")
     print(f"wall per token under profiler:   {wall / n * 1e3:.2f} ms")
     print("vLLM model-runner ranges (per generated token; % of wall):")
     for e in ranges:
-        print(f"  {e.key[:48]:48s} {e.count / n:6.1f} calls {e.cpu_time_total / 1e3 / n:7.3f} ms "
-              f"{e.cpu_time_total / 1e6 / wall * 100:5.1f}%")
+        print(
+            f"  {e.key[:48]:48s} {e.count / n:6.1f} calls {e.cpu_time_total / 1e3 / n:7.3f} ms "
+            f"{e.cpu_time_total / 1e6 / wall * 100:5.1f}%"
+        )
     runner = sum(e.cpu_time_total for e in ranges if e.key.count(":") == 1)
-    print(f"  outside the model runner (scheduler, engine core loop, output processing): "
-          f"{max(0.0, wall - runner / 1e6) / n * 1e3:.3f} ms per token (ranges may nest: an estimate)")
-    ops = sorted((e for e in events if e.key.startswith(("aten::", "onednn", "mkldnn", "_C::", "vllm", "torch_"))),
-                 key=lambda e: -e.self_cpu_time_total)[:args.top]
+    print(
+        f"  outside the model runner (scheduler, engine core loop, output processing): "
+        f"{max(0.0, wall - runner / 1e6) / n * 1e3:.3f} ms per token (ranges may nest: an estimate)"
+    )
+    ops = sorted(
+        (e for e in events if e.key.startswith(("aten::", "onednn", "mkldnn", "_C::", "vllm", "torch_"))),
+        key=lambda e: -e.self_cpu_time_total,
+    )[: args.top]
     print("top ops by self CPU time (per generated token; % of wall):")
     for e in ops:
-        print(f"  {e.key[:48]:48s} {e.count / n:6.1f} calls {e.self_cpu_time_total / 1e3 / n:7.3f} ms "
-              f"{e.self_cpu_time_total / 1e6 / wall * 100:5.1f}%")
+        print(
+            f"  {e.key[:48]:48s} {e.count / n:6.1f} calls {e.self_cpu_time_total / 1e3 / n:7.3f} ms "
+            f"{e.self_cpu_time_total / 1e6 / wall * 100:5.1f}%"
+        )
     total_ops = sum(e.self_cpu_time_total for e in events if e.key.startswith(("aten::", "_C::", "onednn", "mkldnn")))
-    print(f"all aten/_C/oneDNN ops, self CPU: {total_ops / 1e3 / n:.2f} ms per token "
-          f"({total_ops / 1e6 / wall * 100:.0f}% of wall); the rest is Python: scheduler, input preparation, "
-          "sampling glue, output processing")
+    print(
+        f"all aten/_C/oneDNN ops, self CPU: {total_ops / 1e3 / n:.2f} ms per token "
+        f"({total_ops / 1e6 / wall * 100:.0f}% of wall); the rest is Python: scheduler, input preparation, "
+        "sampling glue, output processing"
+    )
     return 0
 
 

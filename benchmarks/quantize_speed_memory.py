@@ -56,14 +56,19 @@ print(time.perf_counter() - t0)
 def timed(argv, env=None) -> dict:
     load = os.getloadavg()[0]
     t0 = time.time()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     out, err = proc.stdout.read(), proc.stderr.read()
     if status != 0:
         raise SystemExit(f"{argv[:3]} failed:\n{err[-2000:]}")
-    return {"seconds": round(time.time() - t0, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            "load_avg_1min": round(load, 2), "stdout": out.strip().splitlines()[-4:]}
+    return {
+        "seconds": round(time.time() - t0, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "load_avg_1min": round(load, 2),
+        "stdout": out.strip().splitlines()[-4:],
+    }
 
 
 def tensor_sizes(model: Path) -> list:
@@ -83,38 +88,90 @@ def dir_bytes(d: Path) -> int:
 def bench_shape(shape: str, methods, jobs: int) -> dict:
     model = cache_home() / "bench-models" / f"random-llama-{shape}"
     if not (model / "config.json").exists():
-        subprocess.run([sys.executable, "-c", "import sys; from arm_int4.synthetic import build_random_llama; "
-                        "build_random_llama(sys.argv[1], sys.argv[2], seed=0)", str(model), shape],
-                       check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from arm_int4.synthetic import build_random_llama; "
+                "build_random_llama(sys.argv[1], sys.argv[2], seed=0)",
+                str(model),
+                shape,
+            ],
+            check=True,
+            cwd=REPO,
+        )
     largest = max(tensor_sizes(model))
     rows, floor = [], None
     for method in methods:
         scheme = Scheme.from_options("w4a8", "channelwise", method, 32)
         with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
             job = Path(tmp) / "job.json"
-            job.write_text(json.dumps({
-                "model": str(model), "output": f"{tmp}/lp", "weights": scheme.weight_args(),
-                "input_activations": scheme.input_args(), "ignore": ["lm_head"], "algorithm": "rtn",
-                "cast_fp32": True}))
+            job.write_text(
+                json.dumps(
+                    {
+                        "model": str(model),
+                        "output": f"{tmp}/lp",
+                        "weights": scheme.weight_args(),
+                        "input_activations": scheme.input_args(),
+                        "ignore": ["lm_head"],
+                        "algorithm": "rtn",
+                        "cast_fp32": True,
+                    }
+                )
+            )
             lp = timed([str(quant_python()), str(REPO / "arm_int4/workers/llmc_worker.py"), str(job)])
-            st = timed([sys.executable, "-m", "arm_int4", "quantize", str(model), "--method", method,
-                        "--observer-precision", "fp32", "--jobs", str(jobs), "--output", f"{tmp}/stream"],
-                       env={"PYTHONPATH": str(REPO)})
+            st = timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "arm_int4",
+                    "quantize",
+                    str(model),
+                    "--method",
+                    method,
+                    "--observer-precision",
+                    "fp32",
+                    "--jobs",
+                    str(jobs),
+                    "--output",
+                    f"{tmp}/stream",
+                ],
+                env={"PYTHONPATH": str(REPO)},
+            )
             out_bytes = dir_bytes(Path(tmp) / "stream")
             if floor is None:
-                floor = timed([sys.executable, "-c", FLOOR, *map(str, sorted(model.glob("*.safetensors"))),
-                               f"{tmp}/floor", str(out_bytes)])
+                floor = timed(
+                    [
+                        sys.executable,
+                        "-c",
+                        FLOOR,
+                        *map(str, sorted(model.glob("*.safetensors"))),
+                        f"{tmp}/floor",
+                        str(out_bytes),
+                    ]
+                )
                 floor["io_seconds"] = round(float(floor.pop("stdout")[-1]), 2)
         lp.pop("stdout")  # stream's stdout is kept: its summary has the time per phase
-        row = {"shape": shape, "method": method, "scheme": "channelwise", "learning_path": lp, "stream": st,
-               "speedup": round(lp["seconds"] / st["seconds"], 2),
-               "stream_vs_floor": round(st["seconds"] / floor["seconds"], 2),
-               "stream_rss_bound_mib": round(jobs * (2 * largest + 2**30) / 2**20, 1)}
+        row = {
+            "shape": shape,
+            "method": method,
+            "scheme": "channelwise",
+            "learning_path": lp,
+            "stream": st,
+            "speedup": round(lp["seconds"] / st["seconds"], 2),
+            "stream_vs_floor": round(st["seconds"] / floor["seconds"], 2),
+            "stream_rss_bound_mib": round(jobs * (2 * largest + 2**30) / 2**20, 1),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return {"shape": shape, "model": f"random Llama {shape} ({SHAPES[shape].parameters / 1e6:.0f}M parameters, bf16)",
-            "input_mib": round(dir_bytes(model) / 2**20, 1), "largest_tensor_mib": round(largest / 2**20, 1),
-            "floor": floor, "rows": rows}
+    return {
+        "shape": shape,
+        "model": f"random Llama {shape} ({SHAPES[shape].parameters / 1e6:.0f}M parameters, bf16)",
+        "input_mib": round(dir_bytes(model) / 2**20, 1),
+        "largest_tensor_mib": round(largest / 2**20, 1),
+        "floor": floor,
+        "rows": rows,
+    }
 
 
 def main():
@@ -124,10 +181,14 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="stream engine --jobs")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks-quantize.json"))
     a = ap.parse_args()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
-              "cpu": platform.processor() or platform.machine(), "jobs": a.jobs,
-              "command": "benchmarks/quantize_speed_memory.py " + " ".join(sys.argv[1:]),
-              "shapes": [bench_shape(s, a.methods, a.jobs) for s in a.shapes]}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "jobs": a.jobs,
+        "command": "benchmarks/quantize_speed_memory.py " + " ".join(sys.argv[1:]),
+        "shapes": [bench_shape(s, a.methods, a.jobs) for s in a.shapes],
+    }
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from arm_int4.cli import learning_path_main  # noqa: E402
+from arm_int4.cli import learning_path_main
 
 NOTE = """
 output: the same int4 values and fp32 scales as the learning path's script (observers run in fp32,

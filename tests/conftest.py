@@ -35,5 +35,9 @@ def run_cli(*args, cwd=None, timeout=900, env=None) -> subprocess.CompletedProce
     """The real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
     return subprocess.run(
         [sys.executable, "-m", "arm_int4", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )

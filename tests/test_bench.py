@@ -26,8 +26,10 @@ from arm_int4.checkpoint import read_checkpoint, weights_in_memory
 from arm_int4.errors import UsageError
 from arm_int4.report import Record
 
-requires_vllm = [pytest.mark.requires_vllm,
-                 pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")]
+requires_vllm = [
+    pytest.mark.requires_vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here"),
+]
 WORKLOAD = bench.Workload(prompts=(32,), gens=(16,), batches=(1, 4), repetitions=2, warmup=1)
 
 
@@ -62,20 +64,56 @@ def isolated_home(tmp_path_factory):
 
 # ------------------------------------------------------------------------------- no vLLM
 def _plan(argv_tail, **kw) -> launch.Plan:
-    fields = dict(env={"VLLM_CPU_KVCACHE_SPACE": "1"}, argv=("python", "-m", launch.SERVER_MODULE, "--model", "/m",
-                  *argv_tail), reasons=(), host="127.0.0.1", port=8000, served_model_name="m", model_dir="/m",
-                  ranks=1, bind_lists=(), threads_per_rank=1, dtype="bfloat16", kv_cache_gib=1, max_model_len=48)
+    fields = dict(
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        argv=("python", "-m", launch.SERVER_MODULE, "--model", "/m", *argv_tail),
+        reasons=(),
+        host="127.0.0.1",
+        port=8000,
+        served_model_name="m",
+        model_dir="/m",
+        ranks=1,
+        bind_lists=(),
+        threads_per_rank=1,
+        dtype="bfloat16",
+        kv_cache_gib=1,
+        max_model_len=48,
+    )
     fields.update(kw)
     return launch.Plan(**fields)
 
 
 def test_engine_kwargs_from_a_server_plan():
-    plan = _plan(["--host", "127.0.0.1", "--port", "8000", "--served-model-name", "m", "--dtype", "bfloat16",
-                  "--max-model-len", "48", "--block-size", "128", "--enforce-eager", "--no-enable-prefix-caching",
-                  "-tp", "2", "--compilation-config={\"mode\": 0}"])
+    plan = _plan(
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8000",
+            "--served-model-name",
+            "m",
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "48",
+            "--block-size",
+            "128",
+            "--enforce-eager",
+            "--no-enable-prefix-caching",
+            "-tp",
+            "2",
+            '--compilation-config={"mode": 0}',
+        ]
+    )
     assert plan.engine_kwargs() == {
-        "dtype": "bfloat16", "max_model_len": 48, "block_size": 128, "enforce_eager": True,
-        "enable_prefix_caching": False, "tensor_parallel_size": 2, "compilation_config": {"mode": 0}}
+        "dtype": "bfloat16",
+        "max_model_len": 48,
+        "block_size": 128,
+        "enforce_eager": True,
+        "enable_prefix_caching": False,
+        "tensor_parallel_size": 2,
+        "compilation_config": {"mode": 0},
+    }
     with pytest.raises(UsageError, match="no --flag before it"):
         _plan(["stray"]).engine_kwargs()
 
@@ -100,24 +138,34 @@ STATS = [(workload.mean_sd, workload.percentile)]
 
 @pytest.mark.parametrize("mean_sd,pct", STATS)
 def test_statistics_helpers(mean_sd, pct):
-    assert mean_sd([2.0, 4.0]) == (3.0, pytest.approx(2 ** 0.5))
+    assert mean_sd([2.0, 4.0]) == (3.0, pytest.approx(2**0.5))
     assert mean_sd([5.0]) == (5.0, 0.0) and mean_sd([None]) == (None, None)
     assert pct([1, 2, 3, 4], 50) == 2.5 and pct(range(101), 99) == 99
 
 
 @pytest.mark.parametrize("fill", _impls(getattr(bench, "_fill", None), workload.fill_record))
 def test_fill_from_worker_samples(fill):
-    r = Record(model="m", model_name="m", quantization="bfloat16", quantized=False, test="pp10 tg5 b2",
-               prompt_tokens=10, gen_tokens=5, batch=2)
-    reps = [{"wall_s": 1.0, "ttft_s": [0.1, 0.2], "tpot_s": [0.05, 0.05], "gen_tokens": [5, 5]},
-            {"wall_s": 2.0, "ttft_s": [0.2, 0.4], "tpot_s": [0.1, 0.1], "gen_tokens": [5, 5]}]
+    r = Record(
+        model="m",
+        model_name="m",
+        quantization="bfloat16",
+        quantized=False,
+        test="pp10 tg5 b2",
+        prompt_tokens=10,
+        gen_tokens=5,
+        batch=2,
+    )
+    reps = [
+        {"wall_s": 1.0, "ttft_s": [0.1, 0.2], "tpot_s": [0.05, 0.05], "gen_tokens": [5, 5]},
+        {"wall_s": 2.0, "ttft_s": [0.2, 0.4], "tpot_s": [0.1, 0.1], "gen_tokens": [5, 5]},
+    ]
     fill(r, reps, step_bytes=10**9, bw=100.0)
     assert r.prefill_tok_s_samples == [100.0, 50.0]  # 2 * 10 tokens / slowest TTFT
     assert r.decode_tok_s_samples == [40.0, 20.0]  # 2 streams / TPOT
     assert r.total_tok_s_samples == [30.0, 15.0] and r.output_tok_s_samples == [10.0, 5.0]
     assert r.achieved_gbs_samples == [20.0, 10.0] and r.bandwidth_pct == pytest.approx(15.0)
     assert r.ttft_ms_requests == pytest.approx([100, 200, 200, 400]) and r.ttft_ms_p50 == pytest.approx(200)
-    assert r.decode_tok_s == 30.0 and r.decode_tok_s_sd == pytest.approx(200 ** 0.5)
+    assert r.decode_tok_s == 30.0 and r.decode_tok_s_sd == pytest.approx(200**0.5)
     assert not r.notes
     fill(r, reps, step_bytes=10**11, bw=100.0)  # 2000 GB/s from 100 GB/s memory: flagged
     assert "not physical" in r.notes[0]
@@ -212,8 +260,11 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.wfile.flush()
             sent += k
             time.sleep(0.01)
-        self.wfile.write(b"data: " + json.dumps({"choices": [], "usage": {"completion_tokens": sent}}).encode()
-                         + b"\n\ndata: [DONE]\n\n")
+        self.wfile.write(
+            b"data: "
+            + json.dumps({"choices": [], "usage": {"completion_tokens": sent}}).encode()
+            + b"\n\ndata: [DONE]\n\n"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -271,13 +322,28 @@ def run(tiny_llama, tiny_w4a8, tiny_w4a8_g32, isolated_home, tmp_path_factory):
     (out / "not-a-model").mkdir()  # a directory without config.json
     err, md = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err):
-        records = bench.run([str(tiny_llama), str(out / "not-a-model"), str(tiny_w4a8), str(tiny_w4a8_g32)], WORKLOAD,
-                            profile=launch.Profile(enforce_eager=True))
+        records = bench.run(
+            [str(tiny_llama), str(out / "not-a-model"), str(tiny_w4a8), str(tiny_w4a8_g32)],
+            WORKLOAD,
+            profile=launch.Profile(enforce_eager=True),
+        )
         paths = {k: str(out / f"bench.{k}") for k in ("json", "csv", "jsonl", "png")}
-        report.emit(records, md=md, json_path=paths["json"], csv_path=paths["csv"], jsonl_path=paths["jsonl"],
-                    plot_path=paths["png"])
-    return dict(records=records, stderr=err.getvalue(), md=md.getvalue(), paths=paths,
-                ok=[r for r in records if r.error is None], rc=report.exit_code(records))
+        report.emit(
+            records,
+            md=md,
+            json_path=paths["json"],
+            csv_path=paths["csv"],
+            jsonl_path=paths["jsonl"],
+            plot_path=paths["png"],
+        )
+    return dict(
+        records=records,
+        stderr=err.getvalue(),
+        md=md.getvalue(),
+        paths=paths,
+        ok=[r for r in records if r.error is None],
+        rc=report.exit_code(records),
+    )
 
 
 class TestEngineRun:
@@ -289,10 +355,33 @@ class TestEngineRun:
         ok = run["ok"]
         assert len(run["records"]) == 4 * 2 and len(ok) == 6, run["stderr"][-3000:]
         for r in ok:
-            for name in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms", "total_tok_s", "output_tok_s",
-                         "achieved_gbs", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "bandwidth_gbs",
-                         "bandwidth_pct", "peak_rss_bytes", "model_bytes", "weights_in_memory_bytes", "bytes_per_step",
-                         "load_s", "dtype", "cpu", "arch", "torch_version", "vllm_version", "python_version", "time"):
+            for name in (
+                "prefill_tok_s",
+                "decode_tok_s",
+                "ttft_ms",
+                "tpot_ms",
+                "total_tok_s",
+                "output_tok_s",
+                "achieved_gbs",
+                "ttft_ms_p50",
+                "ttft_ms_p99",
+                "tpot_ms_p50",
+                "tpot_ms_p99",
+                "bandwidth_gbs",
+                "bandwidth_pct",
+                "peak_rss_bytes",
+                "model_bytes",
+                "weights_in_memory_bytes",
+                "bytes_per_step",
+                "load_s",
+                "dtype",
+                "cpu",
+                "arch",
+                "torch_version",
+                "vllm_version",
+                "python_version",
+                "time",
+            ):
                 assert getattr(r, name) not in (None, ""), name
             assert r.cached_tokens == 0  # fresh random prompts: the prefix cache never helps
             assert r.engine_args["enforce_eager"] is True and r.env["VLLM_TARGET_DEVICE"] == "cpu"
@@ -301,10 +390,15 @@ class TestEngineRun:
         assert {r.quantization for r in w4} == {"w4a8 minmax-channelwise", "w4a8 mse-groupwise-g32"}
         assert all("Dynamic4bitLinearKernel" in r.linear_kernels for r in w4)
         # the label is what vLLM's log says it ran, not a prediction (kernels.describe)
-        assert all(r.int4_kernel == kernels.describe(r.linear_kernels, hardware.detect(probe_runtime=False), r.dtype)
-                   for r in w4)
-        assert all(r.quantization == "bfloat16" and r.int4_kernel is None and not r.linear_kernels
-                   for r in ok if not r.quantized)
+        assert all(
+            r.int4_kernel == kernels.describe(r.linear_kernels, hardware.detect(probe_runtime=False), r.dtype)
+            for r in w4
+        )
+        assert all(
+            r.quantization == "bfloat16" and r.int4_kernel is None and not r.linear_kernels
+            for r in ok
+            if not r.quantized
+        )
 
     def test_raw_samples_one_per_repetition(self, run):
         for r in run["ok"]:
@@ -362,8 +456,25 @@ def test_two_tensor_parallel_ranks_on_one_node(tiny_llama, isolated_home):
     from conftest import run_cli
 
     out = isolated_home / "tp2.json"
-    r = run_cli("bench", tiny_llama, "--ranks", "2", "-p", "16", "-n", "8", "-b", "1", "-r", "1", "--json", out,
-                "--", "--enforce-eager", timeout=900)
+    r = run_cli(
+        "bench",
+        tiny_llama,
+        "--ranks",
+        "2",
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-b",
+        "1",
+        "-r",
+        "1",
+        "--json",
+        out,
+        "--",
+        "--enforce-eager",
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (rec,) = json.loads(out.read_text())
     assert rec["error"] is None and rec["engine_args"]["tensor_parallel_size"] == 2

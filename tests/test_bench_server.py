@@ -41,9 +41,27 @@ def smol_server(smollm2, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "arm_int4", "serve", "--port", str(port), "--kv-cache-gib", "1",
-             "--max-model-len", "512", str(smollm2), "--", "--enforce-eager", "--max-num-seqs", "4"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "arm_int4",
+                "serve",
+                "--port",
+                str(port),
+                "--kv-cache-gib",
+                "1",
+                "--max-model-len",
+                "512",
+                str(smollm2),
+                "--",
+                "--enforce-eager",
+                "--max-num-seqs",
+                "4",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         t0 = time.monotonic()
         while "arm-int4 serve: ready in" not in log.read_text(errors="replace"):
@@ -69,8 +87,9 @@ def test_bench_server_agrees_with_vllm_bench_serve(smol_server, smollm2, tmp_pat
     box, so the ratio of two 4-round means has an sd of ~11%: 1.3x is ~2.5 sd. A client that
     timed the wrong span (TTFT from the response headers, TPOT over every token) misses by 2x+."""
     monkeypatch.setenv("ARM_INT4_HOME", str(tmp_path))  # the bandwidth cache bench writes
-    rows = _load_comparison().compare(smol_server, str(smollm2), prompts=(128,), gens=(32,), batches=(1, 4),
-                                      repetitions=4, warmup=1)
+    rows = _load_comparison().compare(
+        smol_server, str(smollm2), prompts=(128,), gens=(32,), batches=(1, 4), repetitions=4, warmup=1
+    )
     assert [r["test"] for r in rows] == ["pp128 tg32 b1", "pp128 tg32 b4"]
     for r in rows:
         for metric, ratio in r["ratio"].items():

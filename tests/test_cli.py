@@ -19,9 +19,13 @@ def render_cli_docs() -> str:
     """docs/cli.md: every command's --help, as argparse prints it at 100 columns."""
     os.environ["COLUMNS"] = "100"
     parser = build_parser()
-    parts = ["# arm-int4 command line\n", "Generated from `--help` by tests/test_cli.py "
-             "(`ARM_INT4_REGEN_DOCS=1 .venv/bin/python -m pytest tests/test_cli.py` rewrites it).\n",
-             "## arm-int4\n", "```text\n" + parser.format_help() + "```\n"]
+    parts = [
+        "# arm-int4 command line\n",
+        "Generated from `--help` by tests/test_cli.py "
+        "(`ARM_INT4_REGEN_DOCS=1 .venv/bin/python -m pytest tests/test_cli.py` rewrites it).\n",
+        "## arm-int4\n",
+        "```text\n" + parser.format_help() + "```\n",
+    ]
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     for name in COMMANDS:
         parts += [f"## arm-int4 {name}\n", "```text\n" + sub.choices[name].format_help() + "```\n"]
@@ -39,27 +43,33 @@ def test_docs_cli_md_is_generated_from_help():
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
 def test_help_works_and_shows_defaults(argv):
     """Instant --help is checked structurally (test_help_imports_nothing_heavy), not by a timer."""
-    r = subprocess.run([str(ARM_INT4), *argv], capture_output=True, text=True,
-                       env={**os.environ, "COLUMNS": "200"})  # no line wrap inside "(default: …)"
+    r = subprocess.run(
+        [str(ARM_INT4), *argv], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    )  # no line wrap inside "(default: …)"
     assert r.returncode == 0 and "usage: arm-int4" in r.stdout
     if argv[0] == "quantize":
         assert "(default: mse)" in r.stdout and "(default: 32)" in r.stdout
 
 
 def test_help_imports_nothing_heavy():
-    code = "import sys; from arm_int4.cli import build_parser; build_parser(); " \
-           "print([m for m in ('torch', 'vllm', 'transformers', 'llmcompressor') if m in sys.modules])"
+    code = (
+        "import sys; from arm_int4.cli import build_parser; build_parser(); "
+        "print([m for m in ('torch', 'vllm', 'transformers', 'llmcompressor') if m in sys.modules])"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["bogus"], "invalid choice: 'bogus'"),
-    (["info", "--nope"], "unrecognized arguments: --nope"),
-    (["quantize", "m", "--groupsize", "abc"], "--groupsize: invalid int value: 'abc'"),
-    (["quantize", "m", "--scheme", "rowwise"], "--scheme: invalid choice: 'rowwise'"),
-    (["info", "--", "--x"], "only for commands that start vLLM"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["info", "--nope"], "unrecognized arguments: --nope"),
+        (["quantize", "m", "--groupsize", "abc"], "--groupsize: invalid int value: 'abc'"),
+        (["quantize", "m", "--scheme", "rowwise"], "--scheme: invalid choice: 'rowwise'"),
+        (["info", "--", "--x"], "only for commands that start vLLM"),
+    ],
+)
 def test_bad_usage_is_one_line_exit_2(argv, needle):
     r = run_cli(*argv)
     assert r.returncode == 2
@@ -96,8 +106,9 @@ def test_readme_indexes_every_doc_page_and_each_link_exists():
 
 def test_a_closed_pipe_is_not_a_traceback():
     """`arm-int4 info --json | head -1`: the reader leaves early; exit 141 quietly, as `cat` would."""
-    proc = subprocess.Popen([sys.executable, "-m", "arm_int4", "info", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arm_int4", "info", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     proc.stdout.close()  # nobody reads: the write fails with EPIPE
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err  # nothing on stderr: no traceback, no "ignored"

@@ -41,8 +41,14 @@ def test_only_the_runner_starts_processes():
     for path in SOURCES:
         tree = ast.parse(path.read_text())
         for name, node in _calls(tree):
-            spawn = name in ("subprocess.Popen", "subprocess.call", "subprocess.check_call", "subprocess.check_output",
-                             "os.system", "os.popen") or name.startswith(("os.exec", "os.spawn", "os.posix_spawn"))
+            spawn = name in (
+                "subprocess.Popen",
+                "subprocess.call",
+                "subprocess.check_call",
+                "subprocess.check_output",
+                "os.system",
+                "os.popen",
+            ) or name.startswith(("os.exec", "os.spawn", "os.posix_spawn"))
             if spawn and path.name != "runner.py":
                 offenders.append(f"{path.relative_to(PKG)}:{node.lineno} {name}")
             if name == "subprocess.run" and path.name not in TOOL_RUNS:
@@ -60,19 +66,25 @@ def test_every_worker_that_imports_vllm_needs_a_plan():
     for path in workers.DIR.glob("*_worker.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(m.split(".")[0] in ("vllm", "lm_eval") for m in mods):
                 uses_vllm.add(path.name.removesuffix("_worker.py"))
     assert uses_vllm == set(runner.ENGINE_WORKERS)
     for name in sorted(uses_vllm):
-        with pytest.raises(TypeError, match="runs only from a launch.Plan"):
+        with pytest.raises(TypeError, match=r"runs only from a launch\.Plan"):
             runner.run_worker(name, {})
 
 
 def test_the_server_and_engine_jobs_take_their_arguments_from_the_plan(tmp_path):
-    ck = launch.read_checkpoint(write_checkpoint(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2,
-                                                 inter=512, vocab=1024))
+    ck = launch.read_checkpoint(
+        write_checkpoint(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2, inter=512, vocab=1024)
+    )
     p = launch.plan(machine("graviton4", 64), ck, max_model_len=512)
     kw = p.engine_kwargs()
     assert kw["dtype"] == p.dtype and kw["max_model_len"] == 512 and kw["block_size"] == 128
@@ -84,8 +96,17 @@ def test_the_server_and_engine_jobs_take_their_arguments_from_the_plan(tmp_path)
 @pytest.fixture(scope="module")
 def x86_moe(tmp_path_factory):
     """A W4A8 MoE checkpoint (config + headers): the plan refuses it on x86 before any engine starts."""
-    d = write_checkpoint(tmp_path_factory.mktemp("moe") / "moe", hidden=256, layers=1, heads=4, kv_heads=2,
-                         inter=512, vocab=1024, scheme="channelwise", experts=4)
+    d = write_checkpoint(
+        tmp_path_factory.mktemp("moe") / "moe",
+        hidden=256,
+        layers=1,
+        heads=4,
+        kv_heads=2,
+        inter=512,
+        vocab=1024,
+        scheme="channelwise",
+        experts=4,
+    )
     (d / "tokenizer_config.json").write_text("{}")
     return d
 
@@ -93,13 +114,17 @@ def x86_moe(tmp_path_factory):
 MOE_LINE = "CPUExpertsInt4"
 
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "{m}", "--dry-run"],
-    ["bench", "{m}", "-p", "8", "-n", "2", "-b", "1", "-r", "1"],
-    ["tune", "{m}", "-p", "8", "-n", "2", "--output", "{tmp}/p.json"],
-    ["eval", "{m}", "--num-tokens", "16", "--max-len", "16", "--stride", "8"],
-    ["eval", "{m}", "--tasks", "opticks_cloze", "--limit", "2"],
-], ids=["serve", "bench", "tune", "eval-perplexity", "eval-lm-eval"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "{m}", "--dry-run"],
+        ["bench", "{m}", "-p", "8", "-n", "2", "-b", "1", "-r", "1"],
+        ["tune", "{m}", "-p", "8", "-n", "2", "--output", "{tmp}/p.json"],
+        ["eval", "{m}", "--num-tokens", "16", "--max-len", "16", "--stride", "8"],
+        ["eval", "{m}", "--tasks", "opticks_cloze", "--limit", "2"],
+    ],
+    ids=["serve", "bench", "tune", "eval-perplexity", "eval-lm-eval"],
+)
 def test_each_command_refuses_the_x86_moe_through_the_plan(argv, x86_moe, tmp_path):
     from conftest import run_cli
 
@@ -111,14 +136,15 @@ def test_each_command_refuses_the_x86_moe_through_the_plan(argv, x86_moe, tmp_pa
 
 def test_eval_plans_like_serve_on_arm(tmp_path, monkeypatch):
     """The groupwise + bias guard, binding and KV sizing reach eval and lm-eval (engine_plan is theirs)."""
-    ck = write_checkpoint(tmp_path / "gb", hidden=256, layers=1, heads=4, kv_heads=2, inter=512, vocab=1024,
-                          scheme="groupwise", bias=True)
+    ck = write_checkpoint(
+        tmp_path / "gb", hidden=256, layers=1, heads=4, kv_heads=2, inter=512, vocab=1024, scheme="groupwise", bias=True
+    )
     arm = machine("graviton4", 64)
     monkeypatch.setattr(hardware, "detect", lambda *a, **k: arm)
     _, p = evaluate.engine_plan(ck, max_model_len=257, batched_tokens=257)
     assert p.dtype == "float32" and p.engine_kwargs()["dtype"] == "float32"
     assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-62" and p.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    with pytest.raises(PreflightError, match="--dtype bfloat16 .* wrong outputs"):
+    with pytest.raises(PreflightError, match=r"--dtype bfloat16 .* wrong outputs"):
         evaluate.engine_plan(ck, max_model_len=257, dtype="bfloat16")
     served = launch.plan(arm, launch.read_checkpoint(ck), max_model_len=257)
     assert dataclasses.replace(p, argv=(), reasons=()).env == dataclasses.replace(served, argv=(), reasons=()).env

@@ -27,10 +27,20 @@ def opticks():
 
 
 # ---------------------------------------------------------------- windows
-@pytest.mark.parametrize("n,max_len,stride,bos", [
-    (1000, 64, 32, 1), (1000, 64, 63, 1), (1000, 64, 1, None), (63, 64, 32, 1), (64, 64, 32, 1),
-    (65, 64, 32, None), (2, 8, 3, None), (1, 8, 4, 7), (777, 100, 50, None),
-])
+@pytest.mark.parametrize(
+    "n,max_len,stride,bos",
+    [
+        (1000, 64, 32, 1),
+        (1000, 64, 63, 1),
+        (1000, 64, 1, None),
+        (63, 64, 32, 1),
+        (64, 64, 32, 1),
+        (65, 64, 32, None),
+        (2, 8, 3, None),
+        (1, 8, 4, 7),
+        (777, 100, 50, None),
+    ],
+)
 def test_windows_score_every_token_exactly_once(n, max_len, stride, bos):
     ids = list(range(1000, 1000 + n))
     windows = ev.sliding_windows(ids, max_len=max_len, stride=stride, bos_id=bos)
@@ -39,9 +49,9 @@ def test_windows_score_every_token_exactly_once(n, max_len, stride, bos):
         assert len(w.ids) <= max_len
         assert (w.ids[0] == bos) if bos is not None else (w.ids[0] == ids[k * stride])
         text = w.ids[1:] if bos is not None else w.ids
-        assert list(text) == ids[k * stride:k * stride + len(text)]  # contiguous text, window k at k*stride
+        assert list(text) == ids[k * stride : k * stride + len(text)]  # contiguous text, window k at k*stride
         assert w.score_from >= 1  # position 0 (BOS or the first token) is never a prediction target
-        scored += w.ids[w.score_from:]
+        scored += w.ids[w.score_from :]
         if k:  # every window before the last is full, so later windows start scoring after span-stride
             span = max_len - (bos is not None)  # tokens of context: the overlap with the previous window
             assert w.score_from - (bos is not None) == span - stride
@@ -98,10 +108,22 @@ def test_text_from_a_file_and_refusals(tmp_path):
 
 def test_quantization_label_reads_the_config():
     assert ev.quantization_label({"torch_dtype": "bfloat16"}) == "bfloat16"
-    qc = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
-                    "observer": "minmax"},
-        "input_activations": {"num_bits": 8, "dynamic": True}}}}
+    qc = {
+        "quant_method": "compressed-tensors",
+        "config_groups": {
+            "group_0": {
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": 32,
+                    "observer": "minmax",
+                },
+                "input_activations": {"num_bits": 8, "dynamic": True},
+            }
+        },
+    }
     assert ev.quantization_label({"quantization_config": qc}) == "w4a8 minmax-groupwise-g32"
 
 
@@ -171,8 +193,7 @@ def test_vllm_perplexity_matches_transformers_on_tiny_llama(tiny_runs):
     the wrong position moves tokens by up to 0.66 nats (mean 0.12), dropping the BOS by up to 0.10."""
     windows, got, ref = tiny_runs
     assert [len(x) for x in got["token_logprobs"]] == [w.scored for w in windows]
-    diffs = [abs(a - b) for gw, rw in zip(got["token_logprobs"], ref, strict=True)
-             for a, b in zip(gw, rw, strict=True)]
+    diffs = [abs(a - b) for gw, rw in zip(got["token_logprobs"], ref, strict=True) for a, b in zip(gw, rw, strict=True)]
     assert max(diffs) < 1e-4, f"max per-token |Δ logprob| {max(diffs):.2e}"
     n = sum(len(r) for r in ref)
     ppl_vllm = math.exp(sum(got["nll"]) / n)
@@ -241,4 +262,3 @@ def test_w4a8_perplexity_differs_from_bf16_and_runs_the_int4_kernel(smol_w4a8_ro
     table = ev.format_table(smol_w4a8_rows).splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 3 and "w4a8 minmax-channelwise" in table[3]
     assert any(line.startswith("note: baseline = SmolLM2") for line in table)  # the dequantized-GGUF caveat
-

@@ -44,8 +44,16 @@ def test_fixture_decodes_to_hand_read_facts(name):
     assert decoded, f"{name}: nothing to decode"
     for how, m in decoded:
         where = f"{name} ({how})"
-        for key in ("arch", "cpu_name", "implementer", "part", "logical_cpus", "physical_cores",
-                    "threads_per_core", "sockets"):
+        for key in (
+            "arch",
+            "cpu_name",
+            "implementer",
+            "part",
+            "logical_cpus",
+            "physical_cores",
+            "threads_per_core",
+            "sockets",
+        ):
             if key in expected:
                 assert getattr(m, key) == expected[key], f"{where}: {key}"
         if "numa_nodes" in expected:
@@ -115,11 +123,11 @@ def test_cgroup_v2_quota_and_cpuset_from_an_injected_root(tmp_path):
 def test_int4_kernel_rule_mirrors_vllm_can_implement():
     sel = hardware.select_int4_kernel
     assert sel("aarch64", vllm_installed=True, torch_has_dyn_quant_op=True, kleidiai=True) == (
-        "Dynamic4bitLinearKernel (KleidiAI)")
+        "Dynamic4bitLinearKernel (KleidiAI)"
+    )
     assert "reference path" in sel("aarch64", vllm_installed=True, torch_has_dyn_quant_op=True, kleidiai=False)
     assert sel("aarch64", vllm_installed=True, torch_has_dyn_quant_op=False, kleidiai=False).startswith("none")
-    assert "x86 reference fallback" in sel("x86_64", vllm_installed=True, torch_has_dyn_quant_op=None,
-                                          kleidiai=None)
+    assert "x86 reference fallback" in sel("x86_64", vllm_installed=True, torch_has_dyn_quant_op=None, kleidiai=None)
     assert sel("x86_64", vllm_installed=False, torch_has_dyn_quant_op=True, kleidiai=False) is None
 
 

@@ -31,7 +31,9 @@ def test_labels_say_what_ran_and_where():
     x86 = machine("x86-amd-epyc-this-box", 16)
     arm = dataclasses.replace(machine("graviton4", 64), torch_kleidiai=True)
     ran = runner.linear_kernels(W4A8_LOG)
-    assert kernels.describe(ran, x86, "float32") == "Dynamic4bitLinearKernel (x86 reference fallback — slower than BF16)"
+    assert (
+        kernels.describe(ran, x86, "float32") == "Dynamic4bitLinearKernel (x86 reference fallback — slower than BF16)"
+    )
     assert kernels.is_x86_fallback(kernels.describe(ran, x86, "float32"))
     assert kernels.describe(ran, arm, "bfloat16") == "Dynamic4bitLinearKernel (KleidiAI)"
     assert not kernels.is_x86_fallback(kernels.describe(ran, arm, "bfloat16"))

@@ -34,31 +34,80 @@ def machine(name, mem_gib=None, **changes):
     return dataclasses.replace(m, **changes)
 
 
-def write_checkpoint(folder, *, hidden=4096, layers=32, heads=32, kv_heads=8, inter=14336, vocab=128256,
-                     scheme=None, group=32, bias=False, experts=0, config_extra=None):
+def write_checkpoint(
+    folder,
+    *,
+    hidden=4096,
+    layers=32,
+    heads=32,
+    kv_heads=8,
+    inter=14336,
+    vocab=128256,
+    scheme=None,
+    group=32,
+    bias=False,
+    experts=0,
+    config_extra=None,
+):
     """A Llama-shaped checkpoint: config.json + one safetensors header (no tensor data)."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hd = hidden // heads
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-           "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-           "intermediate_size": inter, "vocab_size": vocab, "max_position_embeddings": 131072,
-           "torch_dtype": "bfloat16", **(config_extra or {})}
+    cfg = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "max_position_embeddings": 131072,
+        "torch_dtype": "bfloat16",
+        **(config_extra or {}),
+    }
     if experts:
         cfg["num_local_experts"] = experts
     if scheme:
         strategy = {"strategy": "group", "group_size": group} if scheme == "groupwise" else {"strategy": "channel"}
-        cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
-            "group_0": {"targets": ["Linear"],
-                        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False,
-                                    "observer": "minmax", **strategy},
-                        "input_activations": {"num_bits": 8, "type": "int", "symmetric": False,
-                                              "dynamic": True, "strategy": "token"}}}}
-    linears = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * hd, hidden),
-               "self_attn.v_proj": (kv_heads * hd, hidden), "self_attn.o_proj": (hidden, hidden),
-               "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
-    tensors = {"model.embed_tokens.weight": ("BF16", (vocab, hidden)), "lm_head.weight": ("BF16", (vocab, hidden)),
-               "model.norm.weight": ("BF16", (hidden,))}
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": "int-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "int",
+                        "symmetric": True,
+                        "dynamic": False,
+                        "observer": "minmax",
+                        **strategy,
+                    },
+                    "input_activations": {
+                        "num_bits": 8,
+                        "type": "int",
+                        "symmetric": False,
+                        "dynamic": True,
+                        "strategy": "token",
+                    },
+                }
+            },
+        }
+    linears = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv_heads * hd, hidden),
+        "self_attn.v_proj": (kv_heads * hd, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+    tensors = {
+        "model.embed_tokens.weight": ("BF16", (vocab, hidden)),
+        "lm_head.weight": ("BF16", (vocab, hidden)),
+        "model.norm.weight": ("BF16", (hidden,)),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = ("BF16", (hidden,))
@@ -129,7 +178,9 @@ def test_nobind_where_sched_setaffinity_is_forbidden(llama8b):
 @pytest.mark.parametrize("mem_gib", [24, 48, 200, 1000])
 def test_kv_cache_never_exceeds_available_memory(name, mem_gib, llama8b):
     m = machine(name, mem_gib, node_memory=None)  # the system-wide rule (per-node: the tests below)
-    ref = plan(machine(name, 10**6, node_memory=None), llama8b)  # the dtype and ranks the plan picks here (fp32 without bf16)
+    ref = plan(
+        machine(name, 10**6, node_memory=None), llama8b
+    )  # the dtype and ranks the plan picks here (fp32 without bf16)
     weights = launch.weights_in_memory(llama8b, ref.dtype, m.arch)
     headroom = launch.HEADROOM_BYTES + launch.HEADROOM_BYTES_PER_RANK * ref.ranks
     if weights + headroom + ref.ranks * GiB > m.mem_available_bytes:  # refused exactly when 1 GiB does not fit
@@ -150,22 +201,33 @@ def test_kv_cache_refusals_are_one_line(llama8b):
     assert "\n" not in str(e.value)
     # 64 - 15 GiB of weights = 49 GiB: 49 is accepted (no headroom asked of an explicit size), 50 is not
     assert plan(machine("graviton3", 64), llama8b, kv_cache_gib=49).kv_cache_gib == 49
-    with pytest.raises(PreflightError, match="KV cache 50 GiB per rank does not fit.*at most 45"):
+    with pytest.raises(PreflightError, match=r"KV cache 50 GiB per rank does not fit.*at most 45"):
         plan(machine("graviton3", 64), llama8b, kv_cache_gib=50)
     with pytest.raises(PreflightError, match="does not fit"):
         plan(machine("graviton3", 64), llama8b, kv_cache_gib=1, max_model_len=131072)
 
 
 def _node_mem(m, *nodes_gib):
-    return dataclasses.replace(m, node_memory=tuple((i, int(t * GiB), int(a * GiB)) for i, (t, a) in enumerate(nodes_gib)))
+    return dataclasses.replace(
+        m, node_memory=tuple((i, int(t * GiB), int(a * GiB)) for i, (t, a) in enumerate(nodes_gib))
+    )
 
 
 def test_kv_cache_is_sized_from_the_node_vllm_checks(llama8b):
     """This box's shape (the issue's report): MemAvailable 23 GiB but NUMA node 0 holds 17.7 GiB with
     15.2 available; vLLM binds the rank's memory to node 0 and refuses a KV cache above that."""
     m = _node_mem(machine("graviton4", 23.0), (17.7, 15.2))
-    tiny = read_checkpoint(write_checkpoint(m and pathlib.Path(__import__("tempfile").mkdtemp()) / "t", hidden=576,
-                                            layers=30, heads=9, kv_heads=3, inter=1536, vocab=49152))
+    tiny = read_checkpoint(
+        write_checkpoint(
+            m and pathlib.Path(__import__("tempfile").mkdtemp()) / "t",
+            hidden=576,
+            layers=30,
+            heads=9,
+            kv_heads=3,
+            inter=1536,
+            vocab=49152,
+        )
+    )
     p = plan(m, tiny, max_model_len=8192 * 16)  # a context long enough that no cap applies
     weights = launch.weights_in_memory(tiny, p.dtype, m.arch)
     node_budget = 15.2 * GiB - weights - launch.NODE_HEADROOM_BYTES - launch.NODE_HEADROOM_BYTES_PER_RANK
@@ -188,8 +250,18 @@ def test_kv_cache_per_rank_follows_each_ranks_node(llama8b):
 
 
 def test_kv_cache_is_capped_at_what_vllm_could_use(tmp_path):
-    tiny = read_checkpoint(write_checkpoint(tmp_path / "t", hidden=256, layers=2, heads=4, kv_heads=2,
-                                            inter=512, vocab=1024, config_extra={"max_position_embeddings": 2048}))
+    tiny = read_checkpoint(
+        write_checkpoint(
+            tmp_path / "t",
+            hidden=256,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            inter=512,
+            vocab=1024,
+            config_extra={"max_position_embeddings": 2048},
+        )
+    )
     p = plan(machine("graviton4", 500), tiny)
     assert p.kv_cache_gib == 1  # 1 KiB/token x 2048 tokens x 128 sequences = 256 MiB -> the 1 GiB minimum
 
@@ -210,8 +282,12 @@ def test_groupwise_bias_rule_picks_fp32_on_arm_only(tmp_path):
 
 
 def test_checkpoint_facts_come_from_the_files_not_the_folder_name(tmp_path):
-    d = write_checkpoint(tmp_path / "model-w4a8dyn-minmax-groupwise-g32", scheme="channelwise", layers=1,
-                         config_extra={"attention_bias": False})
+    d = write_checkpoint(
+        tmp_path / "model-w4a8dyn-minmax-groupwise-g32",
+        scheme="channelwise",
+        layers=1,
+        config_extra={"attention_bias": False},
+    )
     f = read_checkpoint(d)
     assert f.scheme.granularity == "channelwise" and f.scheme.preset == "w4a8"
     assert f.name == "model-w4a8dyn-minmax-groupwise-g32" and f.num_layers == 1
@@ -223,7 +299,7 @@ def test_checkpoint_facts_come_from_the_files_not_the_folder_name(tmp_path):
 def test_w4a8_moe_is_refused_off_arm_in_one_line(tmp_path):
     moe = read_checkpoint(write_checkpoint(tmp_path / "moe", scheme="channelwise", experts=8, layers=1))
     assert moe.is_moe
-    with pytest.raises(PreflightError, match="CPUExpertsInt4.*Arm CPUs only") as e:
+    with pytest.raises(PreflightError, match=r"CPUExpertsInt4.*Arm CPUs only") as e:
         plan(machine("x86-amd-epyc-this-box", 20), moe)
     assert "\n" not in str(e.value)
     assert plan(machine("graviton4", 64), moe).dtype == "bfloat16"
@@ -248,14 +324,27 @@ def test_extra_vllm_args_win_and_the_plan_drops_what_they_repeat(llama8b):
 
 def test_profile_overrides_and_rejects_unknown_keys(tmp_path, llama8b):
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"max_num_seqs": 8, "max_num_batched_tokens": 512, "block_size": 64,
-                             "enforce_eager": True, "reserve": 0, "meta": {"by": "tune"}}))
+    f.write_text(
+        json.dumps(
+            {
+                "max_num_seqs": 8,
+                "max_num_batched_tokens": 512,
+                "block_size": 64,
+                "enforce_eager": True,
+                "reserve": 0,
+                "meta": {"by": "tune"},
+            }
+        )
+    )
     p = plan(machine("graviton4", 64), llama8b, Profile.load(str(f)))
     a = p.argv
     assert a[a.index("--max-num-seqs") + 1] == "8" and a[a.index("--max-num-batched-tokens") + 1] == "512"
     assert a[a.index("--block-size") + 1] == "64" and "--enforce-eager" in a and p.bind_lists == ("0-63",)
-    for bad, match in (({"threads": 3}, "unknown key"), ({"max_num_seqs": "8"}, "whole number"),
-                       ({"bind": "all"}, "bind must be")):
+    for bad, match in (
+        ({"threads": 3}, "unknown key"),
+        ({"max_num_seqs": "8"}, "whole number"),
+        ({"bind": "all"}, "bind must be"),
+    ):
         f.write_text(json.dumps(bad))
         with pytest.raises(UsageError, match=match):
             Profile.load(str(f))
@@ -264,15 +353,17 @@ def test_profile_overrides_and_rejects_unknown_keys(tmp_path, llama8b):
 def test_sharded_checkpoint_reads_the_shards_its_index_names(tmp_path):
     d = write_checkpoint(tmp_path / "sharded", layers=1)
     (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}})
+    )
     (d / "consolidated.safetensors").write_bytes(b"not a safetensors file")  # stray: not in the index
     assert read_checkpoint(d).float_values == read_checkpoint(write_checkpoint(tmp_path / "one", layers=1)).float_values
 
 
 def test_plan_for_this_machine_live(tmp_path):
-    tiny = read_checkpoint(write_checkpoint(tmp_path / "t", hidden=256, layers=2, heads=4, kv_heads=2,
-                                            inter=512, vocab=1024))
+    tiny = read_checkpoint(
+        write_checkpoint(tmp_path / "t", hidden=256, layers=2, heads=4, kv_heads=2, inter=512, vocab=1024)
+    )
     m = hardware.detect(probe_runtime=False)
     p = plan(m, tiny)
     assert set(parse_cpulist(p.bind_lists[0])) <= set(parse_cpulist(m.affinity))
@@ -283,7 +374,7 @@ def _parse_snippet(text):
     env, cmd = {}, []
     for line in text.replace("\\\n", " ").splitlines():
         if line.startswith("export "):
-            k, _, v = line[len("export "):].partition("=")
+            k, _, v = line[len("export ") :].partition("=")
             env[k] = shlex.split(v)[0]
         elif line and not line.startswith("#"):
             cmd = shlex.split(line)
@@ -313,8 +404,11 @@ def test_two_ranks_on_one_node_get_their_own_cpus(how, llama8b):
     """vLLM 0.32's auto binding refuses 2 ranks on 1 node ("Not enough allowed NUMA nodes to bind
     threads of 2 local CPUWorkers"); explicit per-rank lists run (seen here: TP=2 with "0|1")."""
     m = machine("graviton4", 256)
-    kw = {"ranks": {"ranks": 2}, "vllm-arg": {"extra_args": ["--tensor-parallel-size", "2"]},
-          "profile": {"profile": Profile(ranks=2)}}[how]
+    kw = {
+        "ranks": {"ranks": 2},
+        "vllm-arg": {"extra_args": ["--tensor-parallel-size", "2"]},
+        "profile": {"profile": Profile(ranks=2)},
+    }[how]
     p = plan(m, llama8b, **kw)
     assert p.ranks == 2 and p.bind_lists == ("0-30", "32-62")  # halves of 0-63, one CPU each reserved
     assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-30|32-62" and p.threads_per_rank == 31
@@ -346,16 +440,22 @@ def test_four_ranks_on_two_nodes_split_each_node(llama8b):
 
 def test_multi_host_pipeline_parallel_is_passed_to_vllm(llama8b):
     """docs/serve.md: across hosts, vLLM's pipeline parallel over Ray; the plan binds the local ranks."""
-    p = plan(machine("graviton4", 256), llama8b, ranks=2,
-             extra_args=["--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"])
+    p = plan(
+        machine("graviton4", 256),
+        llama8b,
+        ranks=2,
+        extra_args=["--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"],
+    )
     a = p.argv
-    assert a[a.index("--pipeline-parallel-size") + 1] == "2" and a[a.index("--distributed-executor-backend") + 1] == "ray"
+    assert (
+        a[a.index("--pipeline-parallel-size") + 1] == "2" and a[a.index("--distributed-executor-backend") + 1] == "ray"
+    )
     assert a[a.index("--tensor-parallel-size") + 1] == "2" and p.bind_lists == ("0-30", "32-62")
 
 
 def test_explicit_half_precision_is_refused_where_the_bias_guard_applies(tmp_path):
     ck = read_checkpoint(write_checkpoint(tmp_path / "gb", scheme="groupwise", bias=True, layers=1))
-    with pytest.raises(PreflightError, match="--dtype bfloat16 .* gives wrong outputs"):
+    with pytest.raises(PreflightError, match=r"--dtype bfloat16 .* gives wrong outputs"):
         plan(machine("graviton4", 64), ck, extra_args=["--dtype", "bfloat16"])
     assert plan(machine("graviton4", 64), ck, extra_args=["--dtype", "float32"]).dtype == "float32"
     assert plan(machine("graviton4", 64), ck).dtype == "float32"
@@ -372,7 +472,7 @@ def test_w4a8_on_an_amx_cpu_runs_float32(tmp_path):
     assert plan(amx, w4).dtype == "float32" and "SIGILL" in "\n".join(plan(amx, w4).reasons)
     assert plan(amx, dense).dtype == "bfloat16"
     assert plan(amx, w4, extra_args=["--dtype", "float32"]).dtype == "float32"
-    with pytest.raises(PreflightError, match="--dtype bfloat16 .* crashes .*SIGILL"):
+    with pytest.raises(PreflightError, match=r"--dtype bfloat16 .* crashes .*SIGILL"):
         plan(amx, w4, extra_args=["--dtype", "bfloat16"])
     no_amx = machine("x86-amd-epyc-this-box", 64, node_memory=None)
     assert plan(no_amx, w4).dtype == plan(no_amx, dense).dtype  # only AMX CPUs are affected

@@ -19,8 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "arm_int4"
 
 # Modules that importing arm_int4.quantize must not load (commands and their engines).
-NOT_FROM_QUANTIZE = ("arm_int4.bench", "arm_int4.bench_server", "arm_int4.evaluate", "arm_int4.lmeval",
-                     "arm_int4.llamacpp", "arm_int4.tune", "arm_int4.cli", "arm_int4.demo")
+NOT_FROM_QUANTIZE = (
+    "arm_int4.bench",
+    "arm_int4.bench_server",
+    "arm_int4.evaluate",
+    "arm_int4.lmeval",
+    "arm_int4.llamacpp",
+    "arm_int4.tune",
+    "arm_int4.cli",
+    "arm_int4.demo",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -56,8 +64,9 @@ def private_uses(path: Path) -> set:
                 continue
             for alias in node.names:
                 full = f"{src}.{alias.name}"
-                if (PACKAGE.parent / (full.replace(".", "/") + ".py")).exists() or \
-                        (PACKAGE.parent / full.replace(".", "/")).is_dir():
+                if (PACKAGE.parent / (full.replace(".", "/") + ".py")).exists() or (
+                    PACKAGE.parent / full.replace(".", "/")
+                ).is_dir():
                     bound[alias.asname or alias.name] = full  # `from . import bench`: a module
                 elif _private(alias.name) and src != me:
                     found.add((rel, f"{src.rsplit('.', 1)[-1]}.{alias.name}"))
@@ -66,8 +75,13 @@ def private_uses(path: Path) -> set:
                 if alias.name.startswith("arm_int4"):
                     bound[alias.asname or alias.name] = alias.name
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound \
-                and _private(node.attr) and bound[node.value.id] != me:
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and _private(node.attr)
+            and bound[node.value.id] != me
+        ):
             found.add((rel, f"{bound[node.value.id].rsplit('.', 1)[-1]}.{node.attr}"))
     return found
 
@@ -84,26 +98,39 @@ def test_the_scanner_sees_each_form(tmp_path, monkeypatch):
         (pkg / f).write_text("")
     (pkg / "b.py").write_text(
         "from .a import _hidden, public\nfrom . import a\nfrom arm_int4 import a as aa\nimport arm_int4.a\n"
-        "x = a._x + aa._y + a.__doc__ + a.ok\n_mine = 1\nfrom .b import _mine\n")
+        "x = a._x + aa._y + a.__doc__ + a.ok\n_mine = 1\nfrom .b import _mine\n"
+    )
     (pkg / "sub" / "c.py").write_text("from ..a import _up\nfrom . import _own_package\nimport os\nos._exit\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
-    assert private_uses(pkg / "b.py") == {("arm_int4/b.py", "a._hidden"), ("arm_int4/b.py", "a._x"),
-                                          ("arm_int4/b.py", "a._y")}
-    assert private_uses(pkg / "sub" / "c.py") == {("arm_int4/sub/c.py", "a._up"),
-                                                  ("arm_int4/sub/c.py", "sub._own_package")}
+    assert private_uses(pkg / "b.py") == {
+        ("arm_int4/b.py", "a._hidden"),
+        ("arm_int4/b.py", "a._x"),
+        ("arm_int4/b.py", "a._y"),
+    }
+    assert private_uses(pkg / "sub" / "c.py") == {
+        ("arm_int4/sub/c.py", "a._up"),
+        ("arm_int4/sub/c.py", "sub._own_package"),
+    }
 
 
 def test_no_module_uses_another_modules_private_names_beyond_the_known_list():
     new = all_private_uses()
     assert not new, "make these public (or move them where both modules can import them): " + ", ".join(
-        f"{f}: {n}" for f, n in sorted(new))
+        f"{f}: {n}" for f, n in sorted(new)
+    )
 
 
 def _modules_loaded_by(statement: str) -> set:
     code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     return set(json.loads(r.stdout))
 

@@ -74,10 +74,15 @@ def test_quantized_dir_is_not_converted(tmp_path, monkeypatch):
 
 def _cmake_args(arch, cpuinfo):
     """setup.sh's llamacpp_cmake_args, run by bash on a recorded /proc/cpuinfo."""
-    fn = subprocess.run(["sed", "-n", "/^llamacpp_cmake_args()/,/^}/p", str(REPO / "scripts" / "setup.sh")],
-                        capture_output=True, text=True, check=True).stdout
-    out = subprocess.run(["bash", "-c", fn + f'\nllamacpp_cmake_args {arch} "{cpuinfo}"'], capture_output=True,
-                         text=True, check=True).stdout.split()
+    fn = subprocess.run(
+        ["sed", "-n", "/^llamacpp_cmake_args()/,/^}/p", str(REPO / "scripts" / "setup.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    out = subprocess.run(
+        ["bash", "-c", fn + f'\nllamacpp_cmake_args {arch} "{cpuinfo}"'], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert "-DGGML_NATIVE=OFF" in out  # never native: the native x86 build with AMX segfaulted here
     return out
 
@@ -99,20 +104,55 @@ def _peer(tmp_path):
 
 
 def _rep(b, ttft, tpot, gen):
-    return {"wall_s": ttft + tpot * (gen - 1), "ttft_s": [ttft] * b, "tpot_s": [tpot] * b, "gen_tokens": [gen] * b,
-            "cached_tokens": 0, "perf": {}}
+    return {
+        "wall_s": ttft + tpot * (gen - 1),
+        "ttft_s": [ttft] * b,
+        "tpot_s": [tpot] * b,
+        "gen_tokens": [gen] * b,
+        "cached_tokens": 0,
+        "perf": {},
+    }
 
 
 def test_records_from_a_worker_result(tmp_path):
     w = bench.Workload(prompts=(16,), gens=(8,), batches=(1, 2, 4), repetitions=2, warmup=1)
-    result = {"ok": False, "error": "killed", "llama_cpp_version": "0.3.36", "desc": "llama ?B Q4_1",
-              "model_bytes": 10**8, "kv_bytes_per_token": 1000, "load_s": 0.5, "system_info": "CPU : AVX2 = 1 |",
-              "tests": [{"prompt": 16, "gen": 8, "batch": 1, "error": None, "peak_rss_bytes": 5,
-                         "reps": [_rep(1, 0.1, 0.01, 8), _rep(1, 0.1, 0.02, 8)]},
-                        {"prompt": 16, "gen": 8, "batch": 2, "error": "RuntimeError: llama_decode returned 1",
-                         "peak_rss_bytes": 5, "reps": []}]}
-    recs = llamacpp.records_from_result(result, _peer(tmp_path), w, threads=2, env_info={"cpu": "c", "arch": "x"},
-                                        bandwidth_gbs=20.0, flags="-DGGML_NATIVE=OFF")
+    result = {
+        "ok": False,
+        "error": "killed",
+        "llama_cpp_version": "0.3.36",
+        "desc": "llama ?B Q4_1",
+        "model_bytes": 10**8,
+        "kv_bytes_per_token": 1000,
+        "load_s": 0.5,
+        "system_info": "CPU : AVX2 = 1 |",
+        "tests": [
+            {
+                "prompt": 16,
+                "gen": 8,
+                "batch": 1,
+                "error": None,
+                "peak_rss_bytes": 5,
+                "reps": [_rep(1, 0.1, 0.01, 8), _rep(1, 0.1, 0.02, 8)],
+            },
+            {
+                "prompt": 16,
+                "gen": 8,
+                "batch": 2,
+                "error": "RuntimeError: llama_decode returned 1",
+                "peak_rss_bytes": 5,
+                "reps": [],
+            },
+        ],
+    }
+    recs = llamacpp.records_from_result(
+        result,
+        _peer(tmp_path),
+        w,
+        threads=2,
+        env_info={"cpu": "c", "arch": "x"},
+        bandwidth_gbs=20.0,
+        flags="-DGGML_NATIVE=OFF",
+    )
     assert [r.test for r in recs] == ["pp16 tg8 b1", "pp16 tg8 b2", "pp16 tg8 b4"]
     ok, failed, missing = recs
     assert ok.error is None and ok.mode == "llamacpp" and ok.quantization == "gguf Q4_1" and ok.quantized
@@ -134,14 +174,16 @@ def real_records():
     machine = hardware.detect(probe_runtime=False)
     bw = bandwidth.machine_bandwidth(machine)["triad_gbs"]
     peer = llamacpp.prepare(llamacpp.AUTO, "default", progress=lambda m: None)
-    recs = llamacpp.run(peer, TINY, threads=1, cpus=[0], env_info=bench.environment(machine), bandwidth_gbs=bw,
-                        progress=lambda m: None)
+    recs = llamacpp.run(
+        peer, TINY, threads=1, cpus=[0], env_info=bench.environment(machine), bandwidth_gbs=bw, progress=lambda m: None
+    )
     return recs, bw
 
 
 @pytest.mark.requires_llamacpp
-@pytest.mark.skipif(not HAVE_ENV, reason=f"no llama.cpp env at {llamacpp.env_dir()}: build it with "
-                                         f"{llamacpp.SETUP_HINT}")
+@pytest.mark.skipif(
+    not HAVE_ENV, reason=f"no llama.cpp env at {llamacpp.env_dir()}: build it with {llamacpp.SETUP_HINT}"
+)
 def test_real_run_on_the_shipped_gguf(real_records):
     recs, bw = real_records
     assert [r.test for r in recs] == ["pp16 tg8 b1", "pp16 tg8 b2"]
@@ -160,8 +202,9 @@ def test_real_run_on_the_shipped_gguf(real_records):
 
 
 @pytest.mark.requires_llamacpp
-@pytest.mark.skipif(not HAVE_ENV, reason=f"no llama.cpp env at {llamacpp.env_dir()}: build it with "
-                                         f"{llamacpp.SETUP_HINT}")
+@pytest.mark.skipif(
+    not HAVE_ENV, reason=f"no llama.cpp env at {llamacpp.env_dir()}: build it with {llamacpp.SETUP_HINT}"
+)
 def test_conversion_with_llamacpps_own_tools(smollm2, tmp_path, monkeypatch):
     """The HF dir (dequantized from the shipped Q4_1 GGUF) back through convert_hf_to_gguf.py (BF16)
     and llama_model_quantize (Q4_1): a GGUF of the same type and tensors, so within 1% of the
@@ -182,18 +225,39 @@ def test_conversion_with_llamacpps_own_tools(smollm2, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.requires_vllm
 @pytest.mark.requires_llamacpp
-@pytest.mark.skipif(not HAVE_ENV, reason=f"no llama.cpp env at {llamacpp.env_dir()}: build it with "
-                                         f"{llamacpp.SETUP_HINT}")
+@pytest.mark.skipif(
+    not HAVE_ENV, reason=f"no llama.cpp env at {llamacpp.env_dir()}: build it with {llamacpp.SETUP_HINT}"
+)
 def test_one_command_one_table(tmp_path):
     """`arm-int4 bench default --vs-llamacpp`: vLLM and llama.cpp rows, one markdown table, side by side."""
     from conftest import run_cli
 
     js = tmp_path / "r.json"
-    r = run_cli("bench", "default", "--vs-llamacpp", "-p", "16", "-n", "4", "-b", "1", "2", "-r", "1",
-                "--json", js, "--", "--enforce-eager")
+    r = run_cli(
+        "bench",
+        "default",
+        "--vs-llamacpp",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-b",
+        "1",
+        "2",
+        "-r",
+        "1",
+        "--json",
+        js,
+        "--",
+        "--enforce-eager",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     recs = json.loads(js.read_text())
-    assert [(x["mode"], x["test"]) for x in recs] == [("offline", "pp16 tg4 b1"), ("offline", "pp16 tg4 b2"),
-                                                      ("llamacpp", "pp16 tg4 b1"), ("llamacpp", "pp16 tg4 b2")]
+    assert [(x["mode"], x["test"]) for x in recs] == [
+        ("offline", "pp16 tg4 b1"),
+        ("offline", "pp16 tg4 b2"),
+        ("llamacpp", "pp16 tg4 b1"),
+        ("llamacpp", "pp16 tg4 b2"),
+    ]
     assert recs[0]["threads"] == recs[2]["threads"]  # same thread count as the vLLM plan
     assert "llama.cpp SmolLM2-135M-Instruct.Q4_1" in r.stdout and "output tok/s, side by side" in r.stdout

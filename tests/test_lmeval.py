@@ -33,7 +33,7 @@ def test_cloze_task_is_built_from_the_packaged_text_and_pinned(tmp_path):
     assert hashlib.sha256(body.encode()).hexdigest() == cloze.ITEMS_SHA256
     assert (len(test), len(train)) == (cloze.NUM_TEST, cloze.NUM_TRAIN)
     flat = re.sub(r"\s+", " ", ev.load_text(cloze.TEXT).text.replace("_", ""))
-    start = len(re.sub(r"\s+", " ", ev.load_text(cloze.TEXT).text[:cloze.SKIP_CHARS].replace("_", "")))
+    start = len(re.sub(r"\s+", " ", ev.load_text(cloze.TEXT).text[: cloze.SKIP_CHARS].replace("_", "")))
     contexts = set()
     for item in test + train:
         gold = item["choices"][item["label"]]
@@ -128,8 +128,20 @@ LIMIT = 6
 
 def _run_eval(tmp, *models_and_flags):
     out = tmp / "r.json"
-    r = run_cli("eval", *models_and_flags, "--tasks", cloze.TASK, "--num-fewshot", "1", "--limit", LIMIT,
-                "--dtype", "float32", "--output", out)
+    r = run_cli(
+        "eval",
+        *models_and_flags,
+        "--tasks",
+        cloze.TASK,
+        "--num-fewshot",
+        "1",
+        "--limit",
+        LIMIT,
+        "--dtype",
+        "float32",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout, json.loads(out.read_text())
 
@@ -178,7 +190,7 @@ def test_lm_eval_through_vllm_matches_transformers(tiny_eval, tiny_llama):
     assert max(abs(a - b) for a, b in zip(got, no_bos, strict=True)) > 0.05
     acc, acc_norm = [], []
     for k, s in enumerate(samples):
-        lls = ref[4 * k:4 * k + 4]
+        lls = ref[4 * k : 4 * k + 4]
         conts = [cont for _, cont in s["arguments"]]
         acc.append(float(max(range(4), key=lambda i: lls[i]) == s["target"]))
         acc_norm.append(float(max(range(4), key=lambda i: lls[i] / len(conts[i].encode())) == s["target"]))
@@ -186,8 +198,7 @@ def test_lm_eval_through_vllm_matches_transformers(tiny_eval, tiny_llama):
     assert res["acc,none"] == pytest.approx(sum(acc) / LIMIT)
     assert res["acc_norm,none"] == pytest.approx(sum(acc_norm) / LIMIT)
     # 1-shot: every context opens with a train item (context + gold ending), then the test context
-    train = {x["context"]: x["choices"][x["label"]] for x in
-             cloze.build_items(ev.load_text(cloze.TEXT).text)[1]}
+    train = {x["context"]: x["choices"][x["label"]] for x in cloze.build_items(ev.load_text(cloze.TEXT).text)[1]}
     ctx = samples[0]["arguments"][0][0]
     assert any(ctx.startswith(f"{c} {g}") for c, g in train.items())
 

@@ -23,12 +23,20 @@ from arm_int4.schemes import Scheme
 from arm_int4.synthetic import MOE_FAMILIES, build_random_moe
 
 # family → (scheme, method, group) quantized by both engines; (MoE block name in the checkpoint)
-CONFIGS = {"mixtral": ("channelwise", "mse", None), "qwen3_moe": ("groupwise", "minmax", 32),
-           "qwen2_moe": ("groupwise", "mse", 32), "deepseek_v2": ("channelwise", "minmax", None)}
+CONFIGS = {
+    "mixtral": ("channelwise", "mse", None),
+    "qwen3_moe": ("groupwise", "minmax", 32),
+    "qwen2_moe": ("groupwise", "mse", 32),
+    "deepseek_v2": ("channelwise", "minmax", None),
+}
 BLOCK = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen2_moe": "mlp", "deepseek_v2": "mlp"}
 # Linear layers quantized: attention + experts (4 × 3 per MoE layer) + shared experts / dense MLP
-LAYERS = {"mixtral": 2 * (4 + 12), "qwen3_moe": 2 * (4 + 12), "qwen2_moe": 2 * (4 + 12 + 3),
-          "deepseek_v2": 2 * 4 + 3 + (12 + 3)}
+LAYERS = {
+    "mixtral": 2 * (4 + 12),
+    "qwen3_moe": 2 * (4 + 12),
+    "qwen2_moe": 2 * (4 + 12 + 3),
+    "deepseek_v2": 2 * 4 + 3 + (12 + 3),
+}
 
 
 def _tensors(d):
@@ -65,8 +73,10 @@ def llmc_moe(moe_models, tmp_path_factory):
     """All four families in one llmcompressor process (its import is most of the ~30 s), with the
     ignore list `quantize --engine llmcompressor` passes for a MoE."""
     root = tmp_path_factory.mktemp("moe-llmc")
-    jobs = [llmc_job(m, root / f, Scheme.from_options("w4a8", *CONFIGS[f]), ["lm_head"] + MOE_IGNORE)
-            for f, m in moe_models.items()]
+    jobs = [
+        llmc_job(m, root / f, Scheme.from_options("w4a8", *CONFIGS[f]), ["lm_head"] + MOE_IGNORE)
+        for f, m in moe_models.items()
+    ]
     run_llmcompressor_jobs(jobs)
     return {f: root / f for f in moe_models}
 
@@ -138,8 +148,10 @@ def test_expert_shapes_and_fused_storage_are_checked(moe_models, tmp_path):
     t = _tensors(fused)
     for layer in (0, 1):  # rewrite the experts as transformers 5 holds them in memory: 3-D
         p = f"model.layers.{layer}.mlp.experts"
-        w = {n: torch.stack([t.pop(f"{p}.{e}.{n}.weight") for e in range(4)])
-             for n in ("gate_proj", "up_proj", "down_proj")}
+        w = {
+            n: torch.stack([t.pop(f"{p}.{e}.{n}.weight") for e in range(4)])
+            for n in ("gate_proj", "up_proj", "down_proj")
+        }
         t[f"{p}.gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1)
         t[f"{p}.down_proj"] = w["down_proj"]
     save_file(t, str(fused / "model.safetensors"), metadata={"format": "pt"})
@@ -188,9 +200,15 @@ def test_expert_kernel_path_matches_float_reference_on_host(stream_moe, tmp_path
         # the floor catches a kernel computing SiLU(u) * g: pack [up; gate], compare with the reference
         weights, ids = mk.route(layer["x"], layer["router"], 2, renorm)
         half = layer["w13"].shape[1] // 2
-        p13, p2 = mk.pack_experts(layer["w13"].roll(half, 1), layer["w13_scale"].roll(half, 1), layer["w2"],
-                                  layer["w2_scale"], layer["group_size"])
+        p13, p2 = mk.pack_experts(
+            layer["w13"].roll(half, 1),
+            layer["w13_scale"].roll(half, 1),
+            layer["w2"],
+            layer["w2_scale"],
+            layer["group_size"],
+        )
         wrong = mk.moe_transcribed(layer["x"], ids, weights, p13, p2, 256, half, layer["group_size"])
-        ref = mk.moe_reference(layer["x"], ids, weights, layer["w13"], layer["w13_scale"], layer["w2"],
-                               layer["w2_scale"])
+        ref = mk.moe_reference(
+            layer["x"], ids, weights, layer["w13"], layer["w13_scale"], layer["w2"], layer["w2_scale"]
+        )
         assert mk.sqnr_db(ref, wrong) < 10.0

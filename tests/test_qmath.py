@@ -16,9 +16,16 @@ GROUPS = [None, 32, 64, 128]
 
 
 def _args(group, observer="minmax", **kw):
-    return QuantizationArgs(num_bits=4, type="int", symmetric=True, dynamic=False,
-                            strategy="group" if group else "channel", group_size=group, observer=observer,
-                            observer_kwargs=kw)
+    return QuantizationArgs(
+        num_bits=4,
+        type="int",
+        symmetric=True,
+        dynamic=False,
+        strategy="group" if group else "channel",
+        group_size=group,
+        observer=observer,
+        observer_kwargs=kw,
+    )
 
 
 def _weight(shape, dtype, seed, kind="normal"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 from safetensors import safe_open
 
 from arm_int4.options import QuantizeOptions
@@ -17,7 +18,6 @@ from arm_int4.quantize import quantize
 from arm_int4.quantize.llmc import llmc_job, run_llmcompressor, run_llmcompressor_jobs
 from arm_int4.quantize.verify import VerifyError, verify_dir
 from arm_int4.schemes import Scheme, output_dir_name, scheme_from_config
-from conftest import REPO, run_cli
 
 CONFIGS = [  # (scheme, method, groupsize) — the learning path's combinations
     ("channelwise", "minmax", None),
@@ -31,15 +31,16 @@ IDS = [f"{s}-{m}" + (f"-g{g}" if g else "") for s, m, g in CONFIGS]
 
 
 def _opts(model, out, scheme="channelwise", method="mse", groupsize=32, **kw):
-    return QuantizeOptions(model=str(model), output=str(out), scheme=scheme, method=method,
-                           groupsize=groupsize or 32, **kw)
+    return QuantizeOptions(
+        model=str(model), output=str(out), scheme=scheme, method=method, groupsize=groupsize or 32, **kw
+    )
 
 
 def _tensors(d: Path) -> dict:
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
+            out.update({k: st.get_tensor(k) for k in st})
     return out
 
 
@@ -51,16 +52,26 @@ def _qconfig(d: Path) -> dict:
 
 # ---------------------------------------------------------------- schemes
 def test_output_naming_is_the_learning_paths():
-    assert output_dir_name("deepseek-ai/DeepSeek-V2-Lite/", Scheme.from_options("w4a8", "channelwise", "mse", 32)) \
+    assert (
+        output_dir_name("deepseek-ai/DeepSeek-V2-Lite/", Scheme.from_options("w4a8", "channelwise", "mse", 32))
         == "DeepSeek-V2-Lite-w4a8dyn-mse-channelwise"
-    assert output_dir_name("m", Scheme.from_options("w4a8", "groupwise", "minmax", 64)) == "m-w4a8dyn-minmax-groupwise-g64"
+    )
+    assert (
+        output_dir_name("m", Scheme.from_options("w4a8", "groupwise", "minmax", 64)) == "m-w4a8dyn-minmax-groupwise-g64"
+    )
     assert output_dir_name("m", Scheme.from_options("w4a16", "groupwise", "mse", None)) == "m-w4a16-mse-groupwise-g128"
 
 
 def test_scheme_is_the_learning_paths_not_the_w4a8_preset():
     s = Scheme.from_options("w4a8", "groupwise", "mse", 32)
     w, a = s.weight_args(), s.input_args()
-    assert (w["num_bits"], w["symmetric"], w["strategy"], w["group_size"], w["observer"]) == (4, True, "group", 32, "mse")
+    assert (w["num_bits"], w["symmetric"], w["strategy"], w["group_size"], w["observer"]) == (
+        4,
+        True,
+        "group",
+        32,
+        "mse",
+    )
     # activations: INT8, dynamic, per token, *asymmetric* (compressed-tensors' W4A8 preset is symmetric)
     assert (a["num_bits"], a["dynamic"], a["strategy"], a["symmetric"]) == (8, True, "token", False)
     assert Scheme.from_options("w4a16", "groupwise", "minmax", None).input_args() is None
@@ -82,10 +93,11 @@ def stream_outputs(tiny_llama, tmp_path_factory):
     precisions: {name: dir} for the default precision (fp32), {(name, precision): dir} for all."""
     root = tmp_path_factory.mktemp("stream")
     outs = {}
-    for (scheme, method, g), name in zip(CONFIGS, IDS):
+    for (scheme, method, g), name in zip(CONFIGS, IDS, strict=False):
         for precision in PRECISIONS:
-            out = quantize(_opts(tiny_llama, root / f"{name}-{precision}", scheme, method, g,
-                                 observer_precision=precision)).output
+            out = quantize(
+                _opts(tiny_llama, root / f"{name}-{precision}", scheme, method, g, observer_precision=precision)
+            ).output
             outs[(name, precision)] = out
             if precision == "fp32":
                 outs[name] = out
@@ -98,11 +110,18 @@ def llmc_outputs(tiny_llama, tmp_path_factory):
     learning path's fp32 cast (precision fp32) and in the checkpoint's bf16 (precision weight)."""
     root = tmp_path_factory.mktemp("llmc")
     jobs, outs = [], {}
-    for (scheme, method, g), name in zip(CONFIGS, IDS):
+    for (scheme, method, g), name in zip(CONFIGS, IDS, strict=False):
         for precision in PRECISIONS:
             outs[(name, precision)] = root / f"{name}-{precision}"
-            jobs.append(llmc_job(tiny_llama, outs[(name, precision)], Scheme.from_options("w4a8", scheme, method, g),
-                                 ["lm_head"], cast_fp32=precision == "fp32"))
+            jobs.append(
+                llmc_job(
+                    tiny_llama,
+                    outs[(name, precision)],
+                    Scheme.from_options("w4a8", scheme, method, g),
+                    ["lm_head"],
+                    cast_fp32=precision == "fp32",
+                )
+            )
     run_llmcompressor_jobs(jobs)
     return outs
 
@@ -136,7 +155,7 @@ def test_stream_equals_llmcompressor_bit_for_bit(config, precision, stream_outpu
 
 
 def test_outputs_verify_and_hold_int4(stream_outputs, tiny_llama):
-    for name, d in stream_outputs.items():
+    for _name, d in stream_outputs.items():
         report = verify_dir(d)
         assert report.layers == 14  # 2 layers × (q, k, v, o, gate, up, down); lm_head ignored
         t = _tensors(d)
@@ -176,22 +195,31 @@ def test_learning_path_script_same_cli_defaults_and_naming(tiny_llama, tmp_path)
     assert "fp32 scales" in flat and "keep the source dtype" in flat
     missing = subprocess.run([sys.executable, script, str(tiny_llama)], capture_output=True, text=True)
     assert missing.returncode == 2 and "--scheme" in missing.stderr  # required, as in the learning path
-    r = subprocess.run([sys.executable, script, str(tiny_llama), "--scheme", "groupwise"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, script, str(tiny_llama), "--scheme", "groupwise"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "tiny-llama-w4a8dyn-mse-groupwise-g32"  # defaults: method mse, groupsize 32
     assert verify_dir(out).scheme == Scheme("w4a8", "groupwise", 32, "mse")
 
 
 @pytest.mark.requires_quant_env
-@pytest.mark.parametrize("argv,name,label", [
-    (["--scheme", "channelwise", "--method", "mse"], "channelwise-mse", "mse-channelwise"),
-    (["--scheme", "groupwise", "--method", "minmax"], "groupwise-minmax-g32", "minmax-groupwise-g32")])
+@pytest.mark.parametrize(
+    "argv,name,label",
+    [
+        (["--scheme", "channelwise", "--method", "mse"], "channelwise-mse", "mse-channelwise"),
+        (["--scheme", "groupwise", "--method", "minmax"], "groupwise-minmax-g32", "minmax-groupwise-g32"),
+    ],
+)
 def test_learning_path_script_equals_the_learning_path_flow(argv, name, label, tiny_llama, llmc_outputs, tmp_path):
     """scripts/quantize_vllm_models.py vs Arm's script's own flow (fp32 cast + llmcompressor oneshot):
     every int value and fp32 scale equal; unquantized tensors equal in value (bf16 here, fp32 there)."""
-    r = subprocess.run([sys.executable, REPO / "scripts" / "quantize_vllm_models.py", tiny_llama, *argv],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, REPO / "scripts" / "quantize_vllm_models.py", tiny_llama, *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert_same_checkpoint(tmp_path / f"tiny-llama-w4a8dyn-{label}", llmc_outputs[(name, "fp32")], "fp32")
 
@@ -200,7 +228,9 @@ def test_learning_path_script_equals_the_learning_path_flow(argv, name, label, t
 def test_config_block_equals_the_learning_path_flow(tiny_llama, stream_outputs, tmp_path):
     """The learning path's own flow (fp32 cast + llmcompressor oneshot) writes the same block."""
     lp = tmp_path / "lp"
-    run_llmcompressor(tiny_llama, lp, Scheme.from_options("w4a8", "channelwise", "mse", 32), ["lm_head"], cast_fp32=True)
+    run_llmcompressor(
+        tiny_llama, lp, Scheme.from_options("w4a8", "channelwise", "mse", 32), ["lm_head"], cast_fp32=True
+    )
     assert _qconfig(lp) == _qconfig(stream_outputs["channelwise-mse"])
 
 
@@ -232,17 +262,20 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
     assert _leftovers(tmp_path) == ["out"]
 
 
-@pytest.mark.parametrize("argv,needles", [
-    (["/no/such/model"], ["/no/such/model", "not found"]),
-    (["{tiny}", "--scheme", "groupwise", "--groupsize", "48"], ["--groupsize 48", "multiple of 32"]),
-    (["{tiny}", "--ignore", "re:.*"], ["no Linear layers"]),
-    (["{tiny}", "--algorithm", "gptq"], ["--dataset"]),
-    (["{tiny}", "--algorithm", "gptq", "--engine", "stream", "--dataset", "x.jsonl"], ["--engine llmcompressor"]),
-    (["{quantized}"], ["already quantized"]),
-    (["{tiny}", "--method", "nope"], ["--method", "nope"]),
-    (["{tiny}", "--jobs", "0"], ["--jobs 0"]),
-    (["{tiny}", "--observer-precision", "bf16"], ["--observer-precision", "bf16"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["/no/such/model"], ["/no/such/model", "not found"]),
+        (["{tiny}", "--scheme", "groupwise", "--groupsize", "48"], ["--groupsize 48", "multiple of 32"]),
+        (["{tiny}", "--ignore", "re:.*"], ["no Linear layers"]),
+        (["{tiny}", "--algorithm", "gptq"], ["--dataset"]),
+        (["{tiny}", "--algorithm", "gptq", "--engine", "stream", "--dataset", "x.jsonl"], ["--engine llmcompressor"]),
+        (["{quantized}"], ["already quantized"]),
+        (["{tiny}", "--method", "nope"], ["--method", "nope"]),
+        (["{tiny}", "--jobs", "0"], ["--jobs 0"]),
+        (["{tiny}", "--observer-precision", "bf16"], ["--observer-precision", "bf16"]),
+    ],
+)
 def test_bad_input_is_one_line(argv, needles, tiny_llama, stream_outputs, tmp_path):
     argv = [a.format(tiny=tiny_llama, quantized=stream_outputs["channelwise-minmax"]) for a in argv]
     r = run_cli("quantize", *argv, cwd=tmp_path)
@@ -291,9 +324,13 @@ def test_interrupted_run_leaves_nothing_behind(sig, smollm2, tmp_path):
     out = tmp_path / "out"
     # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
     # ignored SIGINT ignored (no KeyboardInterrupt): give the child a terminal's default, as Ctrl-C meets.
-    proc = subprocess.Popen([sys.executable, "-m", "arm_int4", "quantize", str(smollm2), "--output", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arm_int4", "quantize", str(smollm2), "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     tmp = _wait_for_tmp(tmp_path, proc)
     proc.send_signal(sig)
     proc.wait(timeout=60)
@@ -310,8 +347,12 @@ def test_interrupted_run_leaves_nothing_behind(sig, smollm2, tmp_path):
 
 
 # ---------------------------------------------------------------- vLLM really loads what we write
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
-           "Once upon a time, in a small village,"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+]
 
 
 def vllm_generate(model: Path, tmp_path: Path, max_tokens=32, score=None) -> tuple[dict, str]:
@@ -319,14 +360,33 @@ def vllm_generate(model: Path, tmp_path: Path, max_tokens=32, score=None) -> tup
     (launch.engine_plan: dtype guards, binding, KV size): (result, vLLM's log)."""
     from arm_int4 import hardware, launch, runner
 
-    _, plan = launch.engine_plan(model, hardware.detect(probe_runtime=False), launch.Profile(enforce_eager=True),
-                                 max_model_len=512, extra_args=["--max-num-seqs", "8"],
-                                 can_bind=runner.can_set_affinity())
+    _, plan = launch.engine_plan(
+        model,
+        hardware.detect(probe_runtime=False),
+        launch.Profile(enforce_eager=True),
+        max_model_len=512,
+        extra_args=["--max-num-seqs", "8"],
+        can_bind=runner.can_set_affinity(),
+    )
     job, res = tmp_path / f"job-{model.name}.json", tmp_path / f"res-{model.name}.json"
-    job.write_text(json.dumps({"model": str(model), "prompts": PROMPTS, "max_tokens": max_tokens, "score": score,
-                               "engine_kwargs": plan.engine_kwargs()}))
-    r = subprocess.run([sys.executable, REPO / "tests" / "helpers" / "vllm_generate.py", job, res],
-                       capture_output=True, text=True, timeout=600, env=runner.process_env(plan))
+    job.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "prompts": PROMPTS,
+                "max_tokens": max_tokens,
+                "score": score,
+                "engine_kwargs": plan.engine_kwargs(),
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, REPO / "tests" / "helpers" / "vllm_generate.py", job, res],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=runner.process_env(plan),
+    )
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     return json.loads(res.read_text()), log
@@ -346,10 +406,12 @@ def smollm2_int4(smollm2, tmp_path_factory):
     scripts/quantize_vllm_models.py writes them (fp32 observers)."""
     root = tmp_path_factory.mktemp("smol")
     return {
-        "channelwise-mse": quantize(_opts(smollm2, root / "cw-mse", "channelwise", "mse",
-                                          observer_precision="fp32")).output,
-        "groupwise-minmax-g32": quantize(_opts(smollm2, root / "g32-minmax", "groupwise", "minmax", 32,
-                                               observer_precision="fp32")).output,
+        "channelwise-mse": quantize(
+            _opts(smollm2, root / "cw-mse", "channelwise", "mse", observer_precision="fp32")
+        ).output,
+        "groupwise-minmax-g32": quantize(
+            _opts(smollm2, root / "g32-minmax", "groupwise", "minmax", 32, observer_precision="fp32")
+        ).output,
     }
 
 
@@ -383,11 +445,11 @@ def test_real_model_greedy_top1_agreement(smollm2, smollm2_int4, tmp_path):
     is itself dequantized Q4_1 loses much to INT4). The floor 0.40 fails a broken kernel or
     layout (a random-weight model agrees < 0.05) while tolerating the x86-vs-Arm rounding."""
     base, _ = vllm_generate(smollm2, tmp_path, max_tokens=32)
-    seqs = [p + g for p, g in zip(base["prompt_token_ids"], base["token_ids"])]
+    seqs = [p + g for p, g in zip(base["prompt_token_ids"], base["token_ids"], strict=False)]
     for name, d in smollm2_int4.items():
         res, log = vllm_generate(d, tmp_path, max_tokens=1, score=seqs)
         assert "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int" in log
-        ranks = [r[len(p) - 1:] for r, p in zip(res["ranks"], base["prompt_token_ids"])]
+        ranks = [r[len(p) - 1 :] for r, p in zip(res["ranks"], base["prompt_token_ids"], strict=False)]
         agree = sum(x == 1 for r in ranks for x in r) / sum(len(r) for r in ranks)
         assert agree >= 0.40, f"{name}: top-1 agreement {agree:.2f}"
 
@@ -401,11 +463,36 @@ def test_gptq_with_a_local_chat_dataset(tiny_llama, tmp_path):
     paragraphs = [p for p in textwrap.__doc__.split("\n\n") + json.__doc__.split("\n\n") if p.strip()]
     with data.open("w") as f:
         for i, p in enumerate(paragraphs * 4):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Explain part {i}."},
-                                             {"role": "assistant", "content": p}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Explain part {i}."},
+                            {"role": "assistant", "content": p},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     out = tmp_path / "gptq"
-    r = run_cli("quantize", tiny_llama, "--algorithm", "gptq", "--dataset", data, "--num-samples", 16,
-                "--max-seq-len", 128, "--scheme", "groupwise", "--method", "minmax", "--output", out)
+    r = run_cli(
+        "quantize",
+        tiny_llama,
+        "--algorithm",
+        "gptq",
+        "--dataset",
+        data,
+        "--num-samples",
+        16,
+        "--max-seq-len",
+        128,
+        "--scheme",
+        "groupwise",
+        "--method",
+        "minmax",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "llmcompressor engine" in r.stdout
     report = verify_dir(out)
@@ -419,19 +506,27 @@ def test_gptq_with_a_local_chat_dataset(tiny_llama, tmp_path):
 
 
 @pytest.mark.requires_quant_env
-@pytest.mark.parametrize("name,precision", [
-    ("groupwise-minmax-g32", "fp32"),
-    pytest.param("channelwise-mse", "fp32", marks=pytest.mark.slow),
-    pytest.param("groupwise-minmax-g32", "weight", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name,precision",
+    [
+        ("groupwise-minmax-g32", "fp32"),
+        pytest.param("channelwise-mse", "fp32", marks=pytest.mark.slow),
+        pytest.param("groupwise-minmax-g32", "weight", marks=pytest.mark.slow),
+    ],
+)
 def test_stream_equals_llmcompressor_on_the_real_model(name, precision, smollm2, smollm2_int4, tmp_path):
     """Same check as on the tiny model, on SmolLM2-135M (210 layers, hidden 576, tied embeddings).
     fp32 is what scripts/quantize_vllm_models.py runs (LearningPathOptions → observer_precision fp32)
     against the learning path's flow (model cast to fp32, then llmcompressor)."""
-    scheme = {"groupwise-minmax-g32": Scheme("w4a8", "groupwise", 32, "minmax"),
-              "channelwise-mse": Scheme("w4a8", "channelwise", None, "mse")}[name]
+    scheme = {
+        "groupwise-minmax-g32": Scheme("w4a8", "groupwise", 32, "minmax"),
+        "channelwise-mse": Scheme("w4a8", "channelwise", None, "mse"),
+    }[name]
     ref = tmp_path / "llmc"
     run_llmcompressor(smollm2, ref, scheme, ["lm_head"], cast_fp32=precision == "fp32")
-    ours = smollm2_int4[name] if precision == "fp32" else quantize(_opts(
-        smollm2, tmp_path / "ours", "groupwise", "minmax", 32, observer_precision="weight")).output
+    ours = (
+        smollm2_int4[name]
+        if precision == "fp32"
+        else quantize(_opts(smollm2, tmp_path / "ours", "groupwise", "minmax", 32, observer_precision="weight")).output
+    )
     assert_same_checkpoint(ours, ref, precision)

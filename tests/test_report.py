@@ -12,22 +12,59 @@ from arm_int4 import report
 from arm_int4.errors import UsageError
 from arm_int4.report import Record
 
-ENV = dict(cpu="Neoverse V2", arch="aarch64", cpu_features=["asimd", "i8mm", "bf16"], logical_cpus=64,
-           usable_cpus=64, torch_version="2.13.0", vllm_version="0.32.0", python_version="3.11.7",
-           arm_int4_version="0.1.0", git_commit="abc123", time="2026-01-01T00:00:00+00:00")
+ENV = dict(
+    cpu="Neoverse V2",
+    arch="aarch64",
+    cpu_features=["asimd", "i8mm", "bf16"],
+    logical_cpus=64,
+    usable_cpus=64,
+    torch_version="2.13.0",
+    vllm_version="0.32.0",
+    python_version="3.11.7",
+    arm_int4_version="0.1.0",
+    git_commit="abc123",
+    time="2026-01-01T00:00:00+00:00",
+)
 
 
 def rec(name, quant, test="pp128 tg128 b1", decode=10.0, prefill=100.0, **kw):
     p, n, b = (int(x[2:] if x.startswith(("pp", "tg")) else x[1:]) for x in test.split())
-    base = dict(model=f"/m/{name}", model_name=name, quantization=quant, quantized=quant.startswith("w4"), test=test,
-                prompt_tokens=p, gen_tokens=n, batch=b, repetitions=2, warmup=1,
-                decode_tok_s=decode, decode_tok_s_sd=0.5, decode_tok_s_samples=[decode - 0.5, decode + 0.5],
-                prefill_tok_s=prefill, prefill_tok_s_sd=1.0, prefill_tok_s_samples=[prefill - 1, prefill + 1],
-                ttft_ms=20.0, ttft_ms_sd=0.1, ttft_ms_p50=20.0, ttft_ms_p99=21.0, tpot_ms=1000 / decode,
-                tpot_ms_p50=1000 / decode, tpot_ms_p99=1000 / decode + 1, total_tok_s=50.0, total_tok_s_sd=2.0,
-                achieved_gbs=5.0, bandwidth_gbs=500.0, bandwidth_pct=1.0, peak_rss_bytes=3 * 2**30,
-                model_bytes=2**28, excluded="tokenization", env={"VLLM_CPU_KVCACHE_SPACE": "4"},
-                engine_args={"dtype": "bfloat16"}, **ENV)
+    base = dict(
+        model=f"/m/{name}",
+        model_name=name,
+        quantization=quant,
+        quantized=quant.startswith("w4"),
+        test=test,
+        prompt_tokens=p,
+        gen_tokens=n,
+        batch=b,
+        repetitions=2,
+        warmup=1,
+        decode_tok_s=decode,
+        decode_tok_s_sd=0.5,
+        decode_tok_s_samples=[decode - 0.5, decode + 0.5],
+        prefill_tok_s=prefill,
+        prefill_tok_s_sd=1.0,
+        prefill_tok_s_samples=[prefill - 1, prefill + 1],
+        ttft_ms=20.0,
+        ttft_ms_sd=0.1,
+        ttft_ms_p50=20.0,
+        ttft_ms_p99=21.0,
+        tpot_ms=1000 / decode,
+        tpot_ms_p50=1000 / decode,
+        tpot_ms_p99=1000 / decode + 1,
+        total_tok_s=50.0,
+        total_tok_s_sd=2.0,
+        achieved_gbs=5.0,
+        bandwidth_gbs=500.0,
+        bandwidth_pct=1.0,
+        peak_rss_bytes=3 * 2**30,
+        model_bytes=2**28,
+        excluded="tokenization",
+        env={"VLLM_CPU_KVCACHE_SPACE": "4"},
+        engine_args={"dtype": "bfloat16"},
+        **ENV,
+    )
     base.update(kw)
     return Record(**base)
 
@@ -37,13 +74,38 @@ def records():
     return [
         rec("m-int4", "w4a8 mse-channelwise", decode=20.0, prefill=300.0, notes=["x86 fallback, not an Arm figure"]),
         rec("m-bf16", "bfloat16", decode=10.0, prefill=100.0, notes=["baseline provenance"]),
-        rec("m-int4", "w4a8 mse-channelwise", test="pp128 tg128 b8", decode=80.0,
-            notes=["x86 fallback, not an Arm figure"]),
+        rec(
+            "m-int4",
+            "w4a8 mse-channelwise",
+            test="pp128 tg128 b8",
+            decode=80.0,
+            notes=["x86 fallback, not an Arm figure"],
+        ),
         rec("m-bf16", "bfloat16", test="pp128 tg128 b8", decode=40.0),
-        Record(model="/bad", model_name="bad", quantization=None, quantized=False, test="pp128 tg128 b1",
-               prompt_tokens=128, gen_tokens=128, batch=1, error="no config.json", **ENV),
-        Record(model="/bad", model_name="bad", quantization=None, quantized=False, test="pp128 tg128 b8",
-               prompt_tokens=128, gen_tokens=128, batch=8, error="no config.json", **ENV),
+        Record(
+            model="/bad",
+            model_name="bad",
+            quantization=None,
+            quantized=False,
+            test="pp128 tg128 b1",
+            prompt_tokens=128,
+            gen_tokens=128,
+            batch=1,
+            error="no config.json",
+            **ENV,
+        ),
+        Record(
+            model="/bad",
+            model_name="bad",
+            quantization=None,
+            quantized=False,
+            test="pp128 tg128 b8",
+            prompt_tokens=128,
+            gen_tokens=128,
+            batch=8,
+            error="no config.json",
+            **ENV,
+        ),
     ]
 
 
@@ -119,12 +181,15 @@ def test_emit_files_and_stdout(records, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0]["model_name"] == "m-int4"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(json_path="-", csv_path="-"), "both ask for stdout"),
-    (dict(plot_path="out.svg"), "must end in .png"),
-    (dict(plot_path="-"), "needs a FILE.png"),
-    (dict(json_path="/nonexistent-dir/x.json"), "does not exist"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(json_path="-", csv_path="-"), "both ask for stdout"),
+        (dict(plot_path="out.svg"), "must end in .png"),
+        (dict(plot_path="-"), "needs a FILE.png"),
+        (dict(json_path="/nonexistent-dir/x.json"), "does not exist"),
+    ],
+)
 def test_bad_targets_are_refused_before_measuring(kwargs, message):
     with pytest.raises(UsageError, match=message):
         report.check_targets(**kwargs)

@@ -49,9 +49,21 @@ def _port():
 def _plan(tmp_path, delay, port):
     script = tmp_path / "stub.py"
     script.write_text(STUB)
-    return Plan(env={"STUB": "1"}, argv=(sys.executable, str(script), str(delay), str(port)), reasons=(),
-                host="127.0.0.1", port=port, served_model_name="stub", model_dir=str(tmp_path), ranks=1,
-                bind_lists=(), threads_per_rank=None, dtype="bfloat16", kv_cache_gib=1, max_model_len=None)
+    return Plan(
+        env={"STUB": "1"},
+        argv=(sys.executable, str(script), str(delay), str(port)),
+        reasons=(),
+        host="127.0.0.1",
+        port=port,
+        served_model_name="stub",
+        model_dir=str(tmp_path),
+        ranks=1,
+        bind_lists=(),
+        threads_per_rank=None,
+        dtype="bfloat16",
+        kv_cache_gib=1,
+        max_model_len=None,
+    )
 
 
 def _child_pid(log):

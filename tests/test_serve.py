@@ -43,8 +43,9 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "arm_int4", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "arm_int4", *map(str, args)], capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,29 @@ def server(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "arm_int4", "serve", "--port", str(port), "--kv-cache-gib", "1", "--ranks", "2",
-             "--max-model-len", "512", str(tiny_llama), "--", "--enforce-eager", "--max-num-seqs", "4"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "arm_int4",
+                "serve",
+                "--port",
+                str(port),
+                "--kv-cache-gib",
+                "1",
+                "--ranks",
+                "2",
+                "--max-model-len",
+                "512",
+                str(tiny_llama),
+                "--",
+                "--enforce-eager",
+                "--max-num-seqs",
+                "4",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     t0 = time.monotonic()
     try:
         while time.monotonic() - t0 < 300:
@@ -96,9 +117,12 @@ def test_completion_over_http_returns_text(server):
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps(
-        {"model": "tiny-llama", "prompt": "def main(", "max_tokens": 8, "temperature": 0}),
-        {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "tiny-llama", "prompt": "def main(", "max_tokens": 8, "temperature": 0}),
+        {"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     data = json.loads(resp.read())
     assert resp.status == 200, data
@@ -111,7 +135,8 @@ def test_port_in_use_is_one_line_and_non_zero(server, tiny_llama):
     assert r.returncode != 0 and r.stderr.count("\n") == 1
     assert r.stderr.strip() == (
         f"arm-int4 serve: error: port {port} on 127.0.0.1 is already in use: stop the server holding it "
-        "or pass --port N")
+        "or pass --port N"
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -186,8 +211,12 @@ def test_every_planned_env_var_and_flag_exists_in_this_vllm(tmp_path):
     p = plan(m, facts, Profile(enforce_eager=True), max_model_len=4096, reserve=4)
     plans = [p, plan(m, facts, Profile(bind="auto"), reserve=4), plan(m, facts, can_bind=False)]
     names = {k for q in plans for k in q.env} - {"OMP_NUM_THREADS", "LD_PRELOAD"}
-    assert names == {"VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-                     "VLLM_CPU_NUM_OF_RESERVED_CPU"}
+    assert names == {
+        "VLLM_TARGET_DEVICE",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "VLLM_CPU_OMP_THREADS_BIND",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU",
+    }
     assert names <= set(vllm.envs.environment_variables)
     assert p.argv[1:3] == ("-m", SERVER_MODULE) and importlib.util.find_spec(SERVER_MODULE)
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(list(p.argv[3:]))
@@ -200,8 +229,12 @@ def _post_completion(port, model, prompt, timeout=120):
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.request("POST", "/v1/completions", json.dumps(
-        {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}), {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}),
+        {"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read())
 
@@ -216,8 +249,12 @@ def test_serve_default_with_no_flags_answers(smollm2, tmp_path):
         except OSError:
             pytest.fail("port 8000 is taken on this machine: `arm-int4 serve default` listens there")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "arm_int4", "serve", "default"], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "arm_int4", "serve", "default"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         t0 = time.monotonic()
         while "arm-int4 serve: ready in" not in log.read_text(errors="replace"):

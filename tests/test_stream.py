@@ -8,19 +8,22 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors import safe_open
 
 from arm_int4.options import QuantizeOptions
 from arm_int4.quantize import quantize
-from arm_int4.quantize.preflight import (named_linear_layers, plan_quantization, quantizable_layers,
-                                         read_checkpoint)
+from arm_int4.quantize.preflight import named_linear_layers, plan_quantization, quantizable_layers, read_checkpoint
 from arm_int4.quantize.stream import quant_config_block, run_stream
 from arm_int4.quantize.verify import VerifyError, verify_written
 from arm_int4.schemes import Scheme
-from conftest import REPO
 
-SCHEMES = [Scheme("w4a8", "channelwise", None, "mse"), Scheme("w4a8", "groupwise", 32, "minmax"),
-           Scheme("w4a16", "groupwise", 128, "mse"), Scheme("w4a16", "channelwise", None, "minmax")]
+SCHEMES = [
+    Scheme("w4a8", "channelwise", None, "mse"),
+    Scheme("w4a8", "groupwise", 32, "minmax"),
+    Scheme("w4a16", "groupwise", 128, "mse"),
+    Scheme("w4a16", "channelwise", None, "minmax"),
+]
 IGNORES = [["lm_head"], [], ["lm_head", "re:.*down_proj$"], ["re:model\\.layers\\.1\\..*", "LlamaMLP"]]
 
 
@@ -28,7 +31,7 @@ def _tensors(d):
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
+            out.update({k: st.get_tensor(k) for k in st})
     return out
 
 
@@ -43,9 +46,14 @@ def test_config_block_equals_compressed_tensors(scheme, tiny_llama, tmp_path):
         qscheme = scheme.quantization_scheme()
         qscheme.format = "int-quantized"
         (tmp_path / "config.json").write_text("{}")
-        ModelCompressor(quantization_config=QuantizationConfig(
-            config_groups={"group_0": qscheme}, format="int-quantized", quantization_status="compressed",
-            ignore=ignore)).update_config(str(tmp_path))
+        ModelCompressor(
+            quantization_config=QuantizationConfig(
+                config_groups={"group_0": qscheme},
+                format="int-quantized",
+                quantization_status="compressed",
+                ignore=ignore,
+            )
+        ).update_config(str(tmp_path))
         theirs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
         assert quant_config_block(plan) == theirs
 
@@ -62,26 +70,54 @@ def test_layers_from_names_equal_the_meta_model(ignore, tiny_llama, smollm2):
 def test_stream_path_imports_no_transformers(tiny_llama, tmp_path):
     """`arm-int4 quantize` on a Llama: neither transformers nor compressed-tensors is imported
     (they cost ~5 s of start-up here)."""
-    code = ("import sys; from arm_int4.cli import main; rc = main(sys.argv[1:]); "
-            "print('LOADED', sorted(m for m in ('transformers', 'compressed_tensors', 'accelerate') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code, "quantize", str(tiny_llama), "--output", str(tmp_path / "o"),
-                        "--method", "minmax"], capture_output=True, text=True, cwd=REPO)
+    code = (
+        "import sys; from arm_int4.cli import main; rc = main(sys.argv[1:]); "
+        "print('LOADED', sorted(m for m in ('transformers', 'compressed_tensors', 'accelerate') if m in sys.modules))"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "quantize",
+            str(tiny_llama),
+            "--output",
+            str(tmp_path / "o"),
+            "--method",
+            "minmax",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert "LOADED []" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("precision", ["fp32", "weight"])
 def test_jobs_do_not_change_a_bit(precision, tiny_llama, tmp_path):
-    outs = [quantize(QuantizeOptions(model=str(tiny_llama), output=str(tmp_path / f"j{j}"), scheme="groupwise",
-                                     method="mse", observer_precision=precision, jobs=j)) for j in (1, 2, 3)]
+    outs = [
+        quantize(
+            QuantizeOptions(
+                model=str(tiny_llama),
+                output=str(tmp_path / f"j{j}"),
+                scheme="groupwise",
+                method="mse",
+                observer_precision=precision,
+                jobs=j,
+            )
+        )
+        for j in (1, 2, 3)
+    ]
     ref = _tensors(outs[0].output)
     for r in outs[1:]:
         t = _tensors(r.output)
         assert sorted(t) == sorted(ref) and all(t[k].dtype == ref[k].dtype and torch.equal(t[k], ref[k]) for k in t)
     assert (outs[0].output / "config.json").read_text() == (outs[2].output / "config.json").read_text()
     s = outs[1].stream
-    assert s.jobs == 2 and s.bytes_in == sum(p.stat().st_size for p in tiny_llama.glob("*.safetensors")) - \
-        sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in tiny_llama.glob("*.safetensors"))
+    assert s.jobs == 2 and s.bytes_in == sum(p.stat().st_size for p in tiny_llama.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(p.read_bytes()[:8], "little") for p in tiny_llama.glob("*.safetensors")
+    )
     assert outs[1].peak_rss_bytes <= outs[1].rss_bound_bytes
 
 
@@ -97,9 +133,11 @@ def test_verify_written_catches_what_a_reader_would(tiny_llama, tmp_path):
     stats = run_stream(plan, out, "weight", jobs=2, progress=False)
     assert verify_written(out, plan, stats).layers == 14
     first = stats.checks[0]
-    for bad, msg in [(stats.checks[1:], "differ from the plan"),
-                     ([dataclasses.replace(first, qmax=9)] + stats.checks[1:], r"outside INT4"),
-                     ([dataclasses.replace(first, scales_ok=False)] + stats.checks[1:], "non-positive")]:
+    for bad, msg in [
+        (stats.checks[1:], "differ from the plan"),
+        ([dataclasses.replace(first, qmax=9)] + stats.checks[1:], r"outside INT4"),
+        ([dataclasses.replace(first, scales_ok=False)] + stats.checks[1:], "non-positive"),
+    ]:
         with pytest.raises(VerifyError, match=msg):
             verify_written(out, plan, dataclasses.replace(stats, checks=bad))
     shard = out / "model.safetensors"

@@ -72,23 +72,40 @@ def test_candidates_cover_both_compilation_modes_and_kinds_filter():
 
 # ------------------------------------------------------------------------------- selection (pure)
 def _rec(config, batch, decode=None, tpot=None, output=None, error=None, load_s=10.0):
-    r = Record(model="/m", model_name="m", quantization="bfloat16", quantized=False, test=f"pp16 tg8 b{batch}",
-               prompt_tokens=16, gen_tokens=8, batch=batch, config=config, load_s=load_s)
+    r = Record(
+        model="/m",
+        model_name="m",
+        quantization="bfloat16",
+        quantized=False,
+        test=f"pp16 tg8 b{batch}",
+        prompt_tokens=16,
+        gen_tokens=8,
+        batch=batch,
+        config=config,
+        load_s=load_s,
+    )
     r.decode_tok_s, r.tpot_ms_p50, r.output_tok_s, r.error = decode, tpot, output, error
     return r
 
 
 def test_decode_objective_ranks_by_batch1_decode_and_failed_last():
-    by = {"a": [_rec("a", 1, decode=20.0), _rec("a", 4, decode=70.0)],
-          "b": [_rec("b", 1, decode=25.0)],
-          "c": [_rec("c", 1, error="engine died")]}
+    by = {
+        "a": [_rec("a", 1, decode=20.0), _rec("a", 4, decode=70.0)],
+        "b": [_rec("b", 1, decode=25.0)],
+        "c": [_rec("c", 1, error="engine died")],
+    }
     assert tune.select(by, "decode") == [("b", 25.0, 1), ("a", 20.0, 1), ("c", None, None)]
 
 
 def test_throughput_objective_respects_the_tpot_limit():
-    by = {"a": [_rec("a", 1, tpot=40, output=25.0), _rec("a", 4, tpot=90, output=44.0),
-                _rec("a", 16, tpot=160, output=100.0)],  # b16 is fastest but too slow per token
-          "b": [_rec("b", 1, tpot=120, output=8.0)]}
+    by = {
+        "a": [
+            _rec("a", 1, tpot=40, output=25.0),
+            _rec("a", 4, tpot=90, output=44.0),
+            _rec("a", 16, tpot=160, output=100.0),
+        ],  # b16 is fastest but too slow per token
+        "b": [_rec("b", 1, tpot=120, output=8.0)],
+    }
     assert tune.select(by, "throughput", 100) == [("a", 44.0, 4), ("b", None, None)]
     assert tune.select(by, "throughput", 200)[0] == ("a", 100.0, 16)
     assert tune.select(by, "throughput", 10)[0][1] is None
@@ -97,13 +114,23 @@ def test_throughput_objective_respects_the_tpot_limit():
 
 
 def test_profile_meta_and_atomic_write(tmp_path):
-    by = {"x eager": [_rec("x eager", 1, tpot=40, output=25.0), _rec("x eager", 4, tpot=90, output=44.0)],
-          "y eager": [_rec("y eager", 1, error="boom")]}
+    by = {
+        "x eager": [_rec("x eager", 1, tpot=40, output=25.0), _rec("x eager", 4, tpot=90, output=44.0)],
+        "y eager": [_rec("y eager", 1, error="boom")],
+    }
     ranking = tune.select(by, "throughput", 100)
     winner = tune.Candidate("x eager", launch.Profile(ranks=1, reserve=1, enforce_eager=True), "why")
     m = machine("graviton4")
-    prof = tune.profile_for(winner, ranking, by, objective="throughput", tpot_limit_ms=100, machine=m,
-                            model_dir="/m", workload=bench.Workload((16,), (8,), (1, 4), 2))
+    prof = tune.profile_for(
+        winner,
+        ranking,
+        by,
+        objective="throughput",
+        tpot_limit_ms=100,
+        machine=m,
+        model_dir="/m",
+        workload=bench.Workload((16,), (8,), (1, 4), 2),
+    )
     assert (prof.ranks, prof.reserve, prof.enforce_eager, prof.max_num_seqs) == (1, 1, True, 4)
     assert prof.meta["winner"] == {"config": "x eager", "score": 44.0, "batch": 4, "load_s": 10.0}
     assert prof.meta["runners_up"][0]["error"] == "boom" and prof.meta["mode"] == "eager"
@@ -120,13 +147,16 @@ def test_profile_meta_and_atomic_write(tmp_path):
 # ------------------------------------------------------------------------------- sweep with a stand-in engine
 def _fake_run_plan(speeds, calls):
     """bench.run_plan stand-in: decode tok/s by label; a label mapped to None fails."""
+
     def run_plan(plan, facts, workload, *, label="", **kw):
         calls.append((label, workload.batches, dict(plan.env), plan.argv))
         if speeds[label.split(" b")[0]] is None:
             return [_rec(label, t.batch, error="engine exited with code 1") for t in workload.tests()]
         s = speeds[label.split(" b")[0]]
-        return [_rec(label, t.batch, decode=s * t.batch, tpot=1000 / s, output=s * t.batch * 0.9)
-                for t in workload.tests()]
+        return [
+            _rec(label, t.batch, decode=s * t.batch, tpot=1000 / s, output=s * t.batch * 0.9) for t in workload.tests()
+        ]
+
     return run_plan
 
 
@@ -136,16 +166,25 @@ def test_sweep_is_staged_records_failures_and_exits_1(tmp_path, monkeypatch, cap
     monkeypatch.setattr(tune.hardware, "detect", lambda *a, **k: box)
     monkeypatch.setattr(tune.bandwidth, "machine_bandwidth", lambda *a, **k: {"triad_gbs": 20.0})
     calls = []
-    speeds = {"all-2t eager": None, "reserve1-1t eager": 30.0, "tp2-1t eager": 15.0, "vllm-auto eager": 20.0,
-              "reserve1-1t compiled": 36.0}
+    speeds = {
+        "all-2t eager": None,
+        "reserve1-1t eager": 30.0,
+        "tp2-1t eager": 15.0,
+        "vllm-auto eager": 20.0,
+        "reserve1-1t compiled": 36.0,
+    }
     monkeypatch.setattr(tune.bench, "run_plan", _fake_run_plan(speeds, calls))
     out = tmp_path / "p.json"
     rc = cli.main(["tune", str(d), "--objective", "throughput", "-b", "1", "2", "--output", str(out)])
     text = capsys.readouterr()
     assert rc == 1  # a candidate failed; the profile is still written from the others
-    assert [(c[0], c[1]) for c in calls] == [("all-2t eager", (1,)), ("reserve1-1t eager", (1,)),
-                                             ("tp2-1t eager", (1,)), ("vllm-auto eager", (1,)),
-                                             ("reserve1-1t compiled", (1, 2))]
+    assert [(c[0], c[1]) for c in calls] == [
+        ("all-2t eager", (1,)),
+        ("reserve1-1t eager", (1,)),
+        ("tp2-1t eager", (1,)),
+        ("vllm-auto eager", (1,)),
+        ("reserve1-1t compiled", (1, 2)),
+    ]
     assert calls[2][2]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and "--tensor-parallel-size" in calls[2][3]
     assert calls[0][2]["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and calls[1][2]["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert "--enforce-eager" in calls[1][3] and "--enforce-eager" not in calls[4][3]
@@ -157,8 +196,25 @@ def test_sweep_is_staged_records_failures_and_exits_1(tmp_path, monkeypatch, cap
     # eager wins stage 2 -> stage 3 runs the eager winner with every batch size
     calls.clear()
     speeds.update({"all-2t eager": 10.0, "reserve1-1t compiled": 25.0})
-    assert cli.main(["tune", str(d), "--objective", "throughput", "-b", "1", "4", "--output", str(out),
-                     "--overwrite", "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "tune",
+                str(d),
+                "--objective",
+                "throughput",
+                "-b",
+                "1",
+                "4",
+                "--output",
+                str(out),
+                "--overwrite",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     assert calls[-1][:2] == ("reserve1-1t eager b1-4", (1, 4))
     assert launch.Profile.load(str(out)).meta["winner"]["config"] == "reserve1-1t eager b1-4"
     assert {r["config"] for r in json.loads((tmp_path / "r.json").read_text())} == {c[0] for c in calls}
@@ -191,9 +247,30 @@ def test_bad_input_is_one_line_before_any_engine(tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def real_sweep(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune")
-    argv = ["tune", str(tiny_llama), "--objective", "throughput", "--modes", "eager", "--placements", "all",
-            "reserve1", "-p", "16", "-n", "8", "-b", "1", "2", "-r", "2", "--output", str(out / "p.json"),
-            "--json", str(out / "r.json")]
+    argv = [
+        "tune",
+        str(tiny_llama),
+        "--objective",
+        "throughput",
+        "--modes",
+        "eager",
+        "--placements",
+        "all",
+        "reserve1",
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-b",
+        "1",
+        "2",
+        "-r",
+        "2",
+        "--output",
+        str(out / "p.json"),
+        "--json",
+        str(out / "r.json"),
+    ]
     rc = cli.main(argv)
     return rc, out
 
@@ -211,15 +288,18 @@ def test_real_sweep_writes_a_profile_that_serve_and_bench_apply(real_sweep, tiny
     winner = prof.meta["winner"]
     assert winner["config"] == configs[-1] and prof.max_num_seqs == winner["batch"] in (1, 2)
     assert prof.enforce_eager is True and prof.meta["mode"] == "eager"
-    best = max((r for r in records if r["config"] == winner["config"] and r["tpot_ms_p50"] <= 100),
-               key=lambda r: r["output_tok_s"])
+    best = max(
+        (r for r in records if r["config"] == winner["config"] and r["tpot_ms_p50"] <= 100),
+        key=lambda r: r["output_tok_s"],
+    )
     assert winner["score"] == pytest.approx(best["output_tok_s"])
 
     capsys.readouterr()
     assert cli.main(["serve", "--dry-run", "--profile", str(out / "p.json"), str(tiny_llama)]) == 0
     snippet = capsys.readouterr().out
-    cmd = shlex.split(" ".join(line.rstrip("\\") for line in snippet.splitlines()
-                               if not line.startswith(("#", "export"))))
+    cmd = shlex.split(
+        " ".join(line.rstrip("\\") for line in snippet.splitlines() if not line.startswith(("#", "export")))
+    )
     assert cmd[cmd.index("--max-num-seqs") + 1] == str(prof.max_num_seqs) and "--enforce-eager" in cmd
     bind = "0-1" if prof.reserve == 0 else "0"
     assert f"export VLLM_CPU_OMP_THREADS_BIND={bind}" in snippet
@@ -228,4 +308,3 @@ def test_real_sweep_writes_a_profile_that_serve_and_bench_apply(real_sweep, tiny
     kw = plan.engine_kwargs()
     assert kw["max_num_seqs"] == prof.max_num_seqs and kw["enforce_eager"] is True
     assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == bind
-

@@ -14,8 +14,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from ..errors import UsageError
 from ..models import resolve
@@ -47,8 +47,11 @@ class QuantResult:
 
     def summary(self) -> str:
         mib = 2**20
-        bound = (f" (bound {self.rss_bound_bytes / mib:.0f} MiB for {self.stream.jobs} jobs)"
-                 if self.stream and self.rss_bound_bytes else "")
+        bound = (
+            f" (bound {self.rss_bound_bytes / mib:.0f} MiB for {self.stream.jobs} jobs)"
+            if self.stream and self.rss_bound_bytes
+            else ""
+        )
         lines = [
             f"quantized {self.layers} Linear layers ({self.scheme.preset} {self.scheme.label}, {self.engine} engine) "
             f"in {self.seconds:.1f} s",
@@ -62,7 +65,7 @@ class QuantResult:
 
 
 def _log(msg: str) -> None:
-    print(f"arm-int4: {msg}", file=sys.stderr, flush=True)
+    print(f"arm-int4: {msg}", file=sys.stderr, flush=True)  # noqa: T201 (progress goes to stderr by design)
 
 
 def _peak_rss() -> int:
@@ -101,7 +104,9 @@ def output_path(opts: QuantizeOptions, scheme: Scheme, model_dir: Path) -> Path:
 def _engine(opts: QuantizeOptions) -> str:
     if opts.algorithm == "gptq":
         if opts.engine == "stream":
-            raise UsageError("--algorithm gptq needs calibration passes: use --engine llmcompressor (the default for gptq)")
+            raise UsageError(
+                "--algorithm gptq needs calibration passes: use --engine llmcompressor (the default for gptq)"
+            )
         if not opts.dataset:
             raise UsageError("--algorithm gptq needs --dataset FILE|ID (a .jsonl/.txt file or a datasets id)")
         return "llmcompressor"
@@ -146,11 +151,21 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
             calibration = None
             if opts.algorithm == "gptq":
                 calibration = {
-                    "dataset": opts.dataset, "num_samples": opts.num_samples, "max_seq_len": opts.max_seq_len,
-                    "dampening_frac": opts.dampening_frac, "actorder": opts.actorder,
+                    "dataset": opts.dataset,
+                    "num_samples": opts.num_samples,
+                    "max_seq_len": opts.max_seq_len,
+                    "dampening_frac": opts.dampening_frac,
+                    "actorder": opts.actorder,
                 }
-            run_llmcompressor(model_dir, tmp, scheme, ignore, algorithm=opts.algorithm, calibration=calibration,
-                              cast_fp32=opts.observer_precision == "fp32")
+            run_llmcompressor(
+                model_dir,
+                tmp,
+                scheme,
+                ignore,
+                algorithm=opts.algorithm,
+                calibration=calibration,
+                cast_fp32=opts.observer_precision == "fp32",
+            )
             report = verify_dir(tmp)
         if out.exists():  # --overwrite was given (checked above)
             os.rename(out, old)
@@ -160,6 +175,13 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return QuantResult(
-        output=out, scheme=scheme, engine=engine, layers=report.layers, bytes_in=ck.nbytes,
-        bytes_out=report.nbytes, seconds=time.time() - t0, peak_rss_bytes=_peak_rss(), stream=stats,
+        output=out,
+        scheme=scheme,
+        engine=engine,
+        layers=report.layers,
+        bytes_in=ck.nbytes,
+        bytes_out=report.nbytes,
+        seconds=time.time() - t0,
+        peak_rss_bytes=_peak_rss(),
+        stream=stats,
     )

@@ -28,8 +28,16 @@ def quant_python() -> Path:
     return py
 
 
-def llmc_job(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: list[str], *,
-             algorithm: str = "rtn", calibration: dict | None = None, cast_fp32: bool = False) -> dict:
+def llmc_job(
+    model_dir: Path,
+    out_dir: Path,
+    scheme: Scheme,
+    ignore: list[str],
+    *,
+    algorithm: str = "rtn",
+    calibration: dict | None = None,
+    cast_fp32: bool = False,
+) -> dict:
     """One llmc_worker.py job. cast_fp32 = the learning path's flow."""
     return {
         "model": str(model_dir),
@@ -43,12 +51,20 @@ def llmc_job(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: list[str], 
     }
 
 
-def run_llmcompressor(model_dir: Path, out_dir: Path, scheme: Scheme, ignore: list[str], *,
-                      algorithm: str = "rtn", calibration: dict | None = None,
-                      cast_fp32: bool = False) -> dict:
+def run_llmcompressor(
+    model_dir: Path,
+    out_dir: Path,
+    scheme: Scheme,
+    ignore: list[str],
+    *,
+    algorithm: str = "rtn",
+    calibration: dict | None = None,
+    cast_fp32: bool = False,
+) -> dict:
     """Quantize model_dir into out_dir with llmcompressor. cast_fp32 = the learning path's flow."""
-    return run_llmcompressor_jobs(llmc_job(model_dir, out_dir, scheme, ignore, algorithm=algorithm,
-                                           calibration=calibration, cast_fp32=cast_fp32))
+    return run_llmcompressor_jobs(
+        llmc_job(model_dir, out_dir, scheme, ignore, algorithm=algorithm, calibration=calibration, cast_fp32=cast_fp32)
+    )
 
 
 def run_llmcompressor_jobs(job: dict | list[dict]) -> dict:

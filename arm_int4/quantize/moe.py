@@ -22,8 +22,16 @@ from dataclasses import dataclass
 
 from ..errors import PreflightError
 
-__all__ = ["ExpertLinear", "MOE_IGNORE", "LEGACY_NAMES", "is_moe_config", "fused_experts", "expert_linears",
-           "linear_typed_modules", "checkpoint_namer"]
+__all__ = [
+    "ExpertLinear",
+    "MOE_IGNORE",
+    "LEGACY_NAMES",
+    "is_moe_config",
+    "fused_experts",
+    "expert_linears",
+    "linear_typed_modules",
+    "checkpoint_namer",
+]
 
 # Added to the ignore list of MoE checkpoints, by both engines.
 MOE_IGNORE = ["re:.*shared_expert_gate$"]
@@ -49,7 +57,8 @@ class ExpertLinear:
 def _is_router_type(cls_name: str) -> bool:
     """compressed-tensors' get_vllm_module_type: these classes count as "Linear" for the ignore list."""
     return "ExpertMLP" not in cls_name and bool(
-        "Router" in cls_name or "Gating" in cls_name or re.search(r"Gate(?![a-z])", cls_name))
+        "Router" in cls_name or "Gating" in cls_name or re.search(r"Gate(?![a-z])", cls_name)
+    )
 
 
 def fused_experts(model) -> list[tuple[str, object]]:
@@ -62,11 +71,15 @@ def fused_experts(model) -> list[tuple[str, object]]:
         if not (isinstance(down, torch.nn.Parameter) and down.dim() == 3):
             continue
         gate_up = getattr(mod, "gate_up_proj", None)
-        if not (isinstance(gate_up, torch.nn.Parameter) and gate_up.dim() == 3) \
-                or getattr(mod, "is_transposed", False) or getattr(mod, "has_bias", False):
+        if (
+            not (isinstance(gate_up, torch.nn.Parameter) and gate_up.dim() == 3)
+            or getattr(mod, "is_transposed", False)
+            or getattr(mod, "has_bias", False)
+        ):
             raise PreflightError(
                 f"experts {name} ({type(mod).__name__}): only SwiGLU experts stored as gate_up_proj "
-                "[E, 2I, H] without bias are supported by the stream engine — use --engine llmcompressor")
+                "[E, 2I, H] without bias are supported by the stream engine — use --engine llmcompressor"
+            )
         found.append((name, mod))
     return found
 
@@ -74,9 +87,15 @@ def fused_experts(model) -> list[tuple[str, object]]:
 def _experts_of(name: str, mod) -> list[ExpertLinear]:
     n_exp, two_i, hidden = mod.gate_up_proj.shape
     _, out_down, inter = mod.down_proj.shape
-    return [x for e in range(n_exp) for x in (ExpertLinear(f"{name}.{e}.gate_proj", hidden, two_i // 2),
-                                               ExpertLinear(f"{name}.{e}.up_proj", hidden, two_i // 2),
-                                               ExpertLinear(f"{name}.{e}.down_proj", inter, out_down))]
+    return [
+        x
+        for e in range(n_exp)
+        for x in (
+            ExpertLinear(f"{name}.{e}.gate_proj", hidden, two_i // 2),
+            ExpertLinear(f"{name}.{e}.up_proj", hidden, two_i // 2),
+            ExpertLinear(f"{name}.{e}.down_proj", inter, out_down),
+        )
+    ]
 
 
 def expert_linears(model) -> list[ExpertLinear]:

@@ -16,39 +16,48 @@ __all__ = ["QuantizeOptions"]
 @dataclass
 class QuantizeOptions:
     model: str = positional(
-        "model", "a local Hugging Face model dir, a hub id, or 'default' (the packaged SmolLM2-135M)",
-        metavar="MODEL")
+        "model", "a local Hugging Face model dir, a hub id, or 'default' (the packaged SmolLM2-135M)", metavar="MODEL"
+    )
     scheme: Literal["channelwise", "groupwise"] = opt(
-        "channelwise", "weight granularity: one scale per output channel, or per group of --groupsize inputs")
+        "channelwise", "weight granularity: one scale per output channel, or per group of --groupsize inputs"
+    )
     method: Literal["minmax", "mse"] = opt(
-        "mse", "weight observer: minmax (fast) or mse (searches a clipping range; the learning path's default)")
+        "mse", "weight observer: minmax (fast) or mse (searches a clipping range; the learning path's default)"
+    )
     groupsize: int = opt(32, "input features per scale for --scheme groupwise (a multiple of 32)")
     preset: Literal["w4a8", "w4a16"] = opt(
-        "w4a8", "w4a8: INT8 dynamic per-token activations (Arm KleidiAI path); w4a16: weights only")
+        "w4a8", "w4a8: INT8 dynamic per-token activations (Arm KleidiAI path); w4a16: weights only"
+    )
     algorithm: Literal["rtn", "gptq"] = opt(
-        "rtn", "rtn: round to nearest, data-free; gptq: error-correcting, needs --dataset")
-    dataset: Optional[str] = opt(None, "calibration data for gptq: a local .jsonl/.txt file or a datasets id",
-                                 metavar="FILE|ID")
+        "rtn", "rtn: round to nearest, data-free; gptq: error-correcting, needs --dataset"
+    )
+    dataset: Optional[str] = opt(
+        None, "calibration data for gptq: a local .jsonl/.txt file or a datasets id", metavar="FILE|ID"
+    )
     num_samples: int = opt(512, "calibration samples for gptq")
     max_seq_len: int = opt(2048, "longest calibration sample, in tokens")
     dampening_frac: float = opt(0.01, "gptq: fraction of the Hessian diagonal added for stability")
     actorder: Literal["weight", "group", "none"] = opt("weight", "gptq activation ordering")
-    ignore: List[str] = opt(["lm_head"], "module names (or re:regex) left unquantized", nargs="+",
-                            metavar="NAME")
+    ignore: List[str] = opt(["lm_head"], "module names (or re:regex) left unquantized", nargs="+", metavar="NAME")
     # default from measured perplexity (docs/quantize.md): weight beat fp32 on SmolLM2 in both schemes
     observer_precision: Literal["fp32", "weight"] = opt(
-        "weight", "dtype of the observer math and of the written scales: weight (the weight's own dtype, e.g. "
-                  "bf16 scales) or fp32 (the learning path's: it casts the model to fp32 first; same int values "
-                  "and fp32 scales as its script); unquantized tensors keep their dtype either way")
-    jobs: int = opt(2, "tensors quantized at once by the stream engine (threads; each holds one tensor)",
-                    metavar="N")
+        "weight",
+        "dtype of the observer math and of the written scales: weight (the weight's own dtype, e.g. "
+        "bf16 scales) or fp32 (the learning path's: it casts the model to fp32 first; same int values "
+        "and fp32 scales as its script); unquantized tensors keep their dtype either way",
+    )
+    jobs: int = opt(2, "tensors quantized at once by the stream engine (threads; each holds one tensor)", metavar="N")
     engine: Optional[str] = opt(
-        None, "stream: tensor by tensor, low memory (default for rtn); llmcompressor: the reference "
-              "engine in the quantization environment (default for gptq)",
-        choices=("stream", "llmcompressor"))
-    output: Optional[str] = opt(None, "output dir (default: ./{model}-w4a8dyn-{method}-{scheme}[-g{N}])",
-                                metavar="DIR")
+        None,
+        "stream: tensor by tensor, low memory (default for rtn); llmcompressor: the reference "
+        "engine in the quantization environment (default for gptq)",
+        choices=("stream", "llmcompressor"),
+    )
+    output: Optional[str] = opt(None, "output dir (default: ./{model}-w4a8dyn-{method}-{scheme}[-g{N}])", metavar="DIR")
     overwrite: bool = opt(False, "replace an existing output dir")
     verify_only: bool = opt(False, "only check MODEL (a quantized dir) against its quantization_config")
-    eval: bool = opt(False, "after quantizing, run the quick offline check: perplexity of the new dir vs MODEL "
-                            "through vLLM (arm-int4 eval --num-tokens 256), and print the delta")
+    eval: bool = opt(
+        False,
+        "after quantizing, run the quick offline check: perplexity of the new dir vs MODEL "
+        "through vLLM (arm-int4 eval --num-tokens 256), and print the delta",
+    )

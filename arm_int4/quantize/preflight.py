@@ -18,8 +18,17 @@ from ..schemes import Scheme
 from .moe import is_moe_config
 from .safetensors_io import ShardReader, TensorInfo
 
-__all__ = ["Checkpoint", "QuantPlan", "Layer", "read_checkpoint", "quantizable_layers", "named_linear_layers",
-           "plan_quantization", "check_output", "NAMED_LINEAR_ARCHITECTURES"]
+__all__ = [
+    "Checkpoint",
+    "QuantPlan",
+    "Layer",
+    "read_checkpoint",
+    "quantizable_layers",
+    "named_linear_layers",
+    "plan_quantization",
+    "check_output",
+    "NAMED_LINEAR_ARCHITECTURES",
+]
 
 
 @dataclass
@@ -102,11 +111,12 @@ _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight"
 def _ignored(name: str, ignore: list[str]) -> bool:
     """compressed-tensors is_match for an nn.Linear: "re:" regex match, exact name, or a class
     name of nn.Linear's MRO (Linear, Module)."""
-    return any(re.match(t[3:], name) is not None if t.startswith("re:") else t in (name, "Linear", "Module")
-               for t in ignore)
+    return any(
+        re.match(t[3:], name) is not None if t.startswith("re:") else t in (name, "Linear", "Module") for t in ignore
+    )
 
 
-def named_linear_layers(ck: "Checkpoint", ignore: list[str]) -> ModelLayers | None:
+def named_linear_layers(ck: Checkpoint, ignore: list[str]) -> ModelLayers | None:
     """The Linear layers of a known dense architecture from tensor names alone, in the model's
     module order (layers, then q k v o gate up down, then lm_head); None for other models."""
     if (ck.config.get("architectures") or [None])[0] not in NAMED_LINEAR_ARCHITECTURES or is_moe_config(ck.config):
@@ -122,7 +132,9 @@ def named_linear_layers(ck: "Checkpoint", ignore: list[str]) -> ModelLayers | No
     vocab = ck.config.get("vocab_size", 0)
     hidden = ck.config.get("hidden_size", 0)
     # lm_head is a module even when tied to the embeddings (not in the checkpoint)
-    layers.append(Layer("lm_head", "lm_head.weight", head.shape[1] if head else hidden, head.shape[0] if head else vocab))
+    layers.append(
+        Layer("lm_head", "lm_head.weight", head.shape[1] if head else hidden, head.shape[0] if head else vocab)
+    )
     return ModelLayers([x for x in layers if not _ignored(x.module, ignore)], [], False)
 
 
@@ -139,8 +151,14 @@ def quantizable_layers(config_dir: Path, scheme_targets: list[str], ignore: list
         model = AutoModelForCausalLM.from_config(config)
     experts = expert_linears(model)
     if not experts:  # dense: the names as they are (the path every dense test pins)
-        return ModelLayers([Layer(n, f"{n}.weight", m.weight.shape[-1], m.weight.shape[0])
-                            for n, m in match_named_modules(model, scheme_targets, ignore)], [], False)
+        return ModelLayers(
+            [
+                Layer(n, f"{n}.weight", m.weight.shape[-1], m.weight.shape[0])
+                for n, m in match_named_modules(model, scheme_targets, ignore)
+            ],
+            [],
+            False,
+        )
     from .moe import checkpoint_namer
 
     ck_name = checkpoint_namer(model)
@@ -148,11 +166,17 @@ def quantizable_layers(config_dir: Path, scheme_targets: list[str], ignore: list
     def ignored(name: str) -> bool:
         return any(match_name(name, t) or match_name(ck_name(name), t) for t in ignore)
 
-    layers = [Layer(n, ck_name(f"{n}.weight"), m.weight.shape[-1], m.weight.shape[0])
-              for n, m in match_named_modules(model, scheme_targets, ignore) if not ignored(n)]
+    layers = [
+        Layer(n, ck_name(f"{n}.weight"), m.weight.shape[-1], m.weight.shape[0])
+        for n, m in match_named_modules(model, scheme_targets, ignore)
+        if not ignored(n)
+    ]
     if "Linear" in scheme_targets:
-        layers += [Layer(x.module, ck_name(f"{x.module}.weight"), x.in_features, x.out_features, True)
-                   for x in experts if not ignored(x.module)]
+        layers += [
+            Layer(x.module, ck_name(f"{x.module}.weight"), x.in_features, x.out_features, True)
+            for x in experts
+            if not ignored(x.module)
+        ]
     chosen = {x.module for x in layers}
     return ModelLayers(layers, [ck_name(n) for n in linear_typed_modules(model) if n not in chosen], True)
 
@@ -184,8 +208,9 @@ def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, requ
             f"{ck.path}: no *.safetensors files — the stream engine reads safetensors; "
             "use --engine llmcompressor for .bin checkpoints"
         )
-    found = (named_linear_layers(ck, ignore) if require_safetensors else None) \
-        or quantizable_layers(ck.path, ["Linear"], ignore)
+    found = (named_linear_layers(ck, ignore) if require_safetensors else None) or quantizable_layers(
+        ck.path, ["Linear"], ignore
+    )
     modules = found.layers
     if not modules:
         raise PreflightError(
@@ -203,7 +228,8 @@ def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, requ
             raise PreflightError(
                 f"expert layer {layer.weight} is not in the checkpoint"
                 + (f" (its experts are stored fused: {fused[0].name} {list(fused[0].shape)})" if fused else "")
-                + " — use --engine llmcompressor")
+                + " — use --engine llmcompressor"
+            )
         if info is None:
             if ck.shards:
                 raise PreflightError(
@@ -218,7 +244,8 @@ def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, requ
         if layer.expert and tuple(info.shape) != (layer.out_features, layer.in_features):
             raise PreflightError(
                 f"expert layer {name}: shape {list(info.shape)} in the checkpoint, the model config says "
-                f"[{layer.out_features}, {layer.in_features}] — config.json and weights disagree")
+                f"[{layer.out_features}, {layer.in_features}] — config.json and weights disagree"
+            )
         targets[name] = info
         if name != layer.weight:
             renames[name] = layer.weight
@@ -231,11 +258,9 @@ def plan_quantization(ck: Checkpoint, scheme: Scheme, ignore: list[str], *, requ
             divisors = [x for x in (32, 64, 128) if all(m.in_features % x == 0 for m in modules)]
             hint = f"use --groupsize {' or '.join(map(str, divisors))}" if divisors else "use --scheme channelwise"
             raise PreflightError(
-                f"--groupsize {g} does not divide the {cols} input features of layer "
-                f"{name}{more}: {hint}"
+                f"--groupsize {g} does not divide the {cols} input features of layer {name}{more}: {hint}"
             )
-    return QuantPlan(ck, scheme, list(ignore), targets, renames,
-                     found.ignored if found.moe else None)
+    return QuantPlan(ck, scheme, list(ignore), targets, renames, found.ignored if found.moe else None)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

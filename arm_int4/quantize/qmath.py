@@ -22,8 +22,17 @@ on the error table, so the chosen min/max are the ones the loop would choose.
 
 from __future__ import annotations
 
-__all__ = ["MSE_DEFAULTS", "INT4_MIN", "INT4_MAX", "grouped", "qparams", "quantize_int4", "minmax_range",
-           "mse_range", "quantize_weight"]
+__all__ = [
+    "MSE_DEFAULTS",
+    "INT4_MIN",
+    "INT4_MAX",
+    "grouped",
+    "qparams",
+    "quantize_int4",
+    "minmax_range",
+    "mse_range",
+    "quantize_weight",
+]
 
 INT4_MIN, INT4_MAX = -8, 7
 # llmcompressor 0.14 MovingAverageMSEObserver defaults (observer_kwargs override them there).
@@ -100,8 +109,8 @@ def mse_range(x, maxshrink=0.20, patience=5, grid=100.0, norm=2.4, cast=None):
         scales = torch.stack([qparams(lo * (1 - i / grid), hi * (1 - i / grid)) for i in idx])
         err = torch.empty((len(idx), rows, groups), dtype=dtype)
         for r0 in range(0, rows, block):
-            xb = x[r0:r0 + block]  # cast once per block (exact), reused by every step
-            _errors(xb.to(cast) if cast is not None else xb, scales[:, r0:r0 + block], norm, err[:, r0:r0 + block])
+            xb = x[r0 : r0 + block]  # cast once per block (exact), reused by every step
+            _errors(xb.to(cast) if cast is not None else xb, scales[:, r0 : r0 + block], norm, err[:, r0 : r0 + block])
         for j, i in enumerate(idx):  # the loop's bookkeeping, step by step
             improved = err[j] < best_err
             if torch.any(improved):
@@ -124,8 +133,7 @@ def mse_range(x, maxshrink=0.20, patience=5, grid=100.0, norm=2.4, cast=None):
     return best_lo, best_hi
 
 
-def quantize_weight(weight, group_size: int | None, observer: str, precision: str,
-                    observer_kwargs: dict | None = None):
+def quantize_weight(weight, group_size: int | None, observer: str, precision: str, observer_kwargs: dict | None = None):
     """One Linear weight [rows, cols] → (int8 [rows, cols] holding -8…7, scale [rows, groups]).
 
     precision "fp32": observer math and scale in fp32 (the learning path casts its model to fp32;
@@ -148,5 +156,5 @@ def quantize_weight(weight, group_size: int | None, observer: str, precision: st
     block = max(1, (1 << 16) // max(1, x.shape[1] * x.shape[2]))  # rows per block: temporaries stay in cache
     for r0 in range(0, rows, block):
         # bf16 x / fp32 scale computes in fp32 from the exact upcast: the cast itself is not needed
-        q[r0:r0 + block] = quantize_int4(x[r0:r0 + block], scale[r0:r0 + block])
+        q[r0 : r0 + block] = quantize_int4(x[r0 : r0 + block], scale[r0 : r0 + block])
     return q.reshape(weight.shape), scale

@@ -3,7 +3,8 @@
 safe_open maps the whole shard, so every tensor read stays resident (and counted in RSS) until
 the shard is closed. Here each tensor is read with one positional read into its own buffer, and
 an output shard's header is computed up front, so each tensor is written at its own offset (from
-any thread, in any order) and peak memory is a few tensors, not a shard. Format: u64 little-endian header length, JSON header
+any thread, in any order) and peak memory is a few tensors, not a shard.
+Format: u64 little-endian header length, JSON header
 {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then raw bytes.
 """
 
@@ -20,15 +21,38 @@ from pathlib import Path
 __all__ = ["TensorInfo", "ShardReader", "ShardWriter", "torch_dtype", "st_dtype", "DTYPE_BYTES"]
 
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 _TORCH_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
 }
 
 
@@ -65,14 +89,12 @@ class ShardReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._f = open(self.path, "rb")
+        self._f = open(self.path, "rb")  # noqa: SIM115 (held by the reader; closed by close()/__exit__)
         (n,) = struct.unpack("<Q", self._f.read(8))
         header = json.loads(self._f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
-        self.tensors = {
-            k: TensorInfo(k, v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()
-        }
+        self.tensors = {k: TensorInfo(k, v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
 
     def fileno(self) -> int:
         return self._f.fileno()
@@ -122,7 +144,7 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors does
         self._data_start = 8 + len(raw)
         self.size = self._data_start + offset  # the file's final size in bytes
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb")  # noqa: SIM115 (held by the writer; closed by close()/__exit__)
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._f.flush()

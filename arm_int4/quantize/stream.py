@@ -28,13 +28,27 @@ from pathlib import Path
 from .preflight import QuantPlan
 from .safetensors_io import ShardReader, ShardWriter, TensorInfo
 
-__all__ = ["run_stream", "StreamStats", "LayerCheck", "quant_config_block", "write_quant_config",
-           "copy_side_files", "output_specs", "WEIGHT_SUFFIXES"]
+__all__ = [
+    "run_stream",
+    "StreamStats",
+    "LayerCheck",
+    "quant_config_block",
+    "write_quant_config",
+    "copy_side_files",
+    "output_specs",
+    "WEIGHT_SUFFIXES",
+]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 _REWRITTEN = {"config.json", "model.safetensors.index.json"}
 # compressed-tensors QuantizationArgs fields, in the order model_dump gives them (sorted on write)
-_ARG_DEFAULTS: dict = {"actorder": None, "block_structure": None, "group_size": None, "observer_kwargs": {}, "scale_dtype": None}
+_ARG_DEFAULTS: dict = {
+    "actorder": None,
+    "block_structure": None,
+    "group_size": None,
+    "observer_kwargs": {},
+    "scale_dtype": None,
+}
 
 
 @dataclass(frozen=True)
@@ -71,9 +85,11 @@ class StreamStats:
 
     def summary(self) -> str:
         mb = self.bytes_in / 1e6
-        return (f"{mb:.0f} MB in {self.seconds:.1f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s, {self.jobs} jobs); "
-                f"thread time: read {self.read_s:.1f} s, observe+quantize {self.observe_s:.1f} s, "
-                f"write/copy {self.write_s:.1f} s")
+        return (
+            f"{mb:.0f} MB in {self.seconds:.1f} s ({mb / max(self.seconds, 1e-9):.0f} MB/s, {self.jobs} jobs); "
+            f"thread time: read {self.read_s:.1f} s, observe+quantize {self.observe_s:.1f} s, "
+            f"write/copy {self.write_s:.1f} s"
+        )
 
 
 def _scale_shape(info: TensorInfo, group_size: int | None) -> tuple[int, int]:
@@ -124,13 +140,15 @@ def quant_config_block(plan: QuantPlan) -> dict:
     """The quantization_config compressed-tensors writes for this plan (format int-quantized)."""
     s = plan.scheme
     return {
-        "config_groups": {"group_0": {
-            "format": "int-quantized",
-            "input_activations": _args_dict(s.input_args()),
-            "output_activations": None,
-            "targets": ["Linear"],
-            "weights": _args_dict(s.weight_args()),
-        }},
+        "config_groups": {
+            "group_0": {
+                "format": "int-quantized",
+                "input_activations": _args_dict(s.input_args()),
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": _args_dict(s.weight_args()),
+            }
+        },
         "format": "int-quantized",
         "global_compression_ratio": None,
         "ignore": list(plan.ignore if plan.config_ignore is None else plan.config_ignore),
@@ -149,8 +167,9 @@ def write_quant_config(src_config: dict, plan: QuantPlan, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _quantize_one(reader: ShardReader, writer: ShardWriter, info: TensorInfo, plan: QuantPlan, precision: str,
-                  stats: StreamStats, bar) -> None:
+def _quantize_one(
+    reader: ShardReader, writer: ShardWriter, info: TensorInfo, plan: QuantPlan, precision: str, stats: StreamStats, bar
+) -> None:
     import torch
 
     from .qmath import quantize_weight
@@ -185,8 +204,11 @@ def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: 
     t_start = time.perf_counter()
     src = plan.checkpoint.path
     all_tensors = [t for ts in plan.checkpoint.shards.values() for t in ts.values()]
-    stats = StreamStats(jobs=jobs, bytes_in=sum(t.nbytes for t in all_tensors),
-                        largest_tensor=max((t.nbytes for t in all_tensors), default=0))
+    stats = StreamStats(
+        jobs=jobs,
+        bytes_in=sum(t.nbytes for t in all_tensors),
+        largest_tensor=max((t.nbytes for t in all_tensors), default=0),
+    )
     bar = None
     if progress:
         from tqdm import tqdm

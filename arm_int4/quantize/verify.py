@@ -30,8 +30,10 @@ class VerifyReport:
     nbytes: int
 
     def summary(self) -> str:
-        return (f"{self.path}: OK — {self.layers} INT4 layers match quantization_config "
-                f"({self.scheme.preset} {self.scheme.label}), {self.nbytes / 2**20:.1f} MiB of tensors")
+        return (
+            f"{self.path}: OK — {self.layers} INT4 layers match quantization_config "
+            f"({self.scheme.preset} {self.scheme.label}), {self.nbytes / 2**20:.1f} MiB of tensors"
+        )
 
 
 def verify_dir(path: str | Path) -> VerifyReport:

@@ -1,6 +1,7 @@
 """Times generation with one vLLM engine; started by arm_int4.bench, one process per configuration.
 
-Run: VENV_PYTHON arm_int4/workers/bench_worker.py JOB.json RESULT.json   (standalone: imports only its stdlib-only sibling worker_io.py)
+Run (by arm_int4.runner only): VENV_PYTHON arm_int4/workers/bench_worker.py JOB.json RESULT.json
+(standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "engine_kwargs": {LLM(...) keyword args}, "tests": [[prompt, gen, batch], ...],
             "warmup": int, "repetitions": int, "seed": int, "rss_interval_s": float}
 Writes RESULT.json (rewritten atomically after each test, so a crash keeps finished tests):
@@ -63,7 +64,6 @@ class RssSampler(threading.Thread):
         self._stop.set()
 
 
-
 def run_batch(llm, params, pool, prompt, batch, rng):
     """One timed batch: `batch` requests of `prompt` random token ids each."""
     prompts = [{"prompt_token_ids": [rng.choice(pool) for _ in range(prompt)]} for _ in range(batch)]
@@ -74,8 +74,9 @@ def run_batch(llm, params, pool, prompt, batch, rng):
     for o in outs:
         m, n = o.metrics, len(o.outputs[0].token_ids)
         if m is None or not m.first_token_ts:
-            raise RuntimeError("vLLM returned no request metrics (RequestOutput.metrics): engine started "
-                               "with disable_log_stats=True?")
+            raise RuntimeError(
+                "vLLM returned no request metrics (RequestOutput.metrics): engine started with disable_log_stats=True?"
+            )
         ttft.append(m.first_token_latency)
         tpot.append((m.last_token_ts - m.first_token_ts) / (n - 1) if n > 1 else None)
         gen.append(n)

@@ -35,7 +35,6 @@ import time
 from worker_io import one_line, write_json_atomic  # sibling module (this script's dir)
 
 
-
 def _peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
@@ -96,9 +95,19 @@ class Engine:
         t2 = time.perf_counter()
         perf = L.llama_perf_context(self.ctx)
         tpot = (t2 - t1) / (gen - 1) if gen > 1 else None
-        return {"wall_s": t2 - t0, "ttft_s": [ttft] * b, "tpot_s": [tpot] * b, "gen_tokens": [gen] * b,
-                "cached_tokens": 0, "perf": {"t_p_eval_ms": perf.t_p_eval_ms, "t_eval_ms": perf.t_eval_ms,
-                                             "n_p_eval": perf.n_p_eval, "n_eval": perf.n_eval}}
+        return {
+            "wall_s": t2 - t0,
+            "ttft_s": [ttft] * b,
+            "tpot_s": [tpot] * b,
+            "gen_tokens": [gen] * b,
+            "cached_tokens": 0,
+            "perf": {
+                "t_p_eval_ms": perf.t_p_eval_ms,
+                "t_eval_ms": perf.t_eval_ms,
+                "n_p_eval": perf.n_p_eval,
+                "n_eval": perf.n_eval,
+            },
+        }
 
 
 def _quantize(llama_cpp, job, result):
@@ -116,10 +125,13 @@ def _describe(L, model, result):
     L.llama_model_desc(model, buf, len(buf))
     n_layer, n_embd = L.llama_model_n_layer(model), L.llama_model_n_embd(model)
     n_head, n_head_kv = L.llama_model_n_head(model), L.llama_model_n_head_kv(model)
-    result.update(desc=buf.value.decode(errors="replace"), model_bytes=L.llama_model_size(model),
-                  n_params=L.llama_model_n_params(model),
-                  # K and V, f16 (llama.cpp's default cache type), per layer, per token
-                  kv_bytes_per_token=2 * n_layer * n_head_kv * (n_embd // max(1, n_head)) * 2)
+    result.update(
+        desc=buf.value.decode(errors="replace"),
+        model_bytes=L.llama_model_size(model),
+        n_params=L.llama_model_n_params(model),
+        # K and V, f16 (llama.cpp's default cache type), per layer, per token
+        kv_bytes_per_token=2 * n_layer * n_head_kv * (n_embd // max(1, n_head)) * 2,
+    )
 
 
 def main(argv):
@@ -148,8 +160,11 @@ def main(argv):
         _describe(L, model, result)
         vocab = L.llama_model_get_vocab(model)
         # normal tokens only (attribute bit LLAMA_TOKEN_ATTR_NORMAL): bench_worker skips special ids too
-        pool = [i for i in range(L.llama_vocab_n_tokens(vocab))
-                if L.llama_vocab_get_attr(vocab, i) & L.LLAMA_TOKEN_ATTR_NORMAL and not L.llama_vocab_is_eog(vocab, i)]
+        pool = [
+            i
+            for i in range(L.llama_vocab_n_tokens(vocab))
+            if L.llama_vocab_get_attr(vocab, i) & L.LLAMA_TOKEN_ATTR_NORMAL and not L.llama_vocab_is_eog(vocab, i)
+        ]
         result["vocab"] = len(pool)
         rng = random.Random(job.get("seed", 0))
         for prompt, gen, batch in job["tests"]:

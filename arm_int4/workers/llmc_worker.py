@@ -73,8 +73,11 @@ def run(job):
             dampening_frac=cal["dampening_frac"],
             actorder=None if cal["actorder"] == "none" else {"weight": "static", "group": "group"}[cal["actorder"]],
         )
-        kwargs = dict(dataset=_calibration_dataset(job, tokenizer), num_calibration_samples=cal["num_samples"],
-                      max_seq_length=cal["max_seq_len"])
+        kwargs = dict(
+            dataset=_calibration_dataset(job, tokenizer),
+            num_calibration_samples=cal["num_samples"],
+            max_seq_length=cal["max_seq_len"],
+        )
     else:
         recipe = QuantizationModifier(config_groups={"group_0": scheme}, ignore=job["ignore"])
     oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
@@ -84,7 +87,8 @@ def run(job):
 
 
 def main(argv):
-    job = json.load(open(argv[1]))
+    with open(argv[1], encoding="utf-8") as f:
+        job = json.load(f)
     results = []
     for one in job if isinstance(job, list) else [job]:
         try:
@@ -95,9 +99,15 @@ def main(argv):
             traceback.print_exc()
             results.append({"ok": False, "error": f"{one['model']}: {type(exc).__name__}: {exc}".splitlines()[0]})
             break
-    result = results[0] if len(results) == 1 and not isinstance(job, list) else {
-        "ok": all(r["ok"] for r in results) and len(results) == len(job),
-        "error": next((r["error"] for r in results if not r["ok"]), None), "results": results}
+    result = (
+        results[0]
+        if len(results) == 1 and not isinstance(job, list)
+        else {
+            "ok": all(r["ok"] for r in results) and len(results) == len(job),
+            "error": next((r["error"] for r in results if not r["ok"]), None),
+            "results": results,
+        }
+    )
     write_json_atomic(argv[2], result)
     return 0 if result["ok"] else 1
 

@@ -1,6 +1,7 @@
 """Runs lm-eval tasks on one model through lm-eval's vLLM backend; started by arm_int4.lmeval.
 
-Run: VENV_PYTHON arm_int4/workers/lmeval_worker.py JOB.json RESULT.json   (standalone: imports only its stdlib-only sibling worker_io.py)
+Run (by arm_int4.runner only): VENV_PYTHON arm_int4/workers/lmeval_worker.py JOB.json RESULT.json
+(standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "tasks": [names], "include_path": [dirs], "num_fewshot": int|null,
             "limit": int|float|null, "batch_size": "auto"|int, "dtype": str, "max_model_len": int|null,
             "max_num_batched_tokens": int|null, "seed": int}
@@ -56,14 +57,16 @@ def _samples(raw):
         rows = []
         for d in docs:
             resps = d.get("filtered_resps") or []
-            rows.append({
-                "doc_id": d.get("doc_id"),
-                "target": d.get("target"),
-                "arguments": [list(a) if isinstance(a, (list, tuple)) else a for a in d.get("arguments", [])],
-                # multiple_choice: one (loglikelihood, is_greedy) per choice; generation: the text
-                "responses": [list(r) if isinstance(r, (list, tuple)) else r for r in resps],
-                "metrics": {m: d[m] for m in d.get("metrics", []) if m in d},
-            })
+            rows.append(
+                {
+                    "doc_id": d.get("doc_id"),
+                    "target": d.get("target"),
+                    "arguments": [list(a) if isinstance(a, (list, tuple)) else a for a in d.get("arguments", [])],
+                    # multiple_choice: one (loglikelihood, is_greedy) per choice; generation: the text
+                    "responses": [list(r) if isinstance(r, (list, tuple)) else r for r in resps],
+                    "metrics": {m: d[m] for m in d.get("metrics", []) if m in d},
+                }
+            )
         out[task] = rows
     return out
 
@@ -76,22 +79,41 @@ def run(job):
     from vllm import __version__ as vllm_version
 
     t0 = time.perf_counter()
-    lm = backend.VLLM(pretrained=job["model"], add_bos_token=True, batch_size=job.get("batch_size", "auto"),
-                      seed=job.get("seed", 1234), **job["engine_kwargs"])
+    lm = backend.VLLM(
+        pretrained=job["model"],
+        add_bos_token=True,
+        batch_size=job.get("batch_size", "auto"),
+        seed=job.get("seed", 1234),
+        **job["engine_kwargs"],
+    )
     _ENGINE.append(lm.model)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=list(job["tasks"]), num_fewshot=job.get("num_fewshot"),
-                          limit=job.get("limit"), task_manager=TaskManager(include_path=job.get("include_path") or None),
-                          log_samples=True, random_seed=job.get("seed", 0), numpy_random_seed=job.get("seed", 1234),
-                          torch_random_seed=job.get("seed", 1234), fewshot_random_seed=job.get("seed", 1234),
-                          bootstrap_iters=job.get("bootstrap_iters", 1000))
+    out = simple_evaluate(
+        model=lm,
+        tasks=list(job["tasks"]),
+        num_fewshot=job.get("num_fewshot"),
+        limit=job.get("limit"),
+        task_manager=TaskManager(include_path=job.get("include_path") or None),
+        log_samples=True,
+        random_seed=job.get("seed", 0),
+        numpy_random_seed=job.get("seed", 1234),
+        torch_random_seed=job.get("seed", 1234),
+        fewshot_random_seed=job.get("seed", 1234),
+        bootstrap_iters=job.get("bootstrap_iters", 1000),
+    )
     eval_seconds = time.perf_counter() - t0
-    return {"ok": True, "results": out["results"], "n_samples": out.get("n-samples", {}),
-            "versions": out.get("versions", {}), "samples": _samples(out.get("samples")),
-            "load_seconds": round(load_seconds, 3), "eval_seconds": round(eval_seconds, 3),
-            "vllm_version": vllm_version, "lm_eval_version": lm_eval_version}
-
+    return {
+        "ok": True,
+        "results": out["results"],
+        "n_samples": out.get("n-samples", {}),
+        "versions": out.get("versions", {}),
+        "samples": _samples(out.get("samples")),
+        "load_seconds": round(load_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "vllm_version": vllm_version,
+        "lm_eval_version": lm_eval_version,
+    }
 
 
 if __name__ == "__main__":

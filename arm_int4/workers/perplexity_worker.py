@@ -19,7 +19,6 @@ import time
 
 from worker_io import main  # sibling module (this script's dir)
 
-
 _ENGINE: list = []  # the LLM, so main() can shut it down on any exit path
 
 
@@ -42,11 +41,12 @@ def score(job):
     score_seconds = time.perf_counter() - t0
 
     nll, counts, token_logprobs = [], [], []
-    for w, start, out in zip(windows, job["score_from"], outputs):
+    for w, start, out in zip(windows, job["score_from"], outputs, strict=False):
         plp = out.prompt_logprobs
         if plp is None or len(plp) != len(w):
-            raise RuntimeError(f"vLLM returned {0 if plp is None else len(plp)} prompt logprobs for a "
-                               f"{len(w)}-token window")
+            raise RuntimeError(
+                f"vLLM returned {0 if plp is None else len(plp)} prompt logprobs for a {len(w)}-token window"
+            )
         lps = []
         for pos in range(max(start, 1), len(w)):
             entry = plp[pos][w[pos]]  # keyed by token id: the actual prompt token's logprob
@@ -55,8 +55,14 @@ def score(job):
         counts.append(len(lps))
         if job.get("return_token_logprobs"):
             token_logprobs.append(lps)
-    result = {"ok": True, "nll": nll, "counts": counts, "load_seconds": round(load_seconds, 3),
-              "score_seconds": round(score_seconds, 3), "vllm_version": __version__}
+    result = {
+        "ok": True,
+        "nll": nll,
+        "counts": counts,
+        "load_seconds": round(load_seconds, 3),
+        "score_seconds": round(score_seconds, 3),
+        "vllm_version": __version__,
+    }
     if job.get("return_token_logprobs"):
         result["token_logprobs"] = token_logprobs
     return result

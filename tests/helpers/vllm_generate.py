@@ -15,22 +15,25 @@ import sys
 
 
 def main(path, out_path):
-    job = json.load(open(path))
+    with open(path, encoding="utf-8") as f:
+        job = json.load(f)
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=job["model"], seed=0, **job["engine_kwargs"])
     greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     outs = llm.generate(job["prompts"], greedy, use_tqdm=False)
-    result = {"texts": [o.outputs[0].text for o in outs],
-              "token_ids": [list(o.outputs[0].token_ids) for o in outs],
-              "prompt_token_ids": [list(o.prompt_token_ids) for o in outs]}
+    result = {
+        "texts": [o.outputs[0].text for o in outs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
+    }
     if job.get("score"):
         sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
         scored = llm.generate([{"prompt_token_ids": ids} for ids in job["score"]], sp, use_tqdm=False)
         ranks = []
-        for ids, o in zip(job["score"], scored):
+        for ids, o in zip(job["score"], scored, strict=False):
             # prompt_logprobs[0] is None (no context); entry i maps token ids to Logprob(rank=…)
-            ranks.append([lp[tok].rank for tok, lp in zip(ids[1:], o.prompt_logprobs[1:])])
+            ranks.append([lp[tok].rank for tok, lp in zip(ids[1:], o.prompt_logprobs[1:], strict=False)])
         result["ranks"] = ranks
     with open(out_path, "w") as f:
         json.dump(result, f)
