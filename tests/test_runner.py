@@ -122,4 +122,14 @@ def test_process_env_keeps_an_existing_ld_preload(tmp_path):
     plan = Plan(**{**plan.__dict__, "env": {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4", "A": "1"}})
     env = runner.process_env(plan, {"LD_PRELOAD": "/lib/other.so", "PATH": "/bin"})
     assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/lib/other.so", "A": "1", "PATH": "/bin"}
-    assert runner.can_set_affinity() in (True, False)
+
+
+def test_can_set_affinity_tells_whether_the_kernel_lets_us(monkeypatch):
+    # this box (and CI) lets a process re-apply its own mask: the plans bind CPUs here
+    assert runner.can_set_affinity() is True
+
+    def forbidden(pid, cpus):
+        raise PermissionError(1, "Operation not permitted")  # what seccomp/cgroup policies return
+
+    monkeypatch.setattr(runner.os, "sched_setaffinity", forbidden)
+    assert runner.can_set_affinity() is False
