@@ -137,8 +137,9 @@ def test_greedy_tokens_and_logprobs_match_float_reference(engine_run, label):
 def test_bf16_control_shows_the_defect_the_guard_avoids(engine_run):
     """The same checkpoint with bf16 forced over the plan: vLLM's groupwise path packs the bf16
     bias through a freed temporary (docs/known-issues.md), so the loaded layer applies a wrong
-    bias. How wrong depends on the heap: 1 to 16 output channels of layer 0's qkv_proj (of 512)
-    and logprob errors from 0.28 to 15.4 in the runs seen here, so the bias itself is the check."""
+    bias. How wrong depends on the heap (logprob errors from 0.28 to 15.4 in the runs seen here),
+    so the bias as the loaded layer applies it is the check, and the logprobs only have to be off by
+    more than the fp32 run's (measured <= 0.01)."""
     _, results, refs, ids = engine_run
     guarded, control = results["bias-g32"]["layers"]["bias"], results[CONTROL]["layers"]["bias"]
     # guarded (fp32): the kernel adds the bias exactly up to x @ W (~1e-4) and activation rounding
