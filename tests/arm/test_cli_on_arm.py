@@ -113,6 +113,9 @@ def test_eval_perplexity_agrees_with_host_reference(bias_ckpt, arm_python):
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(proc.stdout)
     rec = next(r for r in (data if isinstance(data, list) else [data]) if "ppl" in r)
+    # through the plan made on the emulated Arm machine: the bias guard's dtype (the record holds
+    # plan.dtype once evaluate starts vLLM from launch.plan; before that it said "auto")
+    assert rec["dtype"] == "float32", rec
     # the host: the same tokens and windows (arm_int4.evaluate), transformers fp32, same weights
     from transformers import AutoModelForCausalLM
 
