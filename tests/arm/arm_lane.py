@@ -23,8 +23,13 @@ def _no_core():  # qemu dumps core on SIGILL otherwise (the cortex-a72 test prov
 def run_json(cmd, env=None, timeout=EMULATED_TIMEOUT):
     """Run a command that prints one JSON object as its last stdout line; return (process, dict)."""
     proc = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, **(env or {})}, preexec_fn=_no_core,
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        preexec_fn=_no_core,
     )
     lines = proc.stdout.strip().splitlines()
     data = json.loads(lines[-1]) if proc.returncode == 0 and lines else None

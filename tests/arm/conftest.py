@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from .arm_lane import KERNEL, REPO, describe, run_json
 
 
@@ -27,8 +28,9 @@ def _unprepared(reason: str):
 @pytest.fixture(scope="session")
 def arm_python() -> Path:
     """The wrapper that runs the emulated aarch64 python3.11 (path logic lives in the script)."""
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "arm_emulation.sh"), "--print"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "arm_emulation.sh"), "--print"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         _unprepared("the aarch64 emulation is not prepared: " + proc.stderr.strip())
     return Path(proc.stdout.strip().splitlines()[-1])

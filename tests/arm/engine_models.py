@@ -46,9 +46,11 @@ def _edit(src: Path) -> None:
 
 def build(root: Path, tiny_llama: Path, labels=tuple(MODELS)) -> dict:
     """label -> quantized checkpoint dir (written by arm_int4.quantize, stream engine)."""
-    makers = {"llama": lambda d: shutil.copytree(tiny_llama, d),
-              "bias": lambda d: build_random_llama(d, "tiny", seed=1, attention_bias=True),
-              "moe": lambda d: build_random_moe(d, "qwen3_moe", tokenizer_from=tiny_llama)}
+    makers = {
+        "llama": lambda d: shutil.copytree(tiny_llama, d),
+        "bias": lambda d: build_random_llama(d, "tiny", seed=1, attention_bias=True),
+        "moe": lambda d: build_random_moe(d, "qwen3_moe", tokenizer_from=tiny_llama),
+    }
     out = {}
     for label in labels:
         kind, opts = MODELS[label]
@@ -97,7 +99,8 @@ def reference_logprobs(model_dir: Path, prompt: list, generated: list, k: int) -
     ids = torch.tensor([prompt + generated])
     with torch.no_grad():
         lp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
-        steps = lp[len(prompt) - 1: len(prompt) - 1 + len(generated)]
-        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=len(generated), do_sample=False,
-                                min_new_tokens=len(generated))[0, len(prompt):].tolist()
+        steps = lp[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
+        greedy = model.generate(
+            torch.tensor([prompt]), max_new_tokens=len(generated), do_sample=False, min_new_tokens=len(generated)
+        )[0, len(prompt) :].tolist()
     return {"steps": steps, "greedy": greedy, "topk": steps.topk(k, dim=-1)}

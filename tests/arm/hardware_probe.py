@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from arm_int4 import hardware  # noqa: E402
+from arm_int4 import hardware
 
 MACHINES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "machines"
 
@@ -19,7 +19,9 @@ def main():
     out = {"live": hardware.detect("/", probe_runtime=False).to_dict(), "fixtures": {}}
     for folder in sorted(p for p in MACHINES.iterdir() if p.is_dir()):
         if (folder / "root").is_dir():
-            out["fixtures"][folder.name + "/root"] = hardware.detect(str(folder / "root"), probe_runtime=False).to_dict()
+            out["fixtures"][folder.name + "/root"] = hardware.detect(
+                str(folder / "root"), probe_runtime=False
+            ).to_dict()
         if any((folder / f).exists() for f in ("cpuinfo", "lscpu.json", "lscpu.txt")):
             out["fixtures"][folder.name] = hardware.from_dump(str(folder)).to_dict()
     print(json.dumps(out))

@@ -51,10 +51,14 @@ def vllm_pack(weight_packed, weight_scale, bias, group_size):
 
     cls = vllm_kernel_class()
     out_features, in_features = weight_packed.shape
-    config = MPLinearLayerConfig(full_weight_shape=(in_features, out_features),  # vLLM's (input, output)
-                                 partition_weight_shape=(in_features, out_features),
-                                 weight_type=scalar_types.int4, act_type=weight_scale.dtype,
-                                 group_size=group_size, zero_points=False)
+    config = MPLinearLayerConfig(
+        full_weight_shape=(in_features, out_features),  # vLLM's (input, output)
+        partition_weight_shape=(in_features, out_features),
+        weight_type=scalar_types.int4,
+        act_type=weight_scale.dtype,
+        group_size=group_size,
+        zero_points=False,
+    )
     ok, why = cls.can_implement(config)
     if not ok:
         raise RuntimeError(f"Dynamic4bitLinearKernel.can_implement: {why}")
@@ -119,13 +123,26 @@ def run_layer(q, scale, b, group, dtype, m, seed, raw=False, **extra):
     b = None if b is None else b.to(dt)
     x = torch.randn(m, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(dt)
     group_size = in_features if group is None else group
-    case = dict(out_features=out_features, in_features=in_features, group=group, dtype=dtype,
-                bias=b is not None, m=m, seed=seed, **extra)
+    case = dict(
+        out_features=out_features,
+        in_features=in_features,
+        group=group,
+        dtype=dtype,
+        bias=b is not None,
+        m=m,
+        seed=seed,
+        **extra,
+    )
     try:
         if raw:  # the two torch ops alone, channelwise fp32 (smoke: no vLLM import, see main)
             w = torch.ops.aten._dyn_quant_pack_4bit_weight(
-                ((q[:, 1::2] + 8) << 4 | (q[:, ::2] + 8)).to(torch.uint8), scale.float().view(-1, 1), None,
-                in_features, in_features, out_features)
+                ((q[:, 1::2] + 8) << 4 | (q[:, ::2] + 8)).to(torch.uint8),
+                scale.float().view(-1, 1),
+                None,
+                in_features,
+                in_features,
+                out_features,
+            )
             y = torch.ops.aten._dyn_quant_matmul_4bit(x, w, in_features, in_features, out_features)
         else:
             kernel, layer = vllm_pack(q, scale, b, group_size)
@@ -186,7 +203,8 @@ def main(argv=None):
         layers = torch.load(argv[1])  # [{"name", "config", "q", "scale", "group"}], plain tensors
         result["checkpoint"] = [
             run_layer(L["q"], L["scale"], None, L["group"], "bfloat16", m, 0, name=L["name"], config=L["config"])
-            for L in layers for m in (1, 8)
+            for L in layers
+            for m in (1, 8)
         ]
     if what == "smoke":  # one small GEMV: enough to hit the dotprod kernel
         result["smoke"] = run_case(group=None, m=1, raw=True)

@@ -26,9 +26,7 @@ import sys
 
 import torch
 
-
-__all__ = ["export_layer", "pack_experts", "route", "moe_transcribed", "moe_reference", "sqnr_db", "run_layer",
-           "main"]
+__all__ = ["export_layer", "pack_experts", "route", "moe_transcribed", "moe_reference", "sqnr_db", "run_layer", "main"]
 
 
 def sqnr_db(ref, out):
@@ -49,16 +47,21 @@ def export_layer(ckpt, prefix, label, top_k, renormalize, tokens=6, seed=0):
     with safe_open(str(ckpt / "model.safetensors"), "pt") as st:
         names = set(st.keys())
         n_exp = len({n.split(".experts.")[1].split(".")[0] for n in names if n.startswith(prefix + ".experts.")})
-        w = lambda e, p, s="": st.get_tensor(f"{prefix}.experts.{e}.{p}.weight{s}")  # noqa: E731
+        w = lambda e, p, s="": st.get_tensor(f"{prefix}.experts.{e}.{p}.weight{s}")
         scale = st.get_tensor(f"{prefix}.experts.0.down_proj.weight_scale")
         layer = dict(
-            label=label, top_k=top_k, renormalize=renormalize, router=st.get_tensor(f"{prefix}.gate.weight"),
+            label=label,
+            top_k=top_k,
+            renormalize=renormalize,
+            router=st.get_tensor(f"{prefix}.gate.weight"),
             group_size=-1 if scale.shape[1] == 1 else w(0, "down_proj").shape[1] // scale.shape[1],
             w13=torch.stack([torch.cat([w(e, "gate_proj"), w(e, "up_proj")]) for e in range(n_exp)]),
-            w13_scale=torch.stack([torch.cat([w(e, "gate_proj", "_scale"), w(e, "up_proj", "_scale")])
-                                   for e in range(n_exp)]),
+            w13_scale=torch.stack(
+                [torch.cat([w(e, "gate_proj", "_scale"), w(e, "up_proj", "_scale")]) for e in range(n_exp)]
+            ),
             w2=torch.stack([w(e, "down_proj") for e in range(n_exp)]),
-            w2_scale=torch.stack([w(e, "down_proj", "_scale") for e in range(n_exp)]))
+            w2_scale=torch.stack([w(e, "down_proj", "_scale") for e in range(n_exp)]),
+        )
     hidden = layer["w13"].shape[2]
     layer["x"] = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
     return layer
@@ -108,9 +111,9 @@ def moe_transcribed(x, ids, weights, p13, p2, hidden, inter, group_size):
     start = 0
     for e, n in enumerate(counts):
         if n:
-            y13 = torch.ops.aten._dyn_quant_matmul_4bit(x_all[start:start + n], p13[e], g13, hidden, 2 * inter)
+            y13 = torch.ops.aten._dyn_quant_matmul_4bit(x_all[start : start + n], p13[e], g13, hidden, 2 * inter)
             act = torch.nn.functional.silu(y13[:, :inter]) * y13[:, inter:]
-            y_all[start:start + n] = torch.ops.aten._dyn_quant_matmul_4bit(act, p2[e], g2, inter, hidden)
+            y_all[start : start + n] = torch.ops.aten._dyn_quant_matmul_4bit(act, p2[e], g2, inter, hidden)
         start += n
     y_all = (y_all * expert_gates.unsqueeze(1)).to(out_dtype)
     return torch.zeros(x.shape[0], hidden, dtype=x.dtype).index_add(0, tokens, y_all)
@@ -155,10 +158,17 @@ def run_layer(L, op):
     p13, p2 = pack_experts(L["w13"], L["w13_scale"], L["w2"], L["w2_scale"], group_size)
     ref = moe_reference(x, ids, weights, L["w13"], L["w13_scale"], L["w2"], L["w2_scale"])
     y = moe_transcribed(x, ids, weights, p13, p2, hidden, inter, group_size)
-    res = dict(label=L["label"], tokens=x.shape[0], experts=p13.shape[0], top_k=L["top_k"],
-               packed_dtype=str(p13.dtype).replace("torch.", ""), out_dtype=str(y.dtype).replace("torch.", ""),
-               experts_used=sorted(set(ids.flatten().tolist())), sqnr_db=sqnr_db(ref, y),
-               out=y.float().flatten().tolist())
+    res = dict(
+        label=L["label"],
+        tokens=x.shape[0],
+        experts=p13.shape[0],
+        top_k=L["top_k"],
+        packed_dtype=str(p13.dtype).replace("torch.", ""),
+        out_dtype=str(y.dtype).replace("torch.", ""),
+        experts_used=sorted(set(ids.flatten().tolist())),
+        sqnr_db=sqnr_db(ref, y),
+        out=y.float().flatten().tolist(),
+    )
     if op is not None:
         try:
             yv = op(x, ids, weights, p13, p2, hidden, inter, group_size, False, 2)  # 2 = SiLU (Qwen/Mixtral)
@@ -172,9 +182,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
     op, why = _load_vllm_op(argv[1] if len(argv) > 1 else None)
-    result = dict(probe=dict(machine=platform.machine(), torch=torch.__version__,
-                             kleidiai=bool(torch.backends.kleidiai.is_available()),
-                             vllm_op=op is not None, vllm_op_error=why))
+    result = dict(
+        probe=dict(
+            machine=platform.machine(),
+            torch=torch.__version__,
+            kleidiai=bool(torch.backends.kleidiai.is_available()),
+            vllm_op=op is not None,
+            vllm_op_error=why,
+        )
+    )
     result["layers"] = [run_layer(L, op) for L in torch.load(argv[0])]
     json.dump(result, sys.stdout)
     print()

@@ -38,12 +38,16 @@ print(json.dumps({"probe": probe(), "runs": out}))
 def biased_g32(tmp_path_factory):
     root = tmp_path_factory.mktemp("bias-guard")
     model = build_random_llama(root / "qwen2-like", "tiny", seed=1, attention_bias=True)
-    out = quantize(QuantizeOptions(model=str(model), output=str(root / "g32"), scheme="groupwise",
-                                   method="minmax", groupsize=32)).output
+    out = quantize(
+        QuantizeOptions(model=str(model), output=str(root / "g32"), scheme="groupwise", method="minmax", groupsize=32)
+    ).output
     with safe_open(str(out / "model.safetensors"), "pt") as st:
         name = "model.layers.0.self_attn.q_proj"
-        layer = {"q": st.get_tensor(f"{name}.weight"), "scale": st.get_tensor(f"{name}.weight_scale"),
-                 "bias": st.get_tensor(f"{name}.bias")}
+        layer = {
+            "q": st.get_tensor(f"{name}.weight"),
+            "scale": st.get_tensor(f"{name}.weight_scale"),
+            "bias": st.get_tensor(f"{name}.bias"),
+        }
     # random init leaves biases at 0; give them the magnitude real Qwen2 q biases have (~1)
     layer["bias"] = (torch.linspace(-2, 2, layer["bias"].numel())).to(torch.bfloat16)
     torch.save(layer, root / "layer.pt")

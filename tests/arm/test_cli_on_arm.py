@@ -58,10 +58,29 @@ def test_serve_answers_a_completion_over_http(bias_ckpt, arm_python, tmp_path, t
     ckpt, ref_dir = bias_ckpt
     port, log = _free_port(), tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(arm_python), "-m", "arm_int4", "serve", str(ckpt), "--port", str(port),
-                                 "--kv-cache-gib", "1", "--max-model-len", "256", "--",
-                                 "--enforce-eager", "--max-num-seqs", "4"],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(arm_python),
+                "-m",
+                "arm_int4",
+                "serve",
+                str(ckpt),
+                "--port",
+                str(port),
+                "--kv-cache-gib",
+                "1",
+                "--max-model-len",
+                "256",
+                "--",
+                "--enforce-eager",
+                "--max-num-seqs",
+                "4",
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         t0 = time.monotonic()
         while True:
@@ -76,8 +95,14 @@ def test_serve_answers_a_completion_over_http(bias_ckpt, arm_python, tmp_path, t
             time.sleep(5)
         ready_s = time.monotonic() - t0
         ids = AutoTokenizer.from_pretrained(str(tiny_llama))("def main(argv):\n    return")["input_ids"]
-        body = {"model": LABEL, "prompt": ids, "max_tokens": 4, "temperature": 0, "logprobs": 5,
-                "return_tokens_as_token_ids": True}
+        body = {
+            "model": LABEL,
+            "prompt": ids,
+            "max_tokens": 4,
+            "temperature": 0,
+            "logprobs": 5,
+            "return_tokens_as_token_ids": True,
+        }
         choice = _post(f"http://127.0.0.1:{port}/v1/completions", body)["choices"][0]
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # serve forwards it to vLLM; then make sure
@@ -98,18 +123,41 @@ def test_serve_answers_a_completion_over_http(bias_ckpt, arm_python, tmp_path, t
     tokens = [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]]
     ref = em.reference_logprobs(ref_dir, ids, tokens, 5)
     assert tokens == ref["greedy"], (tokens, ref["greedy"])
-    diff = max(abs(lp - ref["steps"][t][int(k.split(":")[1])].item())
-               for t, top in enumerate(choice["logprobs"]["top_logprobs"]) for k, lp in top.items())
+    diff = max(
+        abs(lp - ref["steps"][t][int(k.split(":")[1])].item())
+        for t, top in enumerate(choice["logprobs"]["top_logprobs"])
+        for k, lp in top.items()
+    )
     assert diff <= TOLERANCE["float32"], f"served logprobs differ from fp32 by {diff:.3g} (ready in {ready_s:.0f} s)"
 
 
 def test_eval_perplexity_agrees_with_host_reference(bias_ckpt, arm_python):
     ckpt, ref_dir = bias_ckpt
     args = dict(num_tokens=48, max_len=32, stride=16)
-    proc = subprocess.run([str(arm_python), "-m", "arm_int4", "eval", str(ckpt), "--tasks", "perplexity",
-                           "--num-tokens", str(args["num_tokens"]), "--max-len", str(args["max_len"]),
-                           "--stride", str(args["stride"]), "--format", "json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=START_TIMEOUT, check=False)
+    proc = subprocess.run(
+        [
+            str(arm_python),
+            "-m",
+            "arm_int4",
+            "eval",
+            str(ckpt),
+            "--tasks",
+            "perplexity",
+            "--num-tokens",
+            str(args["num_tokens"]),
+            "--max-len",
+            str(args["max_len"]),
+            "--stride",
+            str(args["stride"]),
+            "--format",
+            "json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(proc.stdout)
     rec = next(r for r in (data if isinstance(data, list) else [data]) if "ppl" in r)

@@ -14,8 +14,19 @@ from .arm_lane import ARM_DIR, describe, run_json
 pytestmark = pytest.mark.requires_aarch64
 PROBE = ARM_DIR / "hardware_probe.py"
 # Facts of a machine that depend on where the decoder runs, not on the recording.
-HOST_DEPENDENT = {"affinity", "usable_cpus", "tcmalloc_path", "torch_version", "torch_kleidiai",
-                  "vllm_version", "int4_kernel", "sources", "cgroup_version", "cgroup_cpu_quota", "cgroup_cpuset"}
+HOST_DEPENDENT = {
+    "affinity",
+    "usable_cpus",
+    "tcmalloc_path",
+    "torch_version",
+    "torch_kleidiai",
+    "vllm_version",
+    "int4_kernel",
+    "sources",
+    "cgroup_version",
+    "cgroup_cpu_quota",
+    "cgroup_cpuset",
+}
 
 
 def test_fixtures_decode_the_same_on_arm_as_on_x86(arm_python):

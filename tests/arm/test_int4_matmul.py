@@ -14,6 +14,7 @@ a wrong nibble order or wrong scales (< 10 dB) fail.
 import math
 
 import pytest
+
 from .arm_lane import find
 
 pytestmark = pytest.mark.requires_aarch64
@@ -47,8 +48,10 @@ def test_int4_matmul_matches_reference_and_x86(case, arm_results, host_results):
     host = find(host_results["matmul"], group=g, dtype=d, m=m)
     assert "error" not in arm, arm["error"]
     assert arm["out_dtype"] == d, "vLLM returns activations' dtype"
-    assert arm["sqnr_db"] >= MIN_SQNR_DB, f"Arm SQNR {arm['sqnr_db']:.1f} dB < {MIN_SQNR_DB} (worst channels {arm['worst_cols']})"
+    assert arm["sqnr_db"] >= MIN_SQNR_DB, (
+        f"Arm SQNR {arm['sqnr_db']:.1f} dB < {MIN_SQNR_DB} (worst channels {arm['worst_cols']})"
+    )
     assert host["sqnr_db"] >= MIN_SQNR_DB, f"x86 SQNR {host['sqnr_db']:.1f} dB < {MIN_SQNR_DB}"
     tol = agree_tolerance(d, host["out"])
-    diff = max(abs(a - h) for a, h in zip(arm["out"], host["out"]))
+    diff = max(abs(a - h) for a, h in zip(arm["out"], host["out"], strict=False))
     assert diff <= tol, f"Arm and x86 differ by {diff:.3g} (> {tol:.3g}, 2 ulp of {d} at the largest output)"

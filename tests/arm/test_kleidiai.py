@@ -6,6 +6,7 @@ Run: ARM_INT4_REQUIRE_ARM=1 pytest tests/arm/test_kleidiai.py
 import signal
 
 import pytest
+
 from .arm_lane import KERNEL, describe, run_json
 
 pytestmark = pytest.mark.requires_aarch64
@@ -22,7 +23,7 @@ def test_kleidiai_is_active(arm_results, host_results):
     # Built-in is not enough: the weights must have gone through KleidiAI's packing. Its layout
     # is int4 (uint8 bytes, ~in*out/2 + scales + bias); the reference path keeps a float32
     # buffer (what the x86 host produces for the very same call).
-    for arm, host in zip(arm_results["matmul"], host_results["matmul"]):
+    for arm, host in zip(arm_results["matmul"], host_results["matmul"], strict=False):
         in_out = arm["in_features"] * arm["out_features"]
         assert arm["packed"]["dtype"] == "uint8" and arm["packed"]["bytes"] < in_out, (arm["packed"], arm)
         assert host["packed"]["dtype"] == "float32" and host["packed"]["bytes"] >= 2 * in_out, host["packed"]

@@ -53,8 +53,11 @@ def moe_layers(tiny_llama, tmp_path_factory):
         src = build_random_moe(root / family, family, tokenizer_from=tiny_llama)
         for scheme, method, g in CONFIGS:
             label = f"{family}-{scheme}-{method}" + (f"-g{g}" if g else "")
-            out = quantize(QuantizeOptions(model=str(src), output=str(root / label), scheme=scheme,
-                                           method=method, groupsize=g or 32)).output
+            out = quantize(
+                QuantizeOptions(
+                    model=str(src), output=str(root / label), scheme=scheme, method=method, groupsize=g or 32
+                )
+            ).output
             layers.append(export_layer(out, f"model.layers.1.{block}", label, 2, renorm))
     path = root / "moe_layers.pt"
     torch.save(layers, path)
@@ -76,7 +79,7 @@ def test_moe_experts_on_kleidiai_match_float_reference_and_x86(moe_layers, arm_p
     proc, host = run_json([host_python, MOE_KERNEL, moe_layers])
     assert host is not None, describe(proc)
     assert len(arm["layers"]) == len(FAMILIES) * len(CONFIGS)
-    for a, h in zip(arm["layers"], host["layers"]):
+    for a, h in zip(arm["layers"], host["layers"], strict=False):
         where = a["label"]
         # KleidiAI packs to a uint8 buffer; PyTorch's x86 reference path keeps a float32 one.
         assert a["packed_dtype"] == "uint8", f"{where}: packed as {a['packed_dtype']}: not KleidiAI's layout"
@@ -88,5 +91,5 @@ def test_moe_experts_on_kleidiai_match_float_reference_and_x86(moe_layers, arm_p
         # vLLM's C++ op and our transcription run the same aten ops on the same buffers.
         tol = agree_tolerance(a["out_dtype"], a["out"])
         assert a["vllm_vs_transcribed"] <= tol, f"{where}: vLLM op vs transcription {a['vllm_vs_transcribed']:.3g}"
-        diff = max(abs(x - y) for x, y in zip(a["out"], h["out"]))
+        diff = max(abs(x - y) for x, y in zip(a["out"], h["out"], strict=False))
         assert math.isfinite(diff) and diff <= 4 * tol, f"{where}: Arm vs x86 differ by {diff:.3g}"

@@ -21,8 +21,14 @@ from .arm_lane import KERNEL, describe, run_json
 from .test_int4_matmul import MIN_SQNR_DB, agree_tolerance
 
 pytestmark = pytest.mark.requires_aarch64
-CONFIGS = [("channelwise", "minmax", None), ("channelwise", "mse", None), ("groupwise", "minmax", 32),
-           ("groupwise", "mse", 32), ("groupwise", "minmax", 128), ("groupwise", "mse", 128)]
+CONFIGS = [
+    ("channelwise", "minmax", None),
+    ("channelwise", "mse", None),
+    ("groupwise", "minmax", 32),
+    ("groupwise", "mse", 32),
+    ("groupwise", "minmax", 128),
+    ("groupwise", "mse", 128),
+]
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 
 
@@ -32,13 +38,22 @@ def exported(tiny_llama, tmp_path_factory):
     layers = []
     for scheme, method, g in CONFIGS:
         label = f"{scheme}-{method}" + (f"-g{g}" if g else "")
-        out = quantize(QuantizeOptions(model=str(tiny_llama), output=str(root / label), scheme=scheme,
-                                       method=method, groupsize=g or 32)).output
+        out = quantize(
+            QuantizeOptions(
+                model=str(tiny_llama), output=str(root / label), scheme=scheme, method=method, groupsize=g or 32
+            )
+        ).output
         with safe_open(str(out / "model.safetensors"), "pt") as st:
             for name in LAYERS:
-                layers.append({"name": name, "config": label, "q": st.get_tensor(f"{name}.weight"),
-                               "scale": st.get_tensor(f"{name}.weight_scale"),
-                               "group": g if g else st.get_tensor(f"{name}.weight").shape[1]})
+                layers.append(
+                    {
+                        "name": name,
+                        "config": label,
+                        "q": st.get_tensor(f"{name}.weight"),
+                        "scale": st.get_tensor(f"{name}.weight_scale"),
+                        "group": g if g else st.get_tensor(f"{name}.weight").shape[1],
+                    }
+                )
     path = root / "layers.pt"
     torch.save(layers, path)
     return path
@@ -54,10 +69,10 @@ def test_our_checkpoints_on_kleidiai_match_reference_and_x86(exported, arm_pytho
     arm, host = _run(arm_python, exported), _run(host_python, exported)
     assert arm["probe"]["kleidiai"] and arm["probe"]["machine"] == "aarch64", arm["probe"]
     assert len(arm["checkpoint"]) == len(CONFIGS) * len(LAYERS) * 2
-    for a, h in zip(arm["checkpoint"], host["checkpoint"]):
+    for a, h in zip(arm["checkpoint"], host["checkpoint"], strict=False):
         where = f"{a['config']} {a['name']} M={a['m']}"
         assert "error" not in a, f"{where}: {a.get('error')}"
         assert a["sqnr_db"] >= MIN_SQNR_DB, f"{where}: Arm SQNR {a['sqnr_db']:.1f} dB"
         assert h["sqnr_db"] >= MIN_SQNR_DB, f"{where}: x86 SQNR {h['sqnr_db']:.1f} dB"
-        diff = max(abs(x - y) for x, y in zip(a["out"], h["out"]))
+        diff = max(abs(x - y) for x, y in zip(a["out"], h["out"], strict=False))
         assert diff <= agree_tolerance("bfloat16", h["out"]), f"{where}: Arm vs x86 differ by {diff:.3g}"

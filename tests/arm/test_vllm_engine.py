@@ -41,10 +41,18 @@ def _seed_model_info_cache():
     """vLLM inspects a model class in a subprocess (a second emulated vLLM import, ~2.5 min) unless
     ~/.cache/vllm/modelinfos has it, keyed by the model file's hash. The x86 and aarch64 wheels ship
     the same Python source, so the host fills that cache in ~15 s."""
-    code = ("from vllm.model_executor.models.registry import ModelRegistry as R\n"
-            "for a in ('LlamaForCausalLM', 'Qwen3MoeForCausalLM'): assert R._try_inspect_model_cls(a), a")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
+    code = (
+        "from vllm.model_executor.models.registry import ModelRegistry as R\n"
+        "for a in ('LlamaForCausalLM', 'Qwen3MoeForCausalLM'): assert R._try_inspect_model_cls(a), a"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -59,8 +67,11 @@ def engine_run(tiny_llama, tmp_path_factory, arm_python):
     models = [{"label": k, "path": str(v), "dtype": None} for k, v in ckpts.items()]
     models.append({"label": CONTROL, "path": str(ckpts["bias-g32"]), "dtype": "bfloat16"})
     job = root / "job.json"
-    job.write_text(json.dumps({"prompt_ids": ids, "max_tokens": MAX_TOKENS, "logprobs": TOP_K,
-                               "max_model_len": 256, "models": models}))
+    job.write_text(
+        json.dumps(
+            {"prompt_ids": ids, "max_tokens": MAX_TOKENS, "logprobs": TOP_K, "max_model_len": 256, "models": models}
+        )
+    )
     proc, data = run_json([arm_python, DRIVER, job], timeout=1500)
     assert data is not None, "the emulated vLLM engine run failed: " + describe(proc)
     (root / "engine-run.json").write_text(json.dumps(data))  # kept with pytest's tmp dirs, for a look
@@ -80,7 +91,7 @@ def _scores(res, ref_dir, prompt):
     step between its best token and the token vLLM chose (0 where they agree)."""
     ref = em.reference_logprobs(ref_dir, prompt, res["tokens"], TOP_K)
     diffs, margins = [], []
-    for t, (step, tok) in enumerate(zip(res["logprobs"], res["tokens"])):
+    for t, (step, tok) in enumerate(zip(res["logprobs"], res["tokens"], strict=False)):
         row = ref["steps"][t]
         diffs += [abs(lp - row[int(k)].item()) if math.isfinite(lp) else math.inf for k, lp in step.items()]
         margins.append(row.max().item() - row[tok].item())

@@ -33,9 +33,13 @@ def bias_error(mod, kernel) -> dict:
     x = (1e-3 * torch.randn(4, kernel.config.partition_weight_shape[0], generator=g)).to(mod.bias.dtype)
     err = (kernel.apply_weights(mod, x).double() - mod.bias.double()).abs().amax(dim=0)
     bad = (~torch.isfinite(err)) | (err > 0.5)
-    return {"layer_dtype": str(mod.bias.dtype), "max_abs": float(err.nan_to_num(float("inf")).max()),
-            "channels_off": int(bad.sum()), "channels": int(err.numel()),
-            "first_off": bad.nonzero().flatten()[:8].tolist()}
+    return {
+        "layer_dtype": str(mod.bias.dtype),
+        "max_abs": float(err.nan_to_num(float("inf")).max()),
+        "channels_off": int(bad.sum()),
+        "channels": int(err.numel()),
+        "first_off": bad.nonzero().flatten()[:8].tolist(),
+    }
 
 
 def layer_facts(model) -> dict:
@@ -50,13 +54,22 @@ def layer_facts(model) -> dict:
             out["bias"] = {"layer": name, **bias_error(mod, kernel)}
         if kernel is not None and "linear" not in out:
             w = getattr(mod, kernel.w_q_name)
-            out["linear"] = {"layer": name, "scheme": type(scheme).__name__, "kernel": type(kernel).__name__,
-                             "kernel_module": type(kernel).__module__, "packed_dtype": str(w.dtype),
-                             "packed_numel": w.numel(), "bias": getattr(mod, "bias", None) is not None}
+            out["linear"] = {
+                "layer": name,
+                "scheme": type(scheme).__name__,
+                "kernel": type(kernel).__name__,
+                "kernel_module": type(kernel).__module__,
+                "packed_dtype": str(w.dtype),
+                "packed_numel": w.numel(),
+                "bias": getattr(mod, "bias", None) is not None,
+            }
         qm = getattr(mod, "quant_method", None)
         if qm is not None and hasattr(qm, "experts_cls") and "moe" not in out:
-            out["moe"] = {"layer": name, "method": type(qm).__name__,
-                          "experts": getattr(qm.experts_cls, "__name__", str(qm.experts_cls))}
+            out["moe"] = {
+                "layer": name,
+                "method": type(qm).__name__,
+                "experts": getattr(qm.experts_cls, "__name__", str(qm.experts_cls)),
+            }
     return out
 
 
@@ -76,8 +89,12 @@ def main(job_path):
 
     timings = {"import_s": round(time.time() - t0, 1)}
     machine = hardware.detect()
-    probe = {"machine": machine.arch, "cpu_name": machine.cpu_name, "torch": torch.__version__,
-             "kleidiai": bool(torch.backends.kleidiai.is_available())}
+    probe = {
+        "machine": machine.arch,
+        "cpu_name": machine.cpu_name,
+        "torch": torch.__version__,
+        "kleidiai": bool(torch.backends.kleidiai.is_available()),
+    }
     results = []
     for m in job["models"]:
         res = {"label": m["label"]}
@@ -96,8 +113,9 @@ def main(job_path):
             llm = LLM(model=m["path"], seed=0, **kwargs)
             res["init_s"] = round(time.time() - t, 1)
             t = time.time()
-            params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=job["logprobs"],
-                                    ignore_eos=True)
+            params = SamplingParams(
+                temperature=0.0, max_tokens=job["max_tokens"], logprobs=job["logprobs"], ignore_eos=True
+            )
             out = llm.generate([TokensPrompt(prompt_token_ids=job["prompt_ids"])], params, use_tqdm=False)[0].outputs[0]
             res["generate_s"] = round(time.time() - t, 1)
             res["tokens"] = list(out.token_ids)
