@@ -41,7 +41,7 @@ LAYERS = {
 
 def _tensors(d):
     with safe_open(str(d / "model.safetensors"), "pt") as st:
-        return {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 (safe_open has keys(), no __iter__)
+        return {k: st.get_tensor(k) for k in st.keys()}
 
 
 def _qconfig(d):

@@ -40,7 +40,7 @@ def _tensors(d: Path) -> dict:
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st})
+            out.update({k: st.get_tensor(k) for k in st.keys()})
     return out
 
 

@@ -13,7 +13,12 @@ from safetensors import safe_open
 
 from arm_int4.options import QuantizeOptions
 from arm_int4.quantize import quantize
-from arm_int4.quantize.preflight import named_linear_layers, plan_quantization, quantizable_layers, read_checkpoint
+from arm_int4.quantize.preflight import (
+    named_linear_layers,
+    plan_quantization,
+    quantizable_layers,
+    read_source_checkpoint,
+)
 from arm_int4.quantize.stream import quant_config_block, run_stream
 from arm_int4.quantize.verify import VerifyError, verify_written
 from arm_int4.schemes import Scheme
@@ -31,7 +36,7 @@ def _tensors(d):
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st})
+            out.update({k: st.get_tensor(k) for k in st.keys()})
     return out
 
 
@@ -40,7 +45,7 @@ def test_config_block_equals_compressed_tensors(scheme, tiny_llama, tmp_path):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    ck = read_checkpoint(tiny_llama)
+    ck = read_source_checkpoint(tiny_llama)
     for ignore in IGNORES[:3]:
         plan = plan_quantization(ck, scheme, ignore, require_safetensors=True)
         qscheme = scheme.quantization_scheme()
@@ -61,7 +66,7 @@ def test_config_block_equals_compressed_tensors(scheme, tiny_llama, tmp_path):
 @pytest.mark.parametrize("ignore", IGNORES, ids=str)
 def test_layers_from_names_equal_the_meta_model(ignore, tiny_llama, smollm2):
     for model in (tiny_llama, smollm2):
-        ck = read_checkpoint(model)
+        ck = read_source_checkpoint(model)
         fast = named_linear_layers(ck, ignore)
         assert fast is not None  # Llama: the transformers-free path applies
         assert fast.layers == quantizable_layers(model, ["Linear"], ignore).layers
@@ -126,7 +131,7 @@ def test_verify_written_catches_what_a_reader_would(tiny_llama, tmp_path):
     the tensors back."""
     import dataclasses
 
-    ck = read_checkpoint(tiny_llama)
+    ck = read_source_checkpoint(tiny_llama)
     plan = plan_quantization(ck, Scheme("w4a8", "channelwise", None, "minmax"), ["lm_head"], require_safetensors=True)
     out = tmp_path / "o"
     out.mkdir()

@@ -22,7 +22,7 @@ from ..models import resolve
 from ..schemes import Scheme, output_dir_name
 from .moe import MOE_IGNORE, is_moe_config
 from .options import QuantizeOptions
-from .preflight import check_output, plan_quantization, read_checkpoint
+from .preflight import check_output, plan_quantization, read_source_checkpoint
 from .verify import VerifyReport, verify_dir, verify_written
 
 __all__ = ["QuantResult", "quantize", "verify_dir", "output_path"]
@@ -127,7 +127,7 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
     model_dir = resolve(opts.model, progress=_log)
     out = output_path(opts, scheme, model_dir)
     check_output(out, opts.overwrite)
-    ck = read_checkpoint(model_dir)
+    ck = read_source_checkpoint(model_dir)
     ignore = list(opts.ignore) + (MOE_IGNORE if is_moe_config(ck.config) else [])  # both engines
     plan = plan_quantization(ck, scheme, ignore, require_safetensors=engine == "stream")
     _remove_stale(out)

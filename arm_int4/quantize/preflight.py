@@ -22,7 +22,7 @@ __all__ = [
     "Checkpoint",
     "QuantPlan",
     "Layer",
-    "read_checkpoint",
+    "read_source_checkpoint",
     "quantizable_layers",
     "named_linear_layers",
     "plan_quantization",
@@ -63,7 +63,9 @@ class QuantPlan:
         return self.renames.get(name, name)
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_source_checkpoint(path: str | Path) -> Checkpoint:
+    """The model to quantize: config.json and every tensor's safetensors header (name, dtype, shape),
+    never the data. (arm_int4.checkpoint.read_checkpoint reads a checkpoint's facts for serving plans.)"""
     p = Path(path)
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
