@@ -104,15 +104,31 @@ def process_env(plan: Plan, base: Optional[dict] = None) -> dict:
 
 
 def group_pids(pgid: int) -> list:
-    """Live processes (not zombies) whose process group is pgid."""
+    """Live processes (not zombies) whose process group is pgid. Where /proc cannot be listed (qemu-user
+    with a partial rootfs /proc: psutil finds no pid at all), [pgid] if the group still has a member
+    (a signal-0 probe, zombies included), else []."""
+    try:
+        procs = list(psutil.process_iter(["status"]))
+    except (IndexError, OSError, psutil.Error):
+        return [pgid] if _group_exists(pgid) else []
     pids = []
-    for p in psutil.process_iter(["status"]):
+    for p in procs:
         try:
             if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
                 pids.append(p.pid)
         except (OSError, psutil.Error):  # gone meanwhile, or not ours to ask
             continue
     return pids
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def reap_group(pgid: int, grace: float = 5.0) -> None:

@@ -133,3 +133,22 @@ def test_can_set_affinity_tells_whether_the_kernel_lets_us(monkeypatch):
 
     monkeypatch.setattr(runner.os, "sched_setaffinity", forbidden)
     assert runner.can_set_affinity() is False
+
+
+def test_group_pids_without_a_listable_proc(monkeypatch):
+    """Under qemu-user with a partial rootfs /proc, psutil lists no pid (pids()[0] raises IndexError):
+    the group is then probed with signal 0 (seen in the Arm lane's `arm-int4 eval`)."""
+    import subprocess as sp
+
+    child = sp.Popen(["sleep", "30"], start_new_session=True)
+    try:
+
+        def broken(*a, **k):
+            raise IndexError("list index out of range")
+
+        monkeypatch.setattr(runner.psutil, "process_iter", broken)
+        assert runner.group_pids(child.pid) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+    assert runner.group_pids(child.pid) == []
