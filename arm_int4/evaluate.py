@@ -251,7 +251,10 @@ def engine_plan(model_dir: Union[str, Path], *, max_model_len: int, dtype: str =
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    extra = ["--max-num-batched-tokens", str(batched_tokens)] if batched_tokens else []
+    extra = []
+    if batched_tokens:  # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig)
+        seqs = min(batched_tokens, launch.DEFAULT_MAX_SEQS_PER_RANK)
+        extra = ["--max-num-batched-tokens", str(batched_tokens), "--max-num-seqs", str(seqs)]
     if dtype != "auto":
         extra += ["--dtype", dtype]
     return launch.engine_plan(

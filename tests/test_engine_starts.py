@@ -148,3 +148,13 @@ def test_eval_plans_like_serve_on_arm(tmp_path, monkeypatch):
         evaluate.engine_plan(ck, max_model_len=257, dtype="bfloat16")
     served = launch.plan(arm, launch.read_checkpoint(ck), max_model_len=257)
     assert dataclasses.replace(p, argv=(), reasons=()).env == dataclasses.replace(served, argv=(), reasons=()).env
+
+
+def test_short_scoring_windows_keep_vllms_scheduler_rule(tmp_path):
+    """vLLM refuses max_num_batched_tokens < max_num_seqs (seen under emulation: eval with 32-token
+    windows planned 33 batched tokens beside the default 128 sequences)."""
+    ck = write_checkpoint(tmp_path / "m", hidden=256, layers=1, heads=4, kv_heads=2, inter=512, vocab=1024)
+    for n in (33, 257, 513):
+        _, p = evaluate.engine_plan(ck, max_model_len=n, batched_tokens=n)
+        kw = p.engine_kwargs()
+        assert kw["max_num_batched_tokens"] == n and kw["max_num_seqs"] <= n
