@@ -330,7 +330,7 @@ class TuneOptions:
         list(tune.PLACEMENTS),
         "CPU placements to try, where they apply: all CPUs bound; "
         "reserve1 (one left to vLLM); half (16+ CPUs); numa (one "
-        "rank per node, 2+ nodes); auto (vLLM's own binding)",
+        "rank per node, 2+ nodes); tp2 (two tensor-parallel ranks on one node); auto (vLLM's own binding)",
         nargs="+",
         choices=tune.PLACEMENTS,
         metavar="KIND",
