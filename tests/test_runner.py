@@ -7,9 +7,11 @@ core might), so stop() has to clean the whole process group.
 
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -152,3 +154,28 @@ def test_group_pids_without_a_listable_proc(monkeypatch):
         child.kill()
         child.wait()
     assert runner.group_pids(child.pid) == []
+
+
+def test_peak_rss_is_the_process_own_not_its_forking_parent():
+    """A CLI started from a big parent (pytest after vLLM tests: ~2 GiB) must report its own peak:
+    ru_maxrss carries the parent's pre-exec image into the child (CI reported 2118 MiB for a 3 MiB
+    model), VmHWM starts again at exec. The parent here holds 1 GiB; the child, a bare interpreter,
+    peaks at ~14 MiB (bound 200 MiB: imports vary by Python build)."""
+    import arm_int4.workers.worker_io as wio
+
+    child = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(wio.__file__).parent)!r})
+        from worker_io import peak_rss_bytes
+        print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """)
+    parent = textwrap.dedent(f"""
+        import subprocess, sys
+        big = bytearray(2**30)
+        big[::4096] = b"x" * (2**30 // 4096)  # touched: resident
+        print(subprocess.run([sys.executable, "-c", {child!r}], capture_output=True, text=True, check=True).stdout)
+    """)
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout.split()
+    ours, maxrss = int(out[0]), int(out[1])
+    assert maxrss > 2**30  # the defect: the kernel's counter includes the parent's 1 GiB
+    assert ours < 200 * 2**20, ours

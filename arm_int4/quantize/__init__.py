@@ -8,7 +8,6 @@ next run. An existing output is replaced only with --overwrite.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 from ..errors import UsageError
 from ..models import resolve
 from ..schemes import Scheme, output_dir_name
+from ..workers.worker_io import peak_rss_bytes
 from .moe import MOE_IGNORE, is_moe_config
 from .options import QuantizeOptions
 from .preflight import check_output, plan_quantization, read_source_checkpoint
@@ -66,13 +66,6 @@ class QuantResult:
 
 def _log(msg: str) -> None:
     print(f"arm-int4: {msg}", file=sys.stderr, flush=True)  # noqa: T201 (progress goes to stderr by design)
-
-
-def _peak_rss() -> int:
-    """Peak RSS of this process and of finished children (the llmcompressor worker), in bytes."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) * 1024  # Linux reports KiB
 
 
 def _alive(pid: int) -> bool:
@@ -182,6 +175,6 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         bytes_in=ck.nbytes,
         bytes_out=report.nbytes,
         seconds=time.time() - t0,
-        peak_rss_bytes=_peak_rss(),
+        peak_rss_bytes=peak_rss_bytes(children=True),  # and the llmcompressor worker's
         stream=stats,
     )

@@ -28,15 +28,10 @@ decode step as "prompt eval", so they only separate prefill from decode at batch
 import ctypes
 import json
 import random
-import resource
 import sys
 import time
 
-from worker_io import one_line, write_json_atomic  # sibling module (this script's dir)
-
-
-def _peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+from worker_io import one_line, peak_rss_bytes, write_json_atomic  # sibling module (this script's dir)
 
 
 class Engine:
@@ -185,7 +180,7 @@ def main(argv):
                 if engine is not None:
                     engine.close()
                     engine = None
-            entry["peak_rss_bytes"] = _peak_rss()
+            entry["peak_rss_bytes"] = peak_rss_bytes()
             result["tests"].append(entry)
             write_json_atomic(out, result)
         result["ok"] = True

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-__all__ = ["write_json_atomic", "one_line", "shutdown_engines", "main"]
+__all__ = ["write_json_atomic", "one_line", "peak_rss_bytes", "shutdown_engines", "main"]
 
 
 def write_json_atomic(path, obj) -> None:
@@ -24,6 +24,28 @@ def write_json_atomic(path, obj) -> None:
 def one_line(exc) -> str:
     """`Type: first line of the message`, at most 400 characters: what the parent reports."""
     return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:400]
+
+
+def peak_rss_bytes(children: bool = False) -> int:
+    """Peak RSS of this process since it exec'd (VmHWM), in bytes; with `children`, also the largest
+    of its waited-for children (ru_maxrss). Not this process's own ru_maxrss: Linux carries a forked
+    child's pre-exec image into it, so a CLI started from a 2 GiB pytest reported 2 GiB for a 3 MiB
+    model. Falls back to ru_maxrss where /proc is missing."""
+    import resource
+
+    own = 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    own = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if not own:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if children:
+        own = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    return own
 
 
 def shutdown_engines(llms) -> None:
