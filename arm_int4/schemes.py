@@ -22,6 +22,8 @@ __all__ = [
     "OBSERVERS",
     "PRESETS",
     "KLEIDIAI_GROUP_MULTIPLE",
+    "LEARNING_PATH_GROUP",
+    "W4A16_GROUP",
     "Scheme",
     "output_dir_name",
     "scheme_from_config",
@@ -34,6 +36,7 @@ PRESETS = ("w4a8", "w4a16")
 KLEIDIAI_GROUP_MULTIPLE = 32
 # W4A16 is defined with group 128 (vLLM's INT4 W4A16 page); the learning path's W4A8 default is 32.
 W4A16_GROUP = 128
+LEARNING_PATH_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,8 @@ class Scheme:
     @classmethod
     def from_options(cls, preset: str, scheme: str, method: str, groupsize: int | None) -> Scheme:
         """The learning path's flags → a Scheme (groupsize only counts for groupwise)."""
-        if preset == "w4a16" and scheme == "groupwise" and groupsize is None:
-            groupsize = W4A16_GROUP
+        if groupsize is None:
+            groupsize = W4A16_GROUP if preset == "w4a16" else LEARNING_PATH_GROUP
         return cls(
             preset=preset,
             granularity=scheme,
@@ -86,6 +89,13 @@ class Scheme:
         """`mse-channelwise`, `minmax-groupwise-g32` — the learning path's suffix."""
         s = f"{self.observer}-{self.granularity}"
         return s + (f"-g{self.group_size}" if self.group_size else "")
+
+    @property
+    def format(self) -> str:
+        """The compressed-tensors format llmcompressor writes for this recipe: weight-only INT4 is
+        packed eight values per int32 (pack-quantized, what vLLM's CompressedTensorsWNA16 loads);
+        W4A8 keeps one int8 per value (int-quantized, what CompressedTensorsW4A8Int loads)."""
+        return "int-quantized" if self.preset == "w4a8" else "pack-quantized"
 
     # ---- compressed-tensors mapping (plain dicts; pydantic objects built lazily) ----
     def weight_args(self) -> dict[str, Any]:

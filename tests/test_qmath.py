@@ -118,3 +118,17 @@ def test_mse_early_stop_is_the_loops():
         if decided >= 10:
             break
     assert decided >= 3  # found real early-stop cases (4 in these 400 seeds), not only full searches
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(5, 7), (2, 9), (4, 33)], ids=str)
+def test_pack_int4_equals_compressed_tensors(shape):
+    """W4A16's packing (eight values per int32, pack-quantized) equal to compressed-tensors'
+    pack_to_int32, every int in [-8, 7] present, columns not a multiple of 8 padded as there."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    g = torch.Generator().manual_seed(shape[0] * 7919 + shape[1])
+    q = torch.randint(-8, 8, shape, generator=g, dtype=torch.int8)
+    q.view(-1)[:16] = torch.arange(-8, 8, dtype=torch.int8)[: q.numel()]
+    ours = qmath.pack_int4(q)
+    assert ours.dtype == torch.int32 and torch.equal(ours, pack_to_int32(q, 4))
+    assert torch.equal(unpack_from_int32(ours, 4, torch.Size(shape)), q)

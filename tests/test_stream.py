@@ -50,12 +50,12 @@ def test_config_block_equals_compressed_tensors(scheme, tiny_llama, tmp_path):
     for ignore in IGNORES[:3]:
         plan = plan_quantization(ck, scheme, ignore, require_safetensors=True)
         qscheme = scheme.quantization_scheme()
-        qscheme.format = "int-quantized"
+        qscheme.format = scheme.format
         (tmp_path / "config.json").write_text("{}")
         ModelCompressor(
             quantization_config=QuantizationConfig(
                 config_groups={"group_0": qscheme},
-                format="int-quantized",
+                format=scheme.format,
                 quantization_status="compressed",
                 ignore=ignore,
             )

@@ -32,6 +32,7 @@ __all__ = [
     "minmax_range",
     "mse_range",
     "quantize_weight",
+    "pack_int4",
 ]
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -158,3 +159,20 @@ def quantize_weight(weight, group_size: int | None, observer: str, precision: st
         # bf16 x / fp32 scale computes in fp32 from the exact upcast: the cast itself is not needed
         q[r0 : r0 + block] = quantize_int4(x[r0 : r0 + block], scale[r0 : r0 + block])
     return q.reshape(weight.shape), scale
+
+
+def pack_int4(q):
+    """compressed-tensors pack_to_int32(q, 4): int8 [rows, cols] in [-8, 7] → int32 [rows, ceil(cols/8)],
+    value + 8 in each nibble, column 8k+i in bits 4i..4i+3 (the top nibble may set the sign bit)."""
+    import torch
+
+    rows, cols = q.shape
+    u = (q + 8).to(torch.uint8)
+    pad = -cols % 8
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.view(rows, -1, 8).to(torch.int32)
+    out = u[..., 0].clone()
+    for i in range(1, 8):
+        out |= u[..., i] << (4 * i)
+    return out

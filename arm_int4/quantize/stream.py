@@ -98,13 +98,18 @@ def _scale_shape(info: TensorInfo, group_size: int | None) -> tuple[int, int]:
 
 
 def output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan, precision: str) -> list[TensorInfo]:
-    """One output shard's header: quantized Linears become int8 + scale (fp32, or the weight's dtype)."""
+    """One output shard's header: quantized Linears become int8 + scale (fp32, or the weight's dtype);
+    W4A16's become weight_packed (int32) + weight_shape + scale, as compressed-tensors packs them."""
     specs = []
     for t in sorted(tensors.values(), key=lambda t: t.begin):
         if t.name in plan.targets:
             out = plan.output_name(t.name)  # llmcompressor's name (Mixtral experts: w1 → gate_proj)
             scale_dtype = "F32" if precision == "fp32" else t.dtype
-            specs.append(TensorInfo(out, "I8", t.shape))
+            if plan.scheme.format == "pack-quantized":  # W4A16: eight values per int32, and the shape
+                specs.append(TensorInfo(out + "_packed", "I32", (t.shape[0], -(-t.shape[1] // 8))))
+                specs.append(TensorInfo(out + "_shape", "I64", (2,)))
+            else:
+                specs.append(TensorInfo(out, "I8", t.shape))
             specs.append(TensorInfo(out + "_scale", scale_dtype, _scale_shape(t, plan.scheme.group_size)))
         else:
             specs.append(TensorInfo(t.name, t.dtype, t.shape))
@@ -137,19 +142,19 @@ def _args_dict(args: dict | None) -> dict | None:
 
 
 def quant_config_block(plan: QuantPlan) -> dict:
-    """The quantization_config compressed-tensors writes for this plan (format int-quantized)."""
+    """The quantization_config compressed-tensors writes for this plan (int- or pack-quantized)."""
     s = plan.scheme
     return {
         "config_groups": {
             "group_0": {
-                "format": "int-quantized",
+                "format": s.format,
                 "input_activations": _args_dict(s.input_args()),
                 "output_activations": None,
                 "targets": ["Linear"],
                 "weights": _args_dict(s.weight_args()),
             }
         },
-        "format": "int-quantized",
+        "format": s.format,
         "global_compression_ratio": None,
         "ignore": list(plan.ignore if plan.config_ignore is None else plan.config_ignore),
         "kv_cache_scheme": None,
@@ -172,7 +177,7 @@ def _quantize_one(
 ) -> None:
     import torch
 
-    from .qmath import quantize_weight
+    from .qmath import pack_int4, quantize_weight
 
     t0 = time.perf_counter()
     if info.name not in plan.targets:
@@ -188,7 +193,11 @@ def _quantize_one(
             scales_ok = bool((scale > 0).all()) and bool(scale.isfinite().all())
         t2 = time.perf_counter()
         name = plan.output_name(info.name)
-        writer.write(name, q)
+        if plan.scheme.format == "pack-quantized":
+            writer.write(name + "_packed", pack_int4(q))
+            writer.write(name + "_shape", torch.tensor(value.shape))
+        else:
+            writer.write(name, q)
         writer.write(name + "_scale", scale)
         stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, LayerCheck(name, qmin, qmax, scales_ok))
     if bar is not None:

@@ -1,7 +1,9 @@
 """Check a quantized checkpoint against the quantization_config it declares.
 
-Per quantized Linear: weight int8 holding values in [-8, 7], weight_scale a float tensor of shape
-[out, 1] (channelwise) or [out, in / G] (groupwise); and the set of quantized layers equals what
+Per quantized Linear: weight int8 holding values in [-8, 7] (int-quantized, W4A8), or weight_packed
+int32 [out, ceil(in / 8)] + weight_shape [out, in] (pack-quantized, W4A16: eight 4-bit values per
+word, in range by construction); weight_scale a float tensor of shape [out, 1] (channelwise) or
+[out, in / G] (groupwise); and the set of quantized layers equals what
 the config's targets and ignore list select in the model. Tensors are read one at a time.
 """
 
@@ -49,8 +51,11 @@ def verify_dir(path: str | Path) -> VerifyReport:
     scheme = scheme_from_config(qc)
     if scheme is None:
         raise VerifyError(f"{p}: quantization_config is not an INT4 compressed-tensors scheme arm-int4 knows")
-    if qc.get("format") != "int-quantized":
-        raise VerifyError(f"{p}: format {qc.get('format')!r}, expected 'int-quantized' (vLLM CPU's W4A8 layout)")
+    if qc.get("format") != scheme.format:
+        raise VerifyError(
+            f"{p}: format {qc.get('format')!r}, expected {scheme.format!r} for {scheme.preset} "
+            "(the layout vLLM CPU loads for it)"
+        )
     group = next(iter(qc["config_groups"].values()))
     layers = quantizable_layers(p, group.get("targets") or ["Linear"], qc.get("ignore") or []).layers
     expected = {x.weight for x in layers}
@@ -67,10 +72,13 @@ def verify_dir(path: str | Path) -> VerifyReport:
                 if not name.endswith(".weight_scale"):
                     continue
                 wname = name.removesuffix("_scale")
-                w = r.tensors.get(wname)
-                if w is None:
-                    raise VerifyError(f"{f.name}: {name} has no {wname} beside it")
-                _check_layer(f.name, w, info, scheme, r)
+                if scheme.format == "pack-quantized":
+                    _check_packed(f.name, wname, info, scheme, r)
+                else:
+                    w = r.tensors.get(wname)
+                    if w is None:
+                        raise VerifyError(f"{f.name}: {name} has no {wname} beside it")
+                    _check_layer(f.name, w, info, scheme, r)
                 found.add(wname)
     missing, extra = expected - found, found - expected
     if missing:
@@ -114,20 +122,39 @@ def verify_written(path: str | Path, plan, stats) -> VerifyReport:
     return VerifyReport(p, plan.scheme, len(found), nbytes)  # == scheme, checked above
 
 
+def _check_scale(shard, s, rows: int, cols: int, scheme: Scheme, reader: ShardReader) -> None:
+    g = scheme.group_size
+    want = (rows, cols // g) if g else (rows, 1)
+    if g and cols % g:
+        raise VerifyError(f"{shard}: {s.name[:-6]} has {cols} input features, not divisible by group {g}")
+    if s.dtype not in ("BF16", "F16", "F32") or tuple(s.shape) != want:
+        raise VerifyError(f"{shard}: {s.name} is {s.dtype}{list(s.shape)}, expected a float tensor {list(want)}")
+    scale = reader.read(s.name)
+    if not bool((scale > 0).all()) or not bool(scale.float().isfinite().all()):
+        raise VerifyError(f"{shard}: {s.name} has non-positive or non-finite scales")
+
+
+def _check_packed(shard, wname: str, s, scheme: Scheme, reader: ShardReader) -> None:
+    packed, shape = reader.tensors.get(wname + "_packed"), reader.tensors.get(wname + "_shape")
+    if packed is None or shape is None:
+        raise VerifyError(f"{shard}: {s.name} has no {wname}_packed and {wname}_shape beside it")
+    if shape.dtype not in ("I64", "I32") or tuple(shape.shape) != (2,):
+        raise VerifyError(f"{shard}: {shape.name} is {shape.dtype}{list(shape.shape)}, expected an int tensor [2]")
+    rows, cols = (int(v) for v in reader.read(shape.name))
+    if packed.dtype != "I32" or tuple(packed.shape) != (rows, -(-cols // 8)):
+        raise VerifyError(
+            f"{shard}: {packed.name} is {packed.dtype}{list(packed.shape)}, expected int32 {[rows, -(-cols // 8)]} "
+            f"(eight INT4 values per word of a [{rows}, {cols}] weight)"
+        )
+    _check_scale(shard, s, rows, cols, scheme, reader)
+
+
 def _check_layer(shard, w, s, scheme: Scheme, reader: ShardReader) -> None:
     if w.dtype != "I8" or len(w.shape) != 2:
         raise VerifyError(f"{shard}: {w.name} is {w.dtype}{list(w.shape)}, expected int8 [out, in]")
     rows, cols = w.shape
-    g = scheme.group_size
-    want = (rows, cols // g) if g else (rows, 1)
-    if g and cols % g:
-        raise VerifyError(f"{shard}: {w.name} has {cols} input features, not divisible by group {g}")
-    if s.dtype not in ("BF16", "F16", "F32") or tuple(s.shape) != want:
-        raise VerifyError(f"{shard}: {s.name} is {s.dtype}{list(s.shape)}, expected a float tensor {list(want)}")
     q = reader.read(w.name)
     lo, hi = int(q.min()), int(q.max())
     if lo < -8 or hi > 7:
         raise VerifyError(f"{shard}: {w.name} holds values in [{lo}, {hi}], outside INT4 [-8, 7]")
-    scale = reader.read(s.name)
-    if not bool((scale > 0).all()) or not bool(scale.float().isfinite().all()):
-        raise VerifyError(f"{shard}: {s.name} has non-positive or non-finite scales")
+    _check_scale(shard, s, rows, cols, scheme, reader)
