@@ -337,6 +337,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "examples:\n"
         "  arm-int4 quantize default                                  # channelwise, mse\n"
         "  arm-int4 quantize ./Llama-3.1-8B --scheme groupwise --groupsize 32 --method minmax\n"
+        "  arm-int4 quantize ./model --preset w4a16 --scheme groupwise --algorithm gptq   "
+        "# the vLLM INT4 page's flow, offline calibration\n"
         "  arm-int4 quantize ./model --algorithm gptq --dataset calib.jsonl --output ./model-gptq\n"
         "  arm-int4 quantize --verify-only ./model-w4a8dyn-mse-channelwise",
     ),

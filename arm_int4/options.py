@@ -14,6 +14,7 @@ import argparse_dataclass
 from . import bench, evaluate, llamacpp, lmeval, tune  # light: their defaults only (no torch/vLLM at import)
 from .fields import opt, positional
 from .quantize.options import QuantizeOptions
+from .schemes import LEARNING_PATH_GROUP
 
 __all__ = [
     "BenchOptions",
@@ -59,7 +60,13 @@ class LearningPathOptions:
     model_id: str = field(metadata={**_Q["model"].metadata, "args": ["model_id"], "metavar": "model_id"})
     scheme: Literal["channelwise", "groupwise"] = field(metadata=_Q["scheme"].metadata)
     method: Literal["minmax", "mse"] = field(default=QuantizeOptions.method, metadata=_Q["method"].metadata)
-    groupsize: int = field(default=QuantizeOptions.groupsize, metadata=_Q["groupsize"].metadata)
+    groupsize: int = field(
+        default=LEARNING_PATH_GROUP,
+        metadata={
+            **_Q["groupsize"].metadata,
+            "help": "input features per scale for --scheme groupwise (a multiple of 32)",
+        },
+    )
 
     def to_quantize_options(self) -> QuantizeOptions:
         # fp32 observers: the learning path's script casts the model to fp32 before quantizing

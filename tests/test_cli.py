@@ -48,7 +48,7 @@ def test_help_works_and_shows_defaults(argv):
     )  # no line wrap inside "(default: …)"
     assert r.returncode == 0 and "usage: arm-int4" in r.stdout
     if argv[0] == "quantize":
-        assert "(default: mse)" in r.stdout and "(default: 32)" in r.stdout
+        assert "(default: mse)" in r.stdout and "(default: 32 for w4a8" in r.stdout
 
 
 def test_help_imports_nothing_heavy():

@@ -131,9 +131,11 @@ def assert_same_checkpoint(ours: Path, theirs: Path, precision: str) -> None:
     (the learning path's flow saves them in fp32, we keep the source dtype: same numbers)."""
     a, b = _tensors(ours), _tensors(theirs)
     assert sorted(a) == sorted(b)
-    quantized = {k for k in a if k.endswith(".weight_scale")}
-    quantized |= {k.removesuffix("_scale") for k in quantized}
-    assert quantized, "no quantized layers"
+    scales = {k for k in a if k.endswith(".weight_scale")}
+    # int-quantized: …weight (int8); pack-quantized: …weight_packed (int32) and …weight_shape
+    quantized = scales | {k for k in a if k.endswith((".weight_packed", ".weight_shape"))}
+    quantized |= {k.removesuffix("_scale") for k in scales if k.removesuffix("_scale") in a}
+    assert scales, "no quantized layers"
     for k in a:
         if k in quantized or precision == "weight":
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (k, a[k].dtype, b[k].dtype)
@@ -141,8 +143,10 @@ def assert_same_checkpoint(ours: Path, theirs: Path, precision: str) -> None:
         else:
             assert a[k].shape == b[k].shape and torch.equal(a[k].to(b[k].dtype), b[k]), f"{k} differs"
     if precision == "fp32":
-        assert a[next(iter(quantized - {k for k in quantized if k.endswith("_scale")}))].dtype == torch.int8
-        assert all(a[k].dtype == torch.float32 for k in quantized if k.endswith("_scale"))
+        assert all(a[k].dtype == torch.float32 for k in scales)
+    packed = {k for k in quantized if k.endswith("_packed")}
+    assert all(a[k].dtype == torch.int32 for k in packed)
+    assert all(a[k].dtype == torch.int8 for k in quantized - scales - packed if not k.endswith("_shape"))
     assert _qconfig(ours) == _qconfig(theirs)
 
 
@@ -152,6 +156,55 @@ def assert_same_checkpoint(ours: Path, theirs: Path, precision: str) -> None:
 def test_stream_equals_llmcompressor_bit_for_bit(config, precision, stream_outputs, llmc_outputs):
     name = IDS[CONFIGS.index(config)]
     assert_same_checkpoint(stream_outputs[(name, precision)], llmc_outputs[(name, precision)], precision)
+
+
+W16_CONFIGS = [("groupwise", "mse", 128), ("groupwise", "minmax", 32), ("channelwise", "minmax", None)]
+W16_IDS = [f"w4a16-{s}-{m}" + (f"-g{g}" if g else "") for s, m, g in W16_CONFIGS]
+
+
+@pytest.fixture(scope="module")
+def w4a16_outputs(tiny_llama, tmp_path_factory):
+    """--preset w4a16 (pack-quantized) from both engines, both observer precisions:
+    {(name, precision, engine): dir}; llmcompressor's in one worker process."""
+    root = tmp_path_factory.mktemp("w4a16")
+    outs, jobs = {}, []
+    for (scheme, method, g), name in zip(W16_CONFIGS, W16_IDS, strict=True):
+        for precision in PRECISIONS:
+            outs[(name, precision, "stream")] = quantize(
+                _opts(
+                    tiny_llama,
+                    root / f"s-{name}-{precision}",
+                    scheme,
+                    method,
+                    g,
+                    preset="w4a16",
+                    observer_precision=precision,
+                )
+            ).output
+            outs[(name, precision, "llmc")] = root / f"l-{name}-{precision}"
+            jobs.append(
+                llmc_job(
+                    tiny_llama,
+                    outs[(name, precision, "llmc")],
+                    Scheme.from_options("w4a16", scheme, method, g),
+                    ["lm_head"],
+                    cast_fp32=precision == "fp32",
+                )
+            )
+    run_llmcompressor_jobs(jobs)
+    return outs
+
+
+@pytest.mark.requires_quant_env
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", W16_IDS)
+def test_w4a16_stream_equals_llmcompressor_pack_quantized(name, precision, w4a16_outputs):
+    """W4A16 is written as llmcompressor writes it: pack-quantized (eight INT4 per int32, the shape
+    beside it), every word, scale and config field equal; llmcompressor's output verifies too."""
+    ours, theirs = w4a16_outputs[(name, precision, "stream")], w4a16_outputs[(name, precision, "llmc")]
+    assert _qconfig(ours)["format"] == "pack-quantized"
+    assert_same_checkpoint(ours, theirs, precision)
+    assert verify_dir(theirs).layers == verify_dir(ours).layers == 14
 
 
 def test_outputs_verify_and_hold_int4(stream_outputs, tiny_llama):
@@ -268,7 +321,7 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
         (["/no/such/model"], ["/no/such/model", "not found"]),
         (["{tiny}", "--scheme", "groupwise", "--groupsize", "48"], ["--groupsize 48", "multiple of 32"]),
         (["{tiny}", "--ignore", "re:.*"], ["no Linear layers"]),
-        (["{tiny}", "--algorithm", "gptq"], ["--dataset"]),
+        (["{tiny}", "--dataset", "x.jsonl"], ["--dataset", "--algorithm gptq"]),
         (["{tiny}", "--algorithm", "gptq", "--engine", "stream", "--dataset", "x.jsonl"], ["--engine llmcompressor"]),
         (["{quantized}"], ["already quantized"]),
         (["{tiny}", "--method", "nope"], ["--method", "nope"]),
@@ -400,6 +453,28 @@ def test_every_output_loads_in_vllm_on_the_int4_kernel(name, stream_outputs, tmp
     assert all(len(ids) == 8 for ids in result["token_ids"])  # random weights: no EOS expected
 
 
+@pytest.mark.requires_vllm
+@pytest.mark.requires_quant_env
+@pytest.mark.parametrize(
+    "which", [("w4a16-groupwise-mse-g128", "weight", "stream"), ("w4a16-channelwise-minmax", "fp32", "llmc"), "gptq"]
+)
+def test_w4a16_loads_in_vllm_on_cpuwna16(which, w4a16_outputs, gptq_w4a16, tmp_path):
+    """W4A16 from each engine (stream, llmcompressor RTN, llmcompressor GPTQ) in vLLM's CPUWNA16
+    kernel. On an x86 CPU without AVX-512 vLLM 0.32 cannot run it: there the plan must refuse it
+    in one line (checked), and the Arm lane (tests/arm) runs the generation instead."""
+    from arm_int4 import hardware, kernels
+    from arm_int4.errors import PreflightError
+
+    model = gptq_w4a16 if which == "gptq" else w4a16_outputs[which]
+    if not kernels.w4a16_runs(hardware.detect(probe_runtime=False)):
+        with pytest.raises(PreflightError, match=r"W4A16 .*cpu_gemm_wna16"):
+            vllm_generate(model, tmp_path, max_tokens=8)
+        pytest.skip("x86 without AVX-512: vLLM 0.32 has no W4A16 GEMM here (refusal checked); tests/arm runs it")
+    result, log = vllm_generate(model, tmp_path, max_tokens=8)
+    assert "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" in log
+    assert all(len(ids) == 8 for ids in result["token_ids"])  # random weights: no EOS expected
+
+
 @pytest.fixture(scope="module")
 def smollm2_int4(smollm2, tmp_path_factory):
     """The learning path's two suggested configurations, on the real packaged model, as
@@ -452,6 +527,45 @@ def test_real_model_greedy_top1_agreement(smollm2, smollm2_int4, tmp_path):
         ranks = [r[len(p) - 1 :] for r, p in zip(res["ranks"], base["prompt_token_ids"], strict=False)]
         agree = sum(x == 1 for r in ranks for x in r) / sum(len(r) for r in ranks)
         assert agree >= 0.40, f"{name}: top-1 agreement {agree:.2f}"
+
+
+def test_packaged_calibration_set_is_chat_rows_not_the_evaluation_text():
+    """512 user/assistant rows (the vLLM INT4 page's sample count), pinned, sharing no passage with
+    the text `arm-int4 eval` scores."""
+    from arm_int4.quantize.llmc import packaged_calibration
+
+    rows = [json.loads(line) for line in packaged_calibration().read_text().splitlines()]
+    assert len(rows) == 512
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    opticks = (REPO / "arm_int4" / "data" / "opticks.txt").read_text()
+    assert not any(r["messages"][1]["content"][:80] in opticks for r in rows)
+
+
+@pytest.fixture(scope="module")
+def gptq_w4a16(tiny_llama, tmp_path_factory):
+    """The vLLM INT4 page's flow as a user types it: W4A16 groupwise (g128 by default for w4a16),
+    GPTQ, calibrated offline on the packaged chat rows (64 of them here, 512 by default)."""
+    out = tmp_path_factory.mktemp("gptq16") / "out"
+    r = run_cli(
+        "quantize", tiny_llama, "--preset", "w4a16", "--scheme", "groupwise", "--algorithm", "gptq",
+        "--num-samples", 64, "--max-seq-len", 256, "--output", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "packaged offline set" in r.stderr and "llmcompressor engine" in r.stdout
+    return out
+
+
+@pytest.mark.requires_quant_env
+def test_seed_gptq_w4a16_flow_runs_offline(gptq_w4a16, tiny_llama, tmp_path):
+    qc = json.loads((gptq_w4a16 / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == group["format"] == "pack-quantized" and group["input_activations"] is None
+    assert group["weights"]["group_size"] == 128 and group["weights"]["actorder"] == "static"
+    assert verify_dir(gptq_w4a16).layers == 14
+    # GPTQ moves weights off the round-to-nearest grid
+    rtn = quantize(_opts(tiny_llama, tmp_path / "rtn", "groupwise", "minmax", 128, preset="w4a16")).output
+    a, b = _tensors(gptq_w4a16), _tensors(rtn)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
 
 
 @pytest.mark.requires_quant_env

@@ -100,8 +100,6 @@ def _engine(opts: QuantizeOptions) -> str:
             raise UsageError(
                 "--algorithm gptq needs calibration passes: use --engine llmcompressor (the default for gptq)"
             )
-        if not opts.dataset:
-            raise UsageError("--algorithm gptq needs --dataset FILE|ID (a .jsonl/.txt file or a datasets id)")
         return "llmcompressor"
     return opts.engine or "stream"
 
@@ -139,12 +137,16 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
             stats = run_stream(plan, tmp, opts.observer_precision, jobs=opts.jobs)
             report: VerifyReport = verify_written(tmp, plan, stats)
         else:
-            from .llmc import run_llmcompressor
+            from .llmc import packaged_calibration, run_llmcompressor
 
             calibration = None
             if opts.algorithm == "gptq":
+                if not opts.dataset:
+                    _log(
+                        f"gptq: calibrating on the packaged offline set ({packaged_calibration()}); --dataset to change"
+                    )
                 calibration = {
-                    "dataset": opts.dataset,
+                    "dataset": opts.dataset or str(packaged_calibration()),
                     "num_samples": opts.num_samples,
                     "max_seq_len": opts.max_seq_len,
                     "dampening_frac": opts.dampening_frac,

@@ -13,7 +13,30 @@ from ..errors import EnvironmentMissing
 from ..models import cache_home
 from ..schemes import Scheme
 
-__all__ = ["quant_python", "llmc_job", "run_llmcompressor", "run_llmcompressor_jobs"]
+__all__ = [
+    "packaged_calibration",
+    "CALIBRATION_SHA256",
+    "quant_python",
+    "llmc_job",
+    "run_llmcompressor",
+    "run_llmcompressor_jobs",
+]
+
+
+# arm_int4/data/calibration.jsonl (arm_int4/data/SOURCE.md; scripts/build_calibration_data.py rebuilds it)
+CALIBRATION_SHA256 = "09d312a57764cff8ec2b96de2a92d6f873359f3b71d277ce2757b034bea920bb"
+
+
+def packaged_calibration() -> Path:
+    """The offline GPTQ calibration set that ships with arm-int4, checked against its pin."""
+    import hashlib
+
+    path = Path(__file__).resolve().parents[1] / "data" / "calibration.jsonl"
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != CALIBRATION_SHA256:
+        raise EnvironmentMissing(
+            f"{path}: missing or not the pinned calibration set; reinstall arm-int4, or pass --dataset FILE"
+        )
+    return path
 
 
 def quant_python() -> Path:

@@ -24,15 +24,23 @@ class QuantizeOptions:
     method: Literal["minmax", "mse"] = opt(
         "mse", "weight observer: minmax (fast) or mse (searches a clipping range; the learning path's default)"
     )
-    groupsize: int = opt(32, "input features per scale for --scheme groupwise (a multiple of 32)")
+    groupsize: Optional[int] = opt(
+        None,
+        "input features per scale for --scheme groupwise, a multiple of 32 (default: 32 for w4a8, the "
+        "learning path's; 128 for w4a16, the vLLM INT4 page's)",
+        metavar="N",
+    )
     preset: Literal["w4a8", "w4a16"] = opt(
         "w4a8", "w4a8: INT8 dynamic per-token activations (Arm KleidiAI path); w4a16: weights only"
     )
     algorithm: Literal["rtn", "gptq"] = opt(
-        "rtn", "rtn: round to nearest, data-free; gptq: error-correcting, needs --dataset"
+        "rtn", "rtn: round to nearest, data-free; gptq: error-correcting, calibrated on --dataset"
     )
     dataset: Optional[str] = opt(
-        None, "calibration data for gptq: a local .jsonl/.txt file or a datasets id", metavar="FILE|ID"
+        None,
+        "calibration data for gptq: a local .jsonl/.txt file or a datasets id (default: the packaged "
+        "offline set, 512 chat rows of public-domain prose; use text like your traffic for real models)",
+        metavar="FILE|ID",
     )
     num_samples: int = opt(512, "calibration samples for gptq")
     max_seq_len: int = opt(2048, "longest calibration sample, in tokens")

@@ -34,6 +34,8 @@ def _calibration_dataset(job, tokenizer):
     def render(row):
         if "messages" in row and tokenizer.chat_template:
             text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        elif "messages" in row:  # a base model: the turns' contents as plain text
+            text = "\n\n".join(m["content"] for m in row["messages"])
         elif "text" in row:
             text = row["text"]
         else:
