@@ -42,10 +42,16 @@ class CommandParser(OptionsParser, OneLineParser):
 
 
 def _cmd_info(opts: InfoOptions) -> int:
-    from . import hardware
+    from . import hardware, verdict
 
     machine = hardware.detect()
-    print(json.dumps(machine.to_dict(), indent=2) if opts.json else hardware.format_table(machine))
+    w4a16 = verdict.w4a16_kernel(machine)
+    choice = verdict.int4_verdict(machine, verdict.load_history(machine)) if machine.vllm_version else None
+    if opts.json:
+        print(json.dumps({**machine.to_dict(), "int4_kernel_w4a16": w4a16, "int4_verdict": choice}, indent=2))
+    else:
+        rows = [("INT4 kernel (W4A16)", w4a16 or "n/a (needs vLLM)"), ("W4A8 or W4A16", choice or "n/a (needs vLLM)")]
+        print(hardware.format_table(machine, rows))
     return 0
 
 
@@ -148,6 +154,10 @@ def _cmd_bench(opts: BenchOptions) -> int:
                 log_dir=opts.log_dir,
                 progress=say,
             )
+    if not opts.server:
+        from . import verdict
+
+        verdict.append_history(records)  # `arm-int4 info` compares W4A8 with W4A16 from it
     report.emit(records, json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)
     return report.exit_code(records)
 

@@ -536,8 +536,8 @@ def from_dump(folder: str) -> Machine:
     return _build(cpuinfo=cpuinfo, lscpu=lscpu, extra=extra, sources=sources)
 
 
-def format_table(machine: Machine) -> str:
-    """A two-column, human-readable summary (what `arm-int4 info` prints)."""
+def format_table(machine: Machine, extra_rows=()) -> str:
+    """A two-column, human-readable summary (what `arm-int4 info` prints); extra_rows go before Sources."""
     m, gib = machine, (lambda b: f"{b / _GiB:.1f} GiB" if b else "unknown")
     midr = f"implementer {m.implementer}, part {m.part}" if m.implementer else "-"
     rows = [
@@ -571,6 +571,7 @@ def format_table(machine: Machine) -> str:
         ("vLLM", m.vllm_version or "not installed"),
         ("INT4 kernel (W4A8)", m.int4_kernel or "n/a (needs vLLM)"),
         ("INT4 MoE kernel (W4A8)", int4_moe_kernel(m) or "n/a (needs vLLM)"),
+        *extra_rows,
         ("Sources", ", ".join(m.sources)),
     ] + [("Note", n) for n in m.notes]
     width = max(len(k) for k, _ in rows)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import kernels
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
 from .errors import PreflightError, UsageError
 from .hardware import MOE_KERNEL_RULE, Machine
@@ -268,6 +269,11 @@ def plan(
         raise PreflightError(
             f"{facts.name} is a W4A8 mixture-of-experts checkpoint and this machine is {machine.arch}: "
             f"{MOE_KERNEL_RULE} — serve it on an Arm server (docs/moe.md)"
+        )
+    if facts.scheme and facts.scheme.preset == "w4a16" and not kernels.w4a16_runs(machine):
+        raise PreflightError(
+            f"{facts.name} is a W4A16 checkpoint: {kernels.WNA16_AVX2_RULE} — quantize with --preset w4a8, "
+            "or serve it on an Arm or AVX-512 x86 server"
         )
     if facts.quant_method and not facts.scheme:
         why.append(f"quantization_config: {facts.quant_method} (not an arm-int4 scheme): served as vLLM reads it")

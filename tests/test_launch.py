@@ -21,7 +21,7 @@ from arm_int4.launch import GiB, Profile, plan, read_checkpoint
 
 MACHINES = pathlib.Path(__file__).parent / "fixtures" / "machines"
 ARM_LSCPU = ["ampere-altra", "graviton2", "graviton3", "graviton4", "grace", "github-arm64-runner"]
-_ST = {"BF16": 2, "F32": 4, "I8": 1}
+_ST = {"BF16": 2, "F32": 4, "I8": 1, "I32": 4, "I64": 8}
 
 
 def machine(name, mem_gib=None, **changes):
@@ -48,6 +48,7 @@ def write_checkpoint(
     bias=False,
     experts=0,
     config_extra=None,
+    preset="w4a8",
 ):
     """A Llama-shaped checkpoint: config.json + one safetensors header (no tensor data)."""
     folder = pathlib.Path(folder)
@@ -72,7 +73,7 @@ def write_checkpoint(
         strategy = {"strategy": "group", "group_size": group} if scheme == "groupwise" else {"strategy": "channel"}
         cfg["quantization_config"] = {
             "quant_method": "compressed-tensors",
-            "format": "int-quantized",
+            "format": "int-quantized" if preset == "w4a8" else "pack-quantized",
             "config_groups": {
                 "group_0": {
                     "targets": ["Linear"],
@@ -90,7 +91,9 @@ def write_checkpoint(
                         "symmetric": False,
                         "dynamic": True,
                         "strategy": "token",
-                    },
+                    }
+                    if preset == "w4a8"
+                    else None,
                 }
             },
         }
@@ -112,7 +115,11 @@ def write_checkpoint(
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = ("BF16", (hidden,))
         for name, (out, inp) in linears.items():
-            if scheme:
+            if scheme and preset == "w4a16":
+                tensors[p + name + ".weight_packed"] = ("I32", (out, inp // 8))
+                tensors[p + name + ".weight_shape"] = ("I64", (2,))
+                tensors[p + name + ".weight_scale"] = ("BF16", (out, inp // group if scheme == "groupwise" else 1))
+            elif scheme:
                 tensors[p + name + ".weight"] = ("I8", (out, inp))
                 tensors[p + name + ".weight_scale"] = ("BF16", (out, inp // group if scheme == "groupwise" else 1))
             else:
@@ -481,3 +488,19 @@ def test_w4a8_on_an_amx_cpu_runs_float32(tmp_path):
         plan(amx, w4, extra_args=["--dtype", "bfloat16"])
     no_amx = machine("x86-amd-epyc-this-box", 64, node_memory=None)
     assert plan(no_amx, w4).dtype == plan(no_amx, dense).dtype  # only AMX CPUs are affected
+
+
+def test_w4a16_is_refused_on_x86_without_avx512_in_one_line(tmp_path):
+    """vLLM 0.32's AVX2 library has no cpu_gemm_wna16: a W4A16 engine starts, then dies at its first
+    forward (seen on an AVX2-only EPYC). Arm and AVX-512 x86 run it; W4A8 and dense are unaffected."""
+    w16 = read_checkpoint(write_checkpoint(tmp_path / "w16", scheme="groupwise", group=128, layers=1, preset="w4a16"))
+    assert w16.scheme is not None and w16.scheme.preset == "w4a16"
+    avx512 = machine("x86-amd-epyc-this-box", 64, node_memory=None)
+    avx2 = dataclasses.replace(avx512, features=tuple(f for f in avx512.features if not f.startswith("avx512")))
+    with pytest.raises(PreflightError, match=r"W4A16 .*cpu_gemm_wna16.*--preset w4a8") as e:
+        plan(avx2, w16)
+    assert "\n" not in str(e.value)
+    assert plan(avx512, w16).dtype == "bfloat16"
+    assert plan(machine("graviton3", 64), w16).dtype == "bfloat16"
+    w8 = read_checkpoint(write_checkpoint(tmp_path / "w8", scheme="groupwise", layers=1))
+    assert plan(avx2, w8).dtype == "float32"  # no bf16 on this CPU; W4A8 still plans
