@@ -248,3 +248,39 @@ def test_quantize_eval_prints_the_perplexity_delta(tiny_llama, tmp_path):
     # its 1024-token vocabulary, so its perplexity sits near 1024. ±3 %, as for SmolLM2's baseline.
     assert 1005 < base < 1068, base
     assert "w4a8 minmax-channelwise vs bfloat16" in line
+
+
+@vllm_test
+def test_a_local_gsm8k_format_task_runs_the_seeds_code_path(tiny_llama, tmp_path):
+    """The vLLM INT4 page checks gsm8k (5-shot, limit 250) with lm-eval; offline, the same task
+    definition (lm-eval's own gsm8k.yaml, included) over local rows in gsm8k's format goes through
+    `arm-int4 eval --tasks … --include-path`: generate_until, both answer filters, exact match."""
+    import lm_eval
+
+    rows = [
+        {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+         "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"}
+        for a, b in ((3 + i, 5 + 2 * i) for i in range(12))
+    ]  # fmt: skip
+    for split, part in (("train", rows[:8]), ("test", rows[8:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    lm_eval_dir = next(iter(lm_eval.__path__))
+    (tmp_path / "gsm8k_local.yaml").write_text(
+        f"task: gsm8k_local\ninclude: {lm_eval_dir}/tasks/gsm8k/gsm8k.yaml\ntag: []\n"
+        "dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
+        f"    train: {tmp_path / 'train.jsonl'}\n    test: {tmp_path / 'test.jsonl'}\n"
+    )
+    out = tmp_path / "out.json"
+    r = run_cli(
+        "eval", tiny_llama, "--tasks", "gsm8k_local", "--include-path", tmp_path,
+        "--num-fewshot", 2, "--limit", 3, "--output", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["tasks"]
+    res = run["results"]["gsm8k_local"]
+    assert run["versions"]["gsm8k_local"] == 3.0  # gsm8k.yaml's own version: the included definition
+    assert run["n_samples"]["gsm8k_local"] == {"original": 4, "effective": 3} and run["num_fewshot"] == 2
+    # random weights never produce "#### N" with the right N: both filters score 0 (a scorer that
+    # credited junk would fail here)
+    assert res["exact_match,strict-match"] == 0.0 and res["exact_match,flexible-extract"] == 0.0
+    assert "exact_match,strict-match" in r.stdout
