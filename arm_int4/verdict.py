@@ -1,5 +1,8 @@
 """W4A8 or W4A16 on this CPU: which INT4 path vLLM runs for each, and which is faster here.
 
+vLLM 0.32 runs W4A16 only on x86 CPUs with AVX-512 (arm_int4.kernels.w4a16_runs); elsewhere W4A8
+is the only INT4 path and the verdict says so.
+
 `arm-int4 bench` appends every successful offline record to a history file in the cache
 (~/.cache/arm-int4/bench/history.jsonl); `arm-int4 info` reads the records measured on this
 machine (same CPU name, architecture and usable CPU count) and compares W4A8 with W4A16 on the
@@ -71,7 +74,7 @@ def w4a16_kernel(machine) -> Optional[str]:
     if not machine.vllm_version:
         return None
     if not kernels.w4a16_runs(machine):
-        return f"none: {kernels.WNA16_AVX2_RULE}"
+        return f"none: {kernels.WNA16_RULE}"
     isa = "amx ISA with bfloat16" if "amx_tile" in machine.features else "vec ISA"
     return f"{kernels.W4A16_KERNEL} ({isa})"
 
@@ -84,7 +87,7 @@ def _preset(d: dict) -> str:
 def int4_verdict(machine, history: list[dict]) -> str:
     """One line: which of W4A8 / W4A16 is faster for decode on this machine, measured if possible."""
     if not kernels.w4a16_runs(machine):
-        return "W4A8: the only INT4 path vLLM 0.32 runs on this CPU (W4A16 needs Arm or AVX-512)"
+        return "W4A8: the only INT4 path vLLM 0.32 runs on this CPU (its W4A16 GEMM is built for AVX-512 x86 only)"
     best: dict = {}
     for d in history:
         p = _preset(d)
@@ -102,10 +105,9 @@ def int4_verdict(machine, history: list[dict]) -> str:
             f"({_preset(slow).upper()}), measured by arm-int4 bench ({a8['test']}, {a8.get('model_name')}, "
             f"{(a8.get('time') or '')[:10]})"
         )
-    how = "measure: arm-int4 bench MODEL-W4A8 MODEL-W4A16"
-    if machine.arch == "x86_64":
-        return "W4A16 expected faster (not measured here): W4A8 runs vLLM's x86 reference fallback; " + how
+    # only AVX-512 x86 gets here, where W4A8 is vLLM's reference fallback (issue 15 measured decode on a
+    # Xeon: W4A8 0.12x BF16, W4A16 0.54x)
     return (
-        "W4A8 expected faster (not measured here): KleidiAI's int8 dot-product kernels vs CPUWNA16's "
-        "dequantize-then-float GEMM; " + how
+        "W4A16 expected faster (not measured here): W4A8 runs vLLM's x86 reference fallback; "
+        "measure: arm-int4 bench MODEL-W4A8 MODEL-W4A16"
     )

@@ -490,17 +490,19 @@ def test_w4a8_on_an_amx_cpu_runs_float32(tmp_path):
     assert plan(no_amx, w4).dtype == plan(no_amx, dense).dtype  # only AMX CPUs are affected
 
 
-def test_w4a16_is_refused_on_x86_without_avx512_in_one_line(tmp_path):
-    """vLLM 0.32's AVX2 library has no cpu_gemm_wna16: a W4A16 engine starts, then dies at its first
-    forward (seen on an AVX2-only EPYC). Arm and AVX-512 x86 run it; W4A8 and dense are unaffected."""
+def test_w4a16_is_refused_where_vllm_has_no_wna16_gemm_in_one_line(tmp_path):
+    """vLLM 0.32 builds cpu_gemm_wna16 only into its AVX-512 x86 libraries: a W4A16 engine starts,
+    then dies at its first forward on an AVX2-only EPYC (seen) and on aarch64 (seen under emulation,
+    tests/arm). AVX-512 x86 runs it; W4A8 and dense are unaffected."""
     w16 = read_checkpoint(write_checkpoint(tmp_path / "w16", scheme="groupwise", group=128, layers=1, preset="w4a16"))
     assert w16.scheme is not None and w16.scheme.preset == "w4a16"
     avx512 = machine("x86-amd-epyc-this-box", 64, node_memory=None)
     avx2 = dataclasses.replace(avx512, features=tuple(f for f in avx512.features if not f.startswith("avx512")))
-    with pytest.raises(PreflightError, match=r"W4A16 .*cpu_gemm_wna16.*--preset w4a8") as e:
-        plan(avx2, w16)
-    assert "\n" not in str(e.value)
+    for m in (avx2, machine("graviton3", 64), machine("graviton4", 64)):
+        with pytest.raises(PreflightError, match=r"W4A16 .*cpu_gemm_wna16.*--preset w4a8") as e:
+            plan(m, w16)
+        assert "\n" not in str(e.value)
+        assert plan(m, read_checkpoint(write_checkpoint(tmp_path / "w8a", scheme="channelwise", layers=1)))
     assert plan(avx512, w16).dtype == "bfloat16"
-    assert plan(machine("graviton3", 64), w16).dtype == "bfloat16"
     w8 = read_checkpoint(write_checkpoint(tmp_path / "w8", scheme="groupwise", layers=1))
     assert plan(avx2, w8).dtype == "float32"  # no bf16 on this CPU; W4A8 still plans

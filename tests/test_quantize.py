@@ -460,8 +460,8 @@ def test_every_output_loads_in_vllm_on_the_int4_kernel(name, stream_outputs, tmp
 )
 def test_w4a16_loads_in_vllm_on_cpuwna16(which, w4a16_outputs, gptq_w4a16, tmp_path):
     """W4A16 from each engine (stream, llmcompressor RTN, llmcompressor GPTQ) in vLLM's CPUWNA16
-    kernel. On an x86 CPU without AVX-512 vLLM 0.32 cannot run it: there the plan must refuse it
-    in one line (checked), and the Arm lane (tests/arm) runs the generation instead."""
+    kernel. vLLM 0.32 runs it only on AVX-512 x86 (docs/known-issues.md): elsewhere the plan must
+    refuse it in one line (checked here; tests/arm shows vLLM failing on Arm without the refusal)."""
     from arm_int4 import hardware, kernels
     from arm_int4.errors import PreflightError
 
@@ -469,7 +469,7 @@ def test_w4a16_loads_in_vllm_on_cpuwna16(which, w4a16_outputs, gptq_w4a16, tmp_p
     if not kernels.w4a16_runs(hardware.detect(probe_runtime=False)):
         with pytest.raises(PreflightError, match=r"W4A16 .*cpu_gemm_wna16"):
             vllm_generate(model, tmp_path, max_tokens=8)
-        pytest.skip("x86 without AVX-512: vLLM 0.32 has no W4A16 GEMM here (refusal checked); tests/arm runs it")
+        pytest.skip("no AVX-512: vLLM 0.32 has no W4A16 GEMM on this CPU (the refusal is checked above)")
     result, log = vllm_generate(model, tmp_path, max_tokens=8)
     assert "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" in log
     assert all(len(ids) == 8 for ids in result["token_ids"])  # random weights: no EOS expected
