@@ -31,6 +31,8 @@ MODELS = {
     "llama-g32": ("llama", dict(scheme="groupwise", method="minmax", groupsize=32)),
     "bias-g32": ("bias", dict(scheme="groupwise", method="minmax", groupsize=32)),
     "qwen3moe-g32": ("moe", dict(scheme="groupwise", method="minmax", groupsize=32)),
+    # W4A16 (pack-quantized) through CPUWNA16LinearKernel: the vLLM INT4 page's scheme on Arm
+    "llama-w4a16-g128": ("llama", dict(preset="w4a16", scheme="groupwise", method="minmax", groupsize=128)),
 }
 
 
@@ -63,7 +65,7 @@ def build(root: Path, tiny_llama: Path, labels=tuple(MODELS)) -> dict:
 
 
 def dequantized(ckpt: Path, out: Path) -> Path:
-    """A float32 copy of a W4A8 checkpoint: weight = int4 value x scale (per channel or per group),
+    """A float32 copy of a W4A8 or W4A16 checkpoint: weight = int4 value x scale (per channel or per group),
     everything else upcast; config.json without quantization_config. transformers reads it."""
     out.mkdir(parents=True, exist_ok=True)
     for f in ckpt.iterdir():
@@ -76,6 +78,11 @@ def dequantized(ckpt: Path, out: Path) -> Path:
     t = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         t.update(load_file(str(f)))
+    for k in [k for k in t if k.endswith(".weight_packed")]:  # W4A16: eight values + 8 per int32
+        base, packed = k[: -len("_packed")], t.pop(k)
+        rows, cols = (int(x) for x in t.pop(f"{base}_shape"))
+        nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+        t[base] = (nibbles.reshape(rows, -1)[:, :cols] - 8).to(torch.int8)
     res = {}
     for k, v in t.items():
         if k.endswith(".weight_scale"):

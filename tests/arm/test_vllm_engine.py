@@ -6,7 +6,8 @@ Run: ARM_INT4_REQUIRE_ARM=1 pytest tests/arm/test_vllm_engine.py -m requires_aar
 One emulated process (vllm_engine.py) imports vLLM once and runs, one after the other, W4A8
 channelwise and groupwise-g32 tiny Llamas, a g32 Llama with attention biases (Qwen2-style: the
 plan must pick float32 on Arm), the same with bf16 forced over the plan (the control: the
-defect our guard avoids, docs/known-issues.md) and a g32 Qwen3-MoE (CPUExpertsInt4). The host
+defect our guard avoids, docs/known-issues.md), a g32 Qwen3-MoE (CPUExpertsInt4) and a W4A16
+g128 Llama (pack-quantized: the plan refuses it on Arm, and vLLM run anyway shows why). The host
 runs transformers in fp32 on the same weights dequantized (engine_models.py) and scores vLLM's
 top-5 logprobs at each greedy step, teacher-forced on vLLM's tokens.
 """
@@ -28,6 +29,7 @@ DRIVER = ARM_DIR / "vllm_engine.py"
 PROMPT = "def main(argv):\n    return"
 MAX_TOKENS, TOP_K = 8, 5
 CONTROL = "bias-g32-bf16"
+W4A16 = [label for label, (_, opts) in em.MODELS.items() if opts.get("preset") == "w4a16"]
 # |vLLM logprob - fp32 reference logprob| over the top-5 of every step (natural-log units). What
 # separates them: the kernel's dynamic int8 quantization of activations (the "A8" of W4A8; the
 # reference keeps float activations) and, where the plan picks bf16, bf16 activations, norms,
@@ -64,8 +66,10 @@ def engine_run(tiny_llama, tmp_path_factory, arm_python):
     _seed_model_info_cache()
     ckpts = em.build(root, tiny_llama)
     ids = AutoTokenizer.from_pretrained(str(tiny_llama))(PROMPT)["input_ids"]
-    models = [{"label": k, "path": str(v), "dtype": None} for k, v in ckpts.items()]
+    models = [{"label": k, "path": str(v), "dtype": None} for k, v in ckpts.items() if k not in W4A16]
     models.append({"label": CONTROL, "path": str(ckpts["bias-g32"]), "dtype": "bfloat16"})
+    # last: an engine that fails mid-forward must not disturb the others
+    models += [{"label": k, "path": str(ckpts[k]), "dtype": None, "despite_plan": True} for k in W4A16]
     job = root / "job.json"
     job.write_text(
         json.dumps(
@@ -81,7 +85,7 @@ def engine_run(tiny_llama, tmp_path_factory, arm_python):
         label, _, text = chunk.partition("\n")
         if label in results:
             results[label]["log"] = text
-    refs = {label: em.dequantized(path, root / f"ref-{label}") for label, path in ckpts.items()}
+    refs = {label: em.dequantized(path, root / f"ref-{label}") for label, path in ckpts.items() if label not in W4A16}
     refs[CONTROL] = refs["bias-g32"]
     return data, results, refs, ids
 
@@ -105,6 +109,8 @@ def test_engine_runs_on_emulated_arm_with_kleidiai(engine_run):
     first = results["llama-channelwise"]["log"]
     assert "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int" in first, first[-3000:]
     for label, res in results.items():
+        if label in W4A16:
+            continue  # refused by the plan: test_w4a16_is_refused_by_the_plan_and_fails_in_vllm_without_it
         assert "error" not in res, f"{label}: {res['error']}\n" + res["log"][-3000:]
         lin = res["layers"]["linear"]
         # vLLM's own class from the aarch64 wheel, with KleidiAI's packed layout: uint8 (PyTorch's
@@ -112,6 +118,19 @@ def test_engine_runs_on_emulated_arm_with_kleidiai(engine_run):
         assert lin["kernel"] == "Dynamic4bitLinearKernel", lin
         assert lin["kernel_module"].startswith("vllm.model_executor.kernels.linear"), lin
         assert lin["packed_dtype"] == "torch.uint8", lin
+
+
+def test_w4a16_is_refused_by_the_plan_and_fails_in_vllm_without_it(engine_run):
+    """The vLLM INT4 page's scheme (pack-quantized, g128) on Arm: vLLM 0.32 selects
+    CPUWNA16LinearKernel and loads the checkpoint, but the aarch64 wheel's _C has no cpu_gemm_wna16
+    (built for AVX-512 x86 only), so the first forward fails. The plan refuses it in one line; the
+    control runs vLLM anyway and shows the failure the refusal avoids."""
+    _, results, _, _ = engine_run
+    for label in W4A16:
+        res = results[label]
+        assert "cpu_gemm_wna16" in res["plan_refused"] and "\n" not in res["plan_refused"], res
+        assert "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" in res["log"], res["log"][-3000:]
+        assert "cpu_gemm_wna16" in res.get("error", "") + res["log"], res.get("error")
 
 
 def test_moe_runs_through_cpu_experts_int4(engine_run):
@@ -133,7 +152,7 @@ def test_plan_guards_bias_with_float32_inside_vllm(engine_run):
     assert results[CONTROL]["model_dtype"] == "torch.bfloat16"
 
 
-@pytest.mark.parametrize("label", list(em.MODELS))
+@pytest.mark.parametrize("label", [k for k in em.MODELS if k not in W4A16])
 def test_greedy_tokens_and_logprobs_match_float_reference(engine_run, label):
     _, results, refs, ids = engine_run
     res = results[label]

@@ -3,7 +3,8 @@ process; prints one JSON line (last stdout line).
 
 Run: "$(scripts/arm_emulation.sh --print)" tests/arm/vllm_engine.py JOB.json   (emulated aarch64)
 JOB.json: {"prompt_ids": [int], "max_tokens": N, "logprobs": K, "max_model_len": L,
-           "models": [{"label": str, "path": dir, "dtype": null or a dtype forced over the plan's}]}
+           "models": [{"label": str, "path": dir, "dtype": null or a dtype forced over the plan's,
+                       "despite_plan": run vLLM even where the plan refuses the checkpoint (a control)}]}
 
 For each model: plan = launch.plan(hardware.detect(), read_checkpoint(dir), ...), plan.env goes
 into os.environ, LLM(model=dir, **plan.engine_kwargs(), enforce_eager=True) (eager: compiling
@@ -86,6 +87,7 @@ def main(job_path):
 
     from arm_int4 import hardware, launch
     from arm_int4.checkpoint import read_checkpoint
+    from arm_int4.errors import PreflightError
 
     timings = {"import_s": round(time.time() - t0, 1)}
     machine = hardware.detect()
@@ -103,10 +105,22 @@ def main(job_path):
         llm = None
         try:
             t = time.time()
-            plan = launch.plan(machine, read_checkpoint(m["path"]), max_model_len=job["max_model_len"], kv_cache_gib=1)
-            os.environ.update(plan.env)
-            kwargs = {**plan.engine_kwargs(), "enforce_eager": True}
-            res.update(plan_dtype=plan.dtype, plan_env=plan.env, plan_reasons=list(plan.reasons))
+            try:
+                plan = launch.plan(
+                    machine, read_checkpoint(m["path"]), max_model_len=job["max_model_len"], kv_cache_gib=1
+                )
+            except PreflightError as e:  # the plan refused this checkpoint here
+                res["plan_refused"] = str(e)
+                if not m.get("despite_plan"):
+                    continue
+                plan = None
+            if plan is None:  # a control: vLLM on the checkpoint the plan refused, its own defaults
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+                kwargs = {"max_model_len": job["max_model_len"], "enforce_eager": True}
+            else:
+                os.environ.update(plan.env)
+                kwargs = {**plan.engine_kwargs(), "enforce_eager": True}
+                res.update(plan_dtype=plan.dtype, plan_env=plan.env, plan_reasons=list(plan.reasons))
             if m.get("dtype"):
                 kwargs["dtype"] = m["dtype"]  # the control: deliberately not the plan's choice
             res["engine_kwargs"] = kwargs
