@@ -119,7 +119,9 @@ def bench_shape(shape: str, methods, jobs: int) -> dict:
                     }
                 )
             )
-            lp = timed([str(quant_python()), str(REPO / "arm_int4/workers/llmc_worker.py"), str(job)])
+            # the worker protocol: WORKER JOB.json RESULT.json (arm_int4/runner.py)
+            worker = str(REPO / "arm_int4/workers/llmc_worker.py")
+            lp = timed([str(quant_python()), worker, str(job), f"{tmp}/lp-result.json"])
             st = timed(
                 [
                     sys.executable,
