@@ -272,7 +272,8 @@ def plan(
         )
     if facts.scheme and facts.scheme.preset == "w4a16" and not kernels.w4a16_runs(machine):
         raise PreflightError(
-            f"{facts.name} is a W4A16 checkpoint and this is {machine.arch} without AVX-512: {kernels.WNA16_RULE} — "
+            f"{facts.name} is a W4A16 checkpoint and this {machine.arch} CPU has no vLLM W4A16 GEMM: "
+            f"{kernels.WNA16_RULE} — "
             "quantize with --preset w4a8 (KleidiAI on Arm), or serve W4A16 on an AVX-512 x86 server"
         )
     if facts.quant_method and not facts.scheme:

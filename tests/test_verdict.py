@@ -7,28 +7,15 @@ import json
 import pytest
 from conftest import run_cli
 from test_launch import machine
+from test_report import rec
 
 from arm_int4 import hardware, kernels, verdict
-from arm_int4.report import Record
 
 
-def _record(m, quantization, decode, *, test="pp128 tg64 b1", model="m", time="2026-12-02T10:00:00+00:00", **kw):
-    return Record(
-        model=f"/x/{model}",
-        model_name=model,
-        quantization=quantization,
-        quantized=True,
-        test=test,
-        prompt_tokens=128,
-        gen_tokens=64,
-        batch=1,
-        decode_tok_s=decode,
-        cpu=m.cpu_name,
-        arch=m.arch,
-        usable_cpus=m.usable_cpus(),
-        time=time,
-        **kw,
-    )
+def _record(m, quantization, decode, *, model="m", time="2026-12-02T10:00:00+00:00", **kw):
+    """test_report's record, measured on machine `m` at `time` (decode None: no decode figure)."""
+    where = dict(cpu=m.cpu_name, arch=m.arch, usable_cpus=m.usable_cpus(), time=time)
+    return rec(model, quantization, test="pp128 tg64 b1", decode=decode or 1.0, decode_tok_s=decode, **where, **kw)
 
 
 @pytest.fixture

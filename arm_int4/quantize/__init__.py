@@ -141,12 +141,12 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
 
             calibration = None
             if opts.algorithm == "gptq":
-                if not opts.dataset:
-                    _log(
-                        f"gptq: calibrating on the packaged offline set ({packaged_calibration()}); --dataset to change"
-                    )
+                dataset = opts.dataset
+                if not dataset:
+                    dataset = str(packaged_calibration())  # reads and hashes the file: once
+                    _log(f"gptq: calibrating on the packaged offline set ({dataset}); --dataset to change")
                 calibration = {
-                    "dataset": opts.dataset or str(packaged_calibration()),
+                    "dataset": dataset,
                     "num_samples": opts.num_samples,
                     "max_seq_len": opts.max_seq_len,
                     "dampening_frac": opts.dampening_frac,
