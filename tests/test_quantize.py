@@ -322,6 +322,7 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
         (["{tiny}", "--scheme", "groupwise", "--groupsize", "48"], ["--groupsize 48", "multiple of 32"]),
         (["{tiny}", "--ignore", "re:.*"], ["no Linear layers"]),
         (["{tiny}", "--dataset", "x.jsonl"], ["--dataset", "--algorithm gptq"]),
+        (["{tiny}", "--algorithm", "gptq", "--dataset", "/no/such.jsonl"], ["--dataset /no/such.jsonl", "not found"]),
         (["{tiny}", "--algorithm", "gptq", "--engine", "stream", "--dataset", "x.jsonl"], ["--engine llmcompressor"]),
         (["{quantized}"], ["already quantized"]),
         (["{tiny}", "--method", "nope"], ["--method", "nope"]),

@@ -115,6 +115,8 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         raise UsageError(f"--jobs {opts.jobs}: give 1 or more (tensors quantized at once)")
     if opts.dataset and opts.algorithm != "gptq":
         raise UsageError("--dataset is used only by --algorithm gptq (rtn is data-free)")
+    if opts.dataset and opts.dataset.endswith((".jsonl", ".json", ".txt")) and not Path(opts.dataset).is_file():
+        raise UsageError(f"--dataset {opts.dataset}: file not found (a local .jsonl/.json/.txt, or a datasets id)")
     model_dir = resolve(opts.model, progress=_log)
     out = output_path(opts, scheme, model_dir)
     check_output(out, opts.overwrite)
