@@ -45,17 +45,73 @@ def host_python() -> str:
     return sys.executable
 
 
+# Layers our quantizer writes, exported as plain tensors for int4_kernel.py: two layers (q_proj
+# 256x256, down_proj 256x512) of the tiny Llama in every learning-path configuration
+# (test_our_checkpoints.py), and the q_proj of a g32 Llama with q/k/v biases (test_bias_guard.py).
+CHECKPOINT_CONFIGS = [
+    ("channelwise", "minmax", None),
+    ("channelwise", "mse", None),
+    ("groupwise", "minmax", 32),
+    ("groupwise", "mse", 32),
+    ("groupwise", "minmax", 128),
+    ("groupwise", "mse", 128),
+]
+CHECKPOINT_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+BIAS_LAYER = "model.layers.0.self_attn.q_proj"
+
+
 @pytest.fixture(scope="session")
-def arm_results(arm_python) -> dict:
-    """int4_kernel.py all, on emulated aarch64 (-cpu max: dotprod + i8mm -> KleidiAI kernels)."""
-    proc, data = run_json([arm_python, KERNEL, "all"])
+def kernel_inputs(tiny_llama, tmp_path_factory) -> dict:
+    """{"checkpoint": layers.pt, "bias": layer.pt, "biased_g32": checkpoint dir}."""
+    import torch
+    from safetensors import safe_open
+
+    from arm_int4.options import QuantizeOptions
+    from arm_int4.quantize import quantize
+    from arm_int4.synthetic import build_random_llama
+
+    root = tmp_path_factory.mktemp("arm-kernel-inputs")
+    layers = []
+    for scheme, method, g in CHECKPOINT_CONFIGS:
+        label = f"{scheme}-{method}" + (f"-g{g}" if g else "")
+        opts = QuantizeOptions(
+            model=str(tiny_llama), output=str(root / label), scheme=scheme, method=method, groupsize=g or 32
+        )
+        with safe_open(str(quantize(opts).output / "model.safetensors"), "pt") as st:
+            for name in CHECKPOINT_LAYERS:
+                q = st.get_tensor(f"{name}.weight")
+                scale = st.get_tensor(f"{name}.weight_scale")
+                layers.append({"name": name, "config": label, "q": q, "scale": scale, "group": g or q.shape[1]})
+    torch.save(layers, root / "layers.pt")
+
+    model = build_random_llama(root / "qwen2-like", "tiny", seed=1, attention_bias=True)
+    biased = quantize(
+        QuantizeOptions(model=str(model), output=str(root / "g32"), scheme="groupwise", method="minmax", groupsize=32)
+    ).output
+    with safe_open(str(biased / "model.safetensors"), "pt") as st:
+        layer = {k: st.get_tensor(f"{BIAS_LAYER}.{t}") for k, t in (("q", "weight"), ("scale", "weight_scale"))}
+    # random init leaves biases at 0; give them the magnitude real Qwen2 q biases have (~1)
+    layer["bias"] = torch.linspace(-2, 2, layer["q"].shape[0]).to(torch.bfloat16)
+    torch.save(layer, root / "layer.pt")
+    return {"checkpoint": root / "layers.pt", "bias": root / "layer.pt", "biased_g32": biased}
+
+
+def _kernel_args(inputs: dict) -> list[str]:
+    return ["all", f"checkpoint={inputs['checkpoint']}", f"bias={inputs['bias']}"]
+
+
+@pytest.fixture(scope="session")
+def arm_results(arm_python, kernel_inputs) -> dict:
+    """int4_kernel.py on emulated aarch64 (-cpu max: dotprod + i8mm -> KleidiAI kernels): the
+    MATMUL and DEFECT cases, our checkpoints' layers and the biased layer, in one process."""
+    proc, data = run_json([arm_python, KERNEL, *_kernel_args(kernel_inputs)])
     assert data is not None, "the emulated run failed: " + describe(proc)
     return data
 
 
 @pytest.fixture(scope="session")
-def host_results(host_python) -> dict:
-    """int4_kernel.py all, on the x86 host (PyTorch's reference implementation of the ops)."""
-    proc, data = run_json([host_python, KERNEL, "all"])
+def host_results(host_python, kernel_inputs) -> dict:
+    """The same on the x86 host (PyTorch's reference implementation of the ops)."""
+    proc, data = run_json([host_python, KERNEL, *_kernel_args(kernel_inputs)])
     assert data is not None, "the host run failed: " + describe(proc)
     return data

@@ -189,24 +189,29 @@ def probe(with_vllm=True):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    what = argv[0] if argv else "all"
+    """Arguments: any of `all`, `matmul`, `defect`, `smoke`, `checkpoint=LAYERS.pt`, `bias=LAYER.pt`,
+    run in one process (an emulated `import vllm` costs 1.5-4 min; the lane pays it once)."""
+    argv = (sys.argv[1:] if argv is None else argv) or ["all"]
+    what = {a.partition("=")[0]: a.partition("=")[2] for a in argv}
     torch.set_num_threads(1)  # same kernel choice on both machines; modest CPU use
     # smoke runs under qemu's cortex-a72 to provoke SIGILL in the KleidiAI kernel: it must not import
     # vLLM (or anything else that could fault first), so it calls torch's two ops directly
-    result = dict(probe=probe(with_vllm=what != "smoke"))
-    if what in ("matmul", "all"):
+    result = dict(probe=probe(with_vllm="smoke" not in what))
+    if "matmul" in what or "all" in what:
         result["matmul"] = [run_case(**c) for c in MATMUL]
-    if what in ("defect", "all"):
+    if "defect" in what or "all" in what:
         result["defect"] = [run_case(**c) for c in DEFECT]
-    if what == "checkpoint":  # layers our quantizer wrote, exported by tests/arm/test_our_checkpoints.py
-        layers = torch.load(argv[1])  # [{"name", "config", "q", "scale", "group"}], plain tensors
+    if "checkpoint" in what:  # layers our quantizer wrote, exported by tests/arm/conftest.py
+        layers = torch.load(what["checkpoint"])  # [{"name", "config", "q", "scale", "group"}], plain tensors
         result["checkpoint"] = [
             run_layer(L["q"], L["scale"], None, L["group"], "bfloat16", m, 0, name=L["name"], config=L["config"])
             for L in layers
             for m in (1, 8)
         ]
-    if what == "smoke":  # one small GEMV: enough to hit the dotprod kernel
+    if "bias" in what:  # one g32 layer with a bias (tests/arm/test_bias_guard.py), in both dtypes
+        L = torch.load(what["bias"])
+        result["bias"] = {d: run_layer(L["q"], L["scale"], L["bias"], 32, d, 8, 0) for d in ("float32", "bfloat16")}
+    if "smoke" in what:  # one small GEMV: enough to hit the dotprod kernel
         result["smoke"] = run_case(group=None, m=1, raw=True)
     json.dump(result, sys.stdout)
     print()

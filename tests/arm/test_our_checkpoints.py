@@ -11,65 +11,18 @@ quantization separates them (38 dB), and Arm agrees with the x86 host within 2 b
 """
 
 import pytest
-import torch
-from safetensors import safe_open
 
-from arm_int4.options import QuantizeOptions
-from arm_int4.quantize import quantize
-
-from .arm_lane import KERNEL, describe, run_json
+from .conftest import CHECKPOINT_CONFIGS, CHECKPOINT_LAYERS
 from .test_int4_matmul import MIN_SQNR_DB, agree_tolerance
 
 pytestmark = pytest.mark.requires_aarch64
-CONFIGS = [
-    ("channelwise", "minmax", None),
-    ("channelwise", "mse", None),
-    ("groupwise", "minmax", 32),
-    ("groupwise", "mse", 32),
-    ("groupwise", "minmax", 128),
-    ("groupwise", "mse", 128),
-]
-LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("arm-ckpt")
-    layers = []
-    for scheme, method, g in CONFIGS:
-        label = f"{scheme}-{method}" + (f"-g{g}" if g else "")
-        out = quantize(
-            QuantizeOptions(
-                model=str(tiny_llama), output=str(root / label), scheme=scheme, method=method, groupsize=g or 32
-            )
-        ).output
-        with safe_open(str(out / "model.safetensors"), "pt") as st:
-            for name in LAYERS:
-                layers.append(
-                    {
-                        "name": name,
-                        "config": label,
-                        "q": st.get_tensor(f"{name}.weight"),
-                        "scale": st.get_tensor(f"{name}.weight_scale"),
-                        "group": g if g else st.get_tensor(f"{name}.weight").shape[1],
-                    }
-                )
-    path = root / "layers.pt"
-    torch.save(layers, path)
-    return path
-
-
-def _run(python, path):
-    proc, data = run_json([python, KERNEL, "checkpoint", path])
-    assert data is not None, describe(proc)
-    return data
-
-
-def test_our_checkpoints_on_kleidiai_match_reference_and_x86(exported, arm_python, host_python):
-    arm, host = _run(arm_python, exported), _run(host_python, exported)
+def test_our_checkpoints_on_kleidiai_match_reference_and_x86(arm_results, host_results):
+    arm, host = arm_results, host_results
     assert arm["probe"]["kleidiai"] and arm["probe"]["machine"] == "aarch64", arm["probe"]
-    assert len(arm["checkpoint"]) == len(CONFIGS) * len(LAYERS) * 2
-    for a, h in zip(arm["checkpoint"], host["checkpoint"], strict=False):
+    assert len(arm["checkpoint"]) == len(CHECKPOINT_CONFIGS) * len(CHECKPOINT_LAYERS) * 2
+    for a, h in zip(arm["checkpoint"], host["checkpoint"], strict=True):
         where = f"{a['config']} {a['name']} M={a['m']}"
         assert "error" not in a, f"{where}: {a.get('error')}"
         assert a["sqnr_db"] >= MIN_SQNR_DB, f"{where}: Arm SQNR {a['sqnr_db']:.1f} dB"
