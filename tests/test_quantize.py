@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
+from helpers.vllm_generate import MARK
 from safetensors import safe_open
 
 from arm_int4.options import QuantizeOptions
@@ -409,71 +410,45 @@ PROMPTS = [
 ]
 
 
-def vllm_generate(model: Path, tmp_path: Path, max_tokens=32, score=None) -> tuple[dict, str]:
-    """tests/helpers/vllm_generate.py in a fresh process, engine planned as `arm-int4 serve` plans it
-    (launch.engine_plan: dtype guards, binding, KV size): (result, vLLM's log)."""
+def vllm_generate(runs: list[dict], tmp_path: Path) -> dict:
+    """tests/helpers/vllm_generate.py: every run's checkpoint in one vLLM process, one after the
+    other, each engine planned as `arm-int4 serve` plans it (launch.engine_plan: dtype guards,
+    binding, KV size). runs: [{"label", "model", "max_tokens", "score_from"?}]. Returns
+    {label: result dict + "log": that run's part of vLLM's log}."""
     from arm_int4 import hardware, launch, runner
 
-    _, plan = launch.engine_plan(
-        model,
-        hardware.detect(probe_runtime=False),
-        launch.Profile(enforce_eager=True),
-        max_model_len=512,
-        extra_args=["--max-num-seqs", "8"],
-        can_bind=runner.can_set_affinity(),
-    )
-    job, res = tmp_path / f"job-{model.name}.json", tmp_path / f"res-{model.name}.json"
-    job.write_text(
-        json.dumps(
-            {
-                "model": str(model),
-                "prompts": PROMPTS,
-                "max_tokens": max_tokens,
-                "score": score,
-                "engine_kwargs": plan.engine_kwargs(),
-            }
+    machine, can_bind = hardware.detect(probe_runtime=False), runner.can_set_affinity()
+    jobs = []
+    for r in runs:
+        _, plan = launch.engine_plan(
+            Path(r["model"]),
+            machine,
+            launch.Profile(enforce_eager=True),
+            max_model_len=512,
+            extra_args=["--max-num-seqs", "8"],
+            can_bind=can_bind,
         )
-    )
+        jobs.append({**r, "model": str(r["model"]), "env": plan.env, "engine_kwargs": plan.engine_kwargs()})
+    job, res = tmp_path / "vllm-job.json", tmp_path / "vllm-res.json"
+    job.write_text(json.dumps({"prompts": PROMPTS, "runs": jobs}))
     r = subprocess.run(
         [sys.executable, REPO / "tests" / "helpers" / "vllm_generate.py", job, res],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=300 + 240 * len(runs),  # ~30-90 s per run here (x86 W4A8 warms up on its reference kernel)
         env=runner.process_env(plan),
     )
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    return json.loads(res.read_text()), log
-
-
-@pytest.mark.requires_vllm
-@pytest.mark.parametrize("name", IDS)
-def test_every_output_loads_in_vllm_on_the_int4_kernel(name, stream_outputs, tmp_path):
-    result, log = vllm_generate(stream_outputs[name], tmp_path, max_tokens=8)
-    assert "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int" in log
-    assert all(len(ids) == 8 for ids in result["token_ids"])  # random weights: no EOS expected
-
-
-@pytest.mark.requires_vllm
-@pytest.mark.requires_quant_env
-@pytest.mark.parametrize(
-    "which", [("w4a16-groupwise-mse-g128", "weight", "stream"), ("w4a16-channelwise-minmax", "fp32", "llmc"), "gptq"]
-)
-def test_w4a16_loads_in_vllm_on_cpuwna16(which, w4a16_outputs, gptq_w4a16, tmp_path):
-    """W4A16 from each engine (stream, llmcompressor RTN, llmcompressor GPTQ) in vLLM's CPUWNA16
-    kernel. vLLM 0.32 runs it only on AVX-512 x86 (docs/known-issues.md): elsewhere the plan must
-    refuse it in one line (checked here; tests/arm shows vLLM failing on Arm without the refusal)."""
-    from arm_int4 import hardware, kernels
-    from arm_int4.errors import PreflightError
-
-    model = gptq_w4a16 if which == "gptq" else w4a16_outputs[which]
-    if not kernels.w4a16_runs(hardware.detect(probe_runtime=False)):
-        with pytest.raises(PreflightError, match=r"W4A16 .*cpu_gemm_wna16"):
-            vllm_generate(model, tmp_path, max_tokens=8)
-        pytest.skip("no AVX-512: vLLM 0.32 has no W4A16 GEMM on this CPU (the refusal is checked above)")
-    result, log = vllm_generate(model, tmp_path, max_tokens=8)
-    assert "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" in log
-    assert all(len(ids) == 8 for ids in result["token_ids"])  # random weights: no EOS expected
+    out = json.loads(res.read_text())
+    for chunk in r.stdout.split(MARK)[1:]:
+        label, _, text = chunk.partition("\n")
+        if label in out:
+            out[label]["log"] = text
+    for label, v in out.items():
+        assert "error" not in v, f"{label}: {v['error']}\n" + v.get("log", log)[-3000:]
+    out["(whole log)"] = log
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -511,8 +486,63 @@ def test_real_model_per_layer_sqnr(smollm2, smollm2_int4):
         assert min(sqnr) > floor_min and sum(sqnr) / len(sqnr) > floor_mean, (name, min(sqnr))
 
 
+@pytest.fixture(scope="module")
+def w4a8_in_vllm(stream_outputs, smollm2, smollm2_int4, tmp_path_factory) -> dict:
+    """One vLLM process for every W4A8 checkpoint of this module: the six stream outputs (8 greedy
+    tokens each), the real model in BF16 (32 tokens), then its two INT4 versions scoring the BF16
+    continuations (teacher-forced ranks)."""
+    runs = [{"label": n, "model": stream_outputs[n], "max_tokens": 8} for n in IDS]
+    runs.append({"label": "smol-bf16", "model": smollm2, "max_tokens": 32})
+    runs += [
+        {"label": f"smol-{n}", "model": d, "max_tokens": 1, "score_from": "smol-bf16"} for n, d in smollm2_int4.items()
+    ]
+    return vllm_generate(runs, tmp_path_factory.mktemp("vllm-w4a8"))
+
+
+W4A8_KERNEL = {"scheme": "CompressedTensorsW4A8Int", "kernel": "Dynamic4bitLinearKernel"}
+
+
 @pytest.mark.requires_vllm
-def test_real_model_greedy_top1_agreement(smollm2, smollm2_int4, tmp_path):
+@pytest.mark.parametrize("name", IDS)
+def test_every_output_loads_in_vllm_on_the_int4_kernel(name, w4a8_in_vllm):
+    # vLLM logs its kernel choice once per process (a class-level set): in the whole log; the class
+    # on each loaded model is read from the model itself
+    assert "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int" in w4a8_in_vllm["(whole log)"]
+    result = w4a8_in_vllm[name]
+    assert {k: result["linear"][k] for k in W4A8_KERNEL} == W4A8_KERNEL, result["linear"]
+    assert all(len(ids) == 8 for ids in result["token_ids"])  # random weights: no EOS expected
+
+
+@pytest.mark.requires_vllm
+@pytest.mark.requires_quant_env
+def test_w4a16_loads_in_vllm_on_cpuwna16(w4a16_outputs, gptq_w4a16, tmp_path):
+    """W4A16 from each engine (stream, llmcompressor RTN, llmcompressor GPTQ) in vLLM's CPUWNA16
+    kernel, in one vLLM process. vLLM 0.32 runs it only on AVX-512 x86 (docs/known-issues.md):
+    elsewhere the plan must refuse it in one line (checked here; tests/arm shows vLLM failing on
+    Arm without the refusal)."""
+    from arm_int4 import hardware, kernels
+    from arm_int4.errors import PreflightError
+
+    models = {
+        "stream": w4a16_outputs[("w4a16-groupwise-mse-g128", "weight", "stream")],
+        "llmc": w4a16_outputs[("w4a16-channelwise-minmax", "fp32", "llmc")],
+        "gptq": gptq_w4a16,
+    }
+    runs = [{"label": k, "model": d, "max_tokens": 8} for k, d in models.items()]
+    if not kernels.w4a16_runs(hardware.detect(probe_runtime=False)):
+        for run in runs:
+            with pytest.raises(PreflightError, match=r"W4A16 .*cpu_gemm_wna16"):
+                vllm_generate([run], tmp_path)
+        pytest.skip("no AVX-512: vLLM 0.32 has no W4A16 GEMM on this CPU (the refusal is checked above)")
+    out = vllm_generate(runs, tmp_path)
+    assert "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" in out["(whole log)"]
+    for k in models:
+        assert out[k]["linear"]["kernel"] == "CPUWNA16LinearKernel", (k, out[k]["linear"])
+        assert all(len(ids) == 8 for ids in out[k]["token_ids"]), k  # random weights: no EOS expected
+
+
+@pytest.mark.requires_vllm
+def test_real_model_greedy_top1_agreement(w4a8_in_vllm):
     """Teacher-forced top-1 agreement with the unquantized model, through vLLM's W4A8 kernel.
 
     The BF16 model's greedy continuations (4 prompts × 32 tokens) are fed to each INT4 model as
@@ -520,12 +550,12 @@ def test_real_model_greedy_top1_agreement(smollm2, smollm2_int4, tmp_path):
     Measured here: channelwise-mse 0.54, groupwise-g32-minmax 0.63 (a 135M model whose baseline
     is itself dequantized Q4_1 loses much to INT4). The floor 0.40 fails a broken kernel or
     layout (a random-weight model agrees < 0.05) while tolerating the x86-vs-Arm rounding."""
-    base, _ = vllm_generate(smollm2, tmp_path, max_tokens=32)
-    seqs = [p + g for p, g in zip(base["prompt_token_ids"], base["token_ids"], strict=False)]
-    for name, d in smollm2_int4.items():
-        res, log = vllm_generate(d, tmp_path, max_tokens=1, score=seqs)
-        assert "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int" in log
-        ranks = [r[len(p) - 1 :] for r, p in zip(res["ranks"], base["prompt_token_ids"], strict=False)]
+    base = w4a8_in_vllm["smol-bf16"]
+    assert base["linear"] == {}  # the dense BF16 path: no quantized scheme on any layer
+    for name in ("channelwise-mse", "groupwise-minmax-g32"):
+        res = w4a8_in_vllm[f"smol-{name}"]
+        assert {k: res["linear"][k] for k in W4A8_KERNEL} == W4A8_KERNEL, res["linear"]
+        ranks = [r[len(p) - 1 :] for r, p in zip(res["ranks"], base["prompt_token_ids"], strict=True)]
         agree = sum(x == 1 for r in ranks for x in r) / sum(len(r) for r in ranks)
         assert agree >= 0.40, f"{name}: top-1 agreement {agree:.2f}"
 
