@@ -13,6 +13,7 @@ the cache. Provenance: the upstream file is Q4_1, so this "BF16 baseline" is deq
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -67,10 +68,21 @@ def packaged_gguf() -> Path:
 
 
 def default_model_dir(progress=print) -> Path:
-    """The converted default model, built on first use (about 20 s) and reused after."""
+    """The converted default model, built on first use (about 20 s) and reused after. Two commands
+    started at once on a new machine (a demo beside the tests) convert it once: the second waits on
+    a lock file beside it, then finds it done."""
     out = cache_home() / "models" / DEFAULT_MODEL_NAME
     if (out / "arm-int4-provenance.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not (out / "arm-int4-provenance.json").is_file():
+            _convert_default(out, progress)
+    return out
+
+
+def _convert_default(out: Path, progress) -> None:
     gguf = packaged_gguf()
     progress(f"converting the packaged {DEFAULT_GGUF} to {out} (once)")
     import torch
@@ -98,12 +110,10 @@ def default_model_dir(progress=print) -> Path:
             "seconds": round(time.time() - t0, 1),
         }
         (tmp / "arm-int4-provenance.json").write_text(json.dumps(provenance, indent=2))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # a half-built one from a killed run (no provenance file)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 _packaged_gguf = packaged_gguf  # the old private name, until arm_int4/llamacpp.py calls packaged_gguf

@@ -1,9 +1,12 @@
-"""arm_int4.models.resolve: which MODEL strings mean what (a local path always wins).
+"""arm_int4.models: which MODEL strings mean what (a local path always wins); the default model built once.
 
 Run: .venv/bin/python -m pytest tests/test_models.py -q
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +54,33 @@ def test_missing_paths_and_hub_ids_are_told_apart(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="is a file"):
         (tmp_path / "f").write_text("x")
         models.resolve(str(tmp_path / "f"))
+
+
+def test_two_commands_at_once_convert_the_default_model_once(tmp_path):
+    """A new machine, two commands started together (CI runs the demo beside the tests): one converts,
+    the other waits on the lock and reuses the result; both get a complete model."""
+    code = (
+        "from arm_int4.models import default_model_dir\n"
+        "d = default_model_dir(progress=lambda m: print('converting', flush=True))\n"
+        "print(sorted(p.name for p in d.iterdir()))"
+    )
+    env = {**os.environ, "ARM_INT4_HOME": str(tmp_path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # no-op for a finished process; a hung one must not outlive the test
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert sum(o.count("converting") for o, _ in outs) == 1, outs
+    listings = {o.strip().splitlines()[-1] for o, _ in outs}
+    assert len(listings) == 1 and "arm-int4-provenance.json" in listings.pop()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        ".SmolLM2-135M-Instruct.lock",
+        "SmolLM2-135M-Instruct",
+    ]
