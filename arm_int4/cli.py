@@ -246,7 +246,7 @@ def _cmd_build(opts: BuildOptions) -> int:
 
 
 def _cmd_eval(opts: EvalOptions) -> int:
-    from . import evaluate, lmeval, models
+    from . import evaluate, lmeval, models, tradeoff
 
     def log(m):
         print(f"arm-int4: {m}", file=sys.stderr, flush=True)
@@ -255,6 +255,15 @@ def _cmd_eval(opts: EvalOptions) -> int:
         raise UsageError(
             f"--output {opts.output}: directory {os.path.dirname(os.path.abspath(opts.output))} does not exist"
         )
+    if opts.plot and (not opts.plot.endswith(".png") or os.path.exists(opts.plot)):
+        why = "exists: remove it or name another file" if os.path.exists(opts.plot) else "name a .png file"
+        raise UsageError(f"--plot {opts.plot}: {why}")
+    if opts.plot and not os.path.isdir(os.path.dirname(os.path.abspath(opts.plot))):
+        raise UsageError(f"--plot {opts.plot}: directory {os.path.dirname(os.path.abspath(opts.plot))} does not exist")
+    try:
+        decode = tradeoff.bench_decode(opts.bench) if opts.bench else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     dirs = [models.resolve(m, progress=log) for m in opts.models]
     baseline = models.resolve(opts.baseline, progress=log) if opts.baseline else None
     ppl_kwargs = dict(
@@ -280,6 +289,11 @@ def _cmd_eval(opts: EvalOptions) -> int:
         dtype=opts.dtype,
         log=opts.log,
     )
+    table = tradeoff.rows(out["perplexity"], decode) if out["perplexity"] else []
+    out["tradeoff"] = table
+    if opts.plot and table:
+        tradeoff.plot(table, opts.plot, caption=f"perplexity on {out['perplexity'][0]['text']}")
+        log(f"trade-off plot saved to {opts.plot}")
     if opts.output:
         with open(opts.output, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2, default=str)
@@ -287,6 +301,8 @@ def _cmd_eval(opts: EvalOptions) -> int:
     only_ppl = not out["tasks"]  # the perplexity-only output, as before lm-eval tasks existed
     if opts.format == "md":
         print(evaluate.format_table(out["perplexity"]) if only_ppl else lmeval.format_tables(out["rows"], out["tasks"]))
+        if len(table) > 1 or opts.bench or opts.plot:
+            print("\ntrade-off (bits/weight as stored, over every parameter):\n" + tradeoff.format_markdown(table))
     elif opts.format == "json":
         print(json.dumps(out["perplexity"] if only_ppl else out, indent=2, default=str))
     else:

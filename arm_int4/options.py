@@ -237,6 +237,17 @@ class EvalOptions:
     output: Optional[str] = opt(
         None, "also save every record (perplexity, lm-eval results and samples) as JSON", metavar="FILE"
     )
+    plot: Optional[str] = opt(
+        None,
+        "perplexity: also draw perplexity against size on disk as a PNG, the Pareto front marked (a new file)",
+        metavar="FILE.png",
+    )
+    bench: Optional[str] = opt(
+        None,
+        "perplexity: add decode tok/s at batch 1 to the trade-off table from these bench records "
+        "(arm-int4 bench --json FILE, or the demo's demo-bench.json)",
+        metavar="FILE.json",
+    )
 
 
 @dataclass

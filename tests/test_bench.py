@@ -427,6 +427,14 @@ class TestEngineRun:
         assert Path(p["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert run["md"].startswith("## arm-int4 bench") and "± " in run["md"]
 
+    def test_eval_reads_decode_from_this_json(self, run):
+        """`arm-int4 eval --bench FILE` takes batch-1 decode per model dir from bench's JSON."""
+        from arm_int4 import tradeoff
+
+        got = tradeoff.bench_decode(run["paths"]["json"])
+        want = {str(Path(r.model).resolve()): r.decode_tok_s for r in run["ok"] if r.batch == 1}
+        assert got == want and len(got) == 3  # BF16 + two W4A8; the failed dir has no figure
+
     def test_side_by_side_speed_up_columns(self, run):
         md = run["md"]
         assert "decode tok/s, side by side (× = speed-up over tiny-llama)" in md

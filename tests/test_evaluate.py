@@ -262,3 +262,25 @@ def test_w4a8_perplexity_differs_from_bf16_and_runs_the_int4_kernel(smol_w4a8_ro
     table = ev.format_table(smol_w4a8_rows).splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 3 and "w4a8 minmax-channelwise" in table[3]
     assert any(line.startswith("note: baseline = SmolLM2") for line in table)  # the dequantized-GGUF caveat
+
+
+@vllm_test
+def test_tradeoff_table_and_plot_from_real_records(smol_w4a8_rows, tmp_path):
+    """`eval --plot`'s table and PNG on the two real records: the W4A8 model is smaller and less
+    accurate, so both sit on the Pareto front; bits/weight as stored (tests/test_tradeoff.py)."""
+    from arm_int4 import tradeoff
+
+    rows = tradeoff.rows(smol_w4a8_rows)
+    base, w4 = rows
+    assert base["params"] == w4["params"] and base["bits_per_weight"] == 16.0  # SmolLM2 ships in bf16
+    # channelwise: 4 bits + one bf16 scale per row of each Linear; the tied embedding (28 M of 135 M
+    # parameters) stays bf16, so the whole model lands near 4 x 0.79 + 16 x 0.21 = 6.5
+    assert 6.0 < w4["bits_per_weight"] < 7.0, w4["bits_per_weight"]
+    assert w4["size_bytes"] < base["size_bytes"] and w4["ppl"] > base["ppl"]
+    assert [r["pareto"] for r in rows] == [True, True]
+    assert w4["delta_ppl"] == pytest.approx(w4["ppl"] - base["ppl"])
+    md = tradeoff.format_markdown(rows).splitlines()
+    assert len(md) == 4 and md[3].startswith(f"| {w4['model_name']} | w4a8 minmax-channelwise |")
+    png = tradeoff.plot(rows, str(tmp_path / "t.png"))
+    assert png == str(tmp_path / "t.png") and (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.png"]  # no temporary left behind
