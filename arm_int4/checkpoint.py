@@ -41,6 +41,7 @@ class CheckpointFacts:
     config_dtype: Optional[str] = None
     quantized_values: int = 0  # int4 weights (I8 one-per-byte, or I32 packed eight-per-word)
     float_values: int = 0  # every other floating-point parameter (embeddings, norms, lm_head)
+    float_bytes: int = 0  # those parameters' bytes as stored
     other_bytes: int = 0  # scales, zero points, ints: kept as stored
     sources: tuple = ()
 
@@ -93,7 +94,7 @@ def read_checkpoint(path) -> CheckpointFacts:
     tensors = _safetensors_headers(path)
     names = set(tensors)
     quantized = {n.rsplit(".", 1)[0] for n in names if n.endswith((".weight_scale", ".weight_packed"))}
-    q_values = f_values = other = 0
+    q_values = f_values = f_bytes = other = 0
     for n, t in tensors.items():
         numel = math.prod(t.shape)
         if n.endswith(".weight_packed") and t.dtype == "I32":
@@ -106,6 +107,7 @@ def read_checkpoint(path) -> CheckpointFacts:
             and not n.endswith((".weight_scale", ".weight_zero_point"))
         ):
             f_values += numel
+            f_bytes += t.nbytes
         else:
             other += t.nbytes
     biased = any(n.endswith(".bias") and n[:-5] in quantized for n in names)
@@ -128,6 +130,7 @@ def read_checkpoint(path) -> CheckpointFacts:
         config_dtype=text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype"),
         quantized_values=q_values,
         float_values=f_values,
+        float_bytes=f_bytes,
         other_bytes=other,
         sources=("config.json",) + (("safetensors headers",) if tensors else ()),
     )

@@ -251,15 +251,13 @@ def _cmd_eval(opts: EvalOptions) -> int:
     def log(m):
         print(f"arm-int4: {m}", file=sys.stderr, flush=True)
 
-    if opts.output and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output))):
-        raise UsageError(
-            f"--output {opts.output}: directory {os.path.dirname(os.path.abspath(opts.output))} does not exist"
-        )
-    if opts.plot and (not opts.plot.endswith(".png") or os.path.exists(opts.plot)):
-        why = "exists: remove it or name another file" if os.path.exists(opts.plot) else "name a .png file"
-        raise UsageError(f"--plot {opts.plot}: {why}")
-    if opts.plot and not os.path.isdir(os.path.dirname(os.path.abspath(opts.plot))):
-        raise UsageError(f"--plot {opts.plot}: directory {os.path.dirname(os.path.abspath(opts.plot))} does not exist")
+    for flag, path in (("--output", opts.output), ("--plot", opts.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"{flag} {path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+    if opts.plot and os.path.exists(opts.plot):
+        raise UsageError(f"--plot {opts.plot}: exists: remove it or name another file")
+    if opts.plot and not opts.plot.endswith(".png"):
+        raise UsageError(f"--plot {opts.plot}: name a .png file")
     try:
         decode = tradeoff.bench_decode(opts.bench) if opts.bench else None
     except ValueError as e:

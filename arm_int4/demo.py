@@ -21,6 +21,7 @@ from .errors import UsageError
 from .models import DEFAULT_PROVENANCE_NOTE, cache_home, default_model_dir
 from .options import QuantizeOptions
 from .schemes import Scheme, output_dir_name
+from .workload import model_bytes
 
 __all__ = ["DEMO_CONFIGS", "DEMO_TOKENS", "DEMO_WORKLOAD", "DemoRow", "DemoResult", "run_demo", "format_rows"]
 
@@ -65,10 +66,6 @@ def _log(msg: str) -> None:
     print(f"demo: {msg}", file=sys.stderr, flush=True)
 
 
-def _dir_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
-
-
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -84,7 +81,7 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
     out_root.mkdir(parents=True, exist_ok=True)
     _log("step 1/4: the default model")
     base = default_model_dir(progress=_log)
-    rows = [DemoRow(f"BF16 ({DEFAULT_PROVENANCE_NOTE})", base, _dir_bytes(base), 0, 0.0)]
+    rows = [DemoRow(f"BF16 ({DEFAULT_PROVENANCE_NOTE})", base, model_bytes(base), 0, 0.0)]
     names = [output_dir_name(base.name, Scheme.from_options("w4a8", s, m, g)) for s, m, g in DEMO_CONFIGS]
     taken = [n for n in names if (out_root / n).exists()]
     if taken and not (own_cache or overwrite):
@@ -100,7 +97,7 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
             )
         )
         rows.append(
-            DemoRow(f"W4A8 {res.scheme.label}", res.output, _dir_bytes(res.output), res.layers, time.time() - t0)
+            DemoRow(f"W4A8 {res.scheme.label}", res.output, model_bytes(res.output), res.layers, time.time() - t0)
         )
     n = DEMO_TOKENS[quick]
     _log(f"step 3/4: perplexity through vLLM, first {n} tokens of '{evaluate.DEFAULT_TEXT}', 3 engines")

@@ -11,40 +11,24 @@ scales, zero points and GPTQ g_idx at their stored width; every other tensor at 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .quantize.safetensors_io import DTYPE_BYTES, ShardReader
+from .checkpoint import read_checkpoint
+from .workload import model_bytes
 
 __all__ = ["INT4_BITS", "weight_bits", "pareto_front", "rows", "format_markdown", "plot", "bench_decode"]
 
 INT4_BITS = 4
-# a quantized weight's companions: bits that describe the weight, not parameters of the model
-_COMPANIONS = ("_scale", "_zero_point", "_g_idx", "_shape")
-_INT4_CONTAINERS = {"I8": 1, "I32": 8}  # int4 values per stored element: int-quantized, pack-quantized
 
 
 def weight_bits(model_dir) -> tuple[int, int]:
-    """(parameters, bits) of a checkpoint, read from its safetensors headers (see the module doc)."""
-    params = bits = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with ShardReader(f) as shard:
-            names = shard.tensors
-            for name, t in names.items():
-                numel = math.prod(t.shape)
-                base = name.rsplit(".", 1)[0]
-                if any(name.endswith(c) for c in _COMPANIONS):
-                    bits += t.nbytes * 8
-                elif t.dtype in _INT4_CONTAINERS and f"{base}.weight_scale" in names:
-                    n = numel * _INT4_CONTAINERS[t.dtype]
-                    params += n
-                    bits += n * INT4_BITS
-                else:
-                    params += numel
-                    bits += numel * DTYPE_BYTES[t.dtype] * 8
-    return params, bits
+    """(parameters, bits) of a checkpoint, from read_checkpoint's count of its safetensors headers
+    (see the module doc): int4 values, float parameters as stored, everything else (scales, zero
+    points, g_idx, weight_shape) as stored and not counted as parameters."""
+    f = read_checkpoint(model_dir)
+    return f.quantized_values + f.float_values, INT4_BITS * f.quantized_values + 8 * (f.float_bytes + f.other_bytes)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -82,7 +66,7 @@ def rows(ppl_records: Sequence[dict], decode: Optional[dict] = None) -> list:
             {
                 "model_name": r["model_name"],
                 "quantization": r["quantization"],
-                "size_bytes": sum(f.stat().st_size for f in Path(r["model"]).glob("*.safetensors")),
+                "size_bytes": model_bytes(r["model"]),
                 "params": params,
                 "bits_per_weight": bits / params if params else None,
                 "ppl": r["ppl"],
