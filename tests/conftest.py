@@ -12,6 +12,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# The learning path's (scheme, method, group size) combinations, and their ids
+# ("groupwise-mse-g32"): what test_quantize and the Arm lane quantize the tiny Llama with.
+LEARNING_PATH_CONFIGS = [
+    ("channelwise", "minmax", None),
+    ("channelwise", "mse", None),
+    ("groupwise", "minmax", 32),
+    ("groupwise", "mse", 32),
+    ("groupwise", "minmax", 128),
+    ("groupwise", "mse", 128),
+]
+LEARNING_PATH_IDS = [f"{s}-{m}" + (f"-g{g}" if g else "") for s, m, g in LEARNING_PATH_CONFIGS]
 
 
 @pytest.fixture(scope="session")

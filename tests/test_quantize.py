@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import LEARNING_PATH_CONFIGS, LEARNING_PATH_IDS, REPO, run_cli
 from helpers.vllm_generate import MARK
 from safetensors import safe_open
 
@@ -20,15 +20,7 @@ from arm_int4.quantize.llmc import llmc_job, run_llmcompressor, run_llmcompresso
 from arm_int4.quantize.verify import VerifyError, verify_dir
 from arm_int4.schemes import Scheme, output_dir_name, scheme_from_config
 
-CONFIGS = [  # (scheme, method, groupsize) — the learning path's combinations
-    ("channelwise", "minmax", None),
-    ("channelwise", "mse", None),
-    ("groupwise", "minmax", 32),
-    ("groupwise", "mse", 32),
-    ("groupwise", "minmax", 128),
-    ("groupwise", "mse", 128),
-]
-IDS = [f"{s}-{m}" + (f"-g{g}" if g else "") for s, m, g in CONFIGS]
+CONFIGS, IDS = LEARNING_PATH_CONFIGS, LEARNING_PATH_IDS
 
 
 def _opts(model, out, scheme="channelwise", method="mse", groupsize=32, **kw):

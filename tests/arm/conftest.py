@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import LEARNING_PATH_CONFIGS, LEARNING_PATH_IDS
 
 from .arm_lane import KERNEL, REPO, describe, run_json
 
@@ -48,14 +49,7 @@ def host_python() -> str:
 # Layers our quantizer writes, exported as plain tensors for int4_kernel.py: two layers (q_proj
 # 256x256, down_proj 256x512) of the tiny Llama in every learning-path configuration
 # (test_our_checkpoints.py), and the q_proj of a g32 Llama with q/k/v biases (test_bias_guard.py).
-CHECKPOINT_CONFIGS = [
-    ("channelwise", "minmax", None),
-    ("channelwise", "mse", None),
-    ("groupwise", "minmax", 32),
-    ("groupwise", "mse", 32),
-    ("groupwise", "minmax", 128),
-    ("groupwise", "mse", 128),
-]
+CHECKPOINT_CONFIGS = LEARNING_PATH_CONFIGS
 CHECKPOINT_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 BIAS_LAYER = "model.layers.0.self_attn.q_proj"
 
@@ -72,8 +66,7 @@ def kernel_inputs(tiny_llama, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("arm-kernel-inputs")
     layers = []
-    for scheme, method, g in CHECKPOINT_CONFIGS:
-        label = f"{scheme}-{method}" + (f"-g{g}" if g else "")
+    for (scheme, method, g), label in zip(CHECKPOINT_CONFIGS, LEARNING_PATH_IDS, strict=True):
         opts = QuantizeOptions(
             model=str(tiny_llama), output=str(root / label), scheme=scheme, method=method, groupsize=g or 32
         )
