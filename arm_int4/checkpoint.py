@@ -10,10 +10,10 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import ModelError
-from .schemes import Scheme, scheme_from_config
+from .schemes import MixedScheme, Scheme, scheme_from_config
 
 __all__ = ["CheckpointFacts", "read_checkpoint", "weights_in_memory", "kv_bytes_per_token", "FLOAT_BYTES"]
 
@@ -29,7 +29,7 @@ class CheckpointFacts:
     name: str  # served model name: the directory's basename
     model_type: Optional[str] = None
     quant_method: Optional[str] = None
-    scheme: Optional[Scheme] = None  # ours (compressed-tensors W4A8/W4A16), else None
+    scheme: Optional[Union[Scheme, MixedScheme]] = None  # ours (compressed-tensors W4A8/W4A16), else None
     is_moe: bool = False
     quantized_linear_bias: bool = False  # a quantized Linear carries a bias (Qwen2 q/k/v, ...)
     num_layers: Optional[int] = None
@@ -48,7 +48,7 @@ class CheckpointFacts:
     @property
     def is_w4a8_groupwise(self) -> bool:
         s = self.scheme
-        return bool(s and s.preset == "w4a8" and s.granularity == "groupwise")
+        return bool(s and s.preset == "w4a8" and any(p.granularity == "groupwise" for p in s.parts))
 
 
 def _text_config(cfg: dict) -> dict:

@@ -25,6 +25,7 @@ __all__ = [
     "LEARNING_PATH_GROUP",
     "W4A16_GROUP",
     "Scheme",
+    "MixedScheme",
     "output_dir_name",
     "scheme_from_config",
 ]
@@ -79,6 +80,11 @@ class Scheme:
             group_size=groupsize if scheme == "groupwise" else None,
             observer=method,
         )
+
+    @property
+    def parts(self) -> tuple[Scheme, ...]:
+        """The schemes a checkpoint's layers use: this one (MixedScheme: several)."""
+        return (self,)
 
     @property
     def act_tag(self) -> str:
@@ -140,17 +146,39 @@ def output_dir_name(model: str, scheme: Scheme) -> str:
     return f"{base}-w4{scheme.act_tag}-{scheme.label}"
 
 
-def scheme_from_config(quant_config: dict[str, Any]) -> Scheme | None:
-    """Read a Scheme back from config.json's quantization_config (artifacts describe themselves).
+@dataclass(frozen=True)
+class MixedScheme:
+    """Several INT4 schemes of one preset in one checkpoint, a config group each (`quantize
+    --budget`: each Linear gets its own; layers kept in BF16 are in the ignore list)."""
 
-    Returns None when the block is not one of ours (another format or several config groups).
-    """
-    if quant_config.get("quant_method") != "compressed-tensors":
-        return None
-    groups = quant_config.get("config_groups") or {}
-    if len(groups) != 1:
-        return None
-    (group,) = groups.values()
+    parts: tuple[Scheme, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.parts) < 2 or len({p.preset for p in self.parts}) != 1:
+            raise UsageError("internal: a mixed scheme has 2 or more parts of one preset")
+
+    @property
+    def preset(self) -> str:
+        return self.parts[0].preset
+
+    @property
+    def format(self) -> str:
+        return self.parts[0].format
+
+    @property
+    def act_tag(self) -> str:
+        return self.parts[0].act_tag
+
+    @property
+    def label(self) -> str:
+        """`mixed(mse-channelwise+minmax-groupwise-g32)`."""
+        return "mixed(" + "+".join(p.label for p in self.parts) + ")"
+
+    def input_args(self) -> dict[str, Any] | None:
+        return self.parts[0].input_args()
+
+
+def _group_scheme(group: dict[str, Any]) -> Scheme | None:
     w = group.get("weights") or {}
     a = group.get("input_activations")
     if w.get("num_bits") != 4 or w.get("type") != "int" or not w.get("symmetric"):
@@ -166,5 +194,24 @@ def scheme_from_config(quant_config: dict[str, Any]) -> Scheme | None:
             group_size=w.get("group_size") if strategy == "group" else None,
             observer=w.get("observer") or "minmax",
         )
+    except UsageError:
+        return None
+
+
+def scheme_from_config(quant_config: dict[str, Any]) -> Scheme | MixedScheme | None:
+    """Read a Scheme back from config.json's quantization_config (artifacts describe themselves):
+    one config group → its Scheme; several of one preset (a budgeted checkpoint) → MixedScheme.
+
+    Returns None when the block is not one of ours (another method or format)."""
+    if quant_config.get("quant_method") != "compressed-tensors":
+        return None
+    groups = list((quant_config.get("config_groups") or {}).values())
+    parts = [_group_scheme(g) for g in groups]
+    if not parts or any(p is None for p in parts):
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return MixedScheme(tuple(p for p in parts if p is not None))
     except UsageError:
         return None

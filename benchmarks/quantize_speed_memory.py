@@ -2,7 +2,7 @@
 """Quantizer benchmark: the learning path's flow vs `arm-int4 quantize` (stream engine) vs the I/O floor.
 
 Run: .venv/bin/python benchmarks/quantize_speed_memory.py [--shapes 200m 1b] [--methods minmax mse]
-     [--jobs 2] [--out docs/benchmarks-quantize.json]
+     [--jobs 2] [--repeat 3] [--out docs/benchmarks-quantize.json]
 Per random Llama (arm_int4.synthetic, bf16 on disk) and observer, channelwise:
 (a) learning path: load in transformers, cast to fp32, llmcompressor oneshot, save
     (arm_int4/workers/llmc_worker.py with cast_fp32, in the quantization environment);
@@ -13,6 +13,11 @@ Per random Llama (arm_int4.synthetic, bf16 on disk) and observer, channelwise:
 Each runs as its own process, one after the other; wall time (process start to exit, imports
 included) and that process's peak RSS (wait4's ru_maxrss) are recorded, with the 1-minute load
 average before each. The input stays in the page cache across runs (warm reads for all three).
+Before every timed process the previous output is deleted, dirty pages are flushed (sync) and the
+disk is left 2 s to settle, so no run pays for an earlier one's writeback. Writing into the page
+cache is the noisiest part here (on a VM, memory the host took back costs ~1 s/GB on first touch,
+and that varies minute to minute): (b) and (c) run `--repeat` times, alternating, and the medians
+are compared; (a) runs once (it is the long one; its I/O is a small share of its time).
 This process stays small (no torch): a forked child's ru_maxrss includes the parent's image
 from before exec, so the model is built in a subprocess too.
 """
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,7 +59,18 @@ print(time.perf_counter() - t0)
 """
 
 
+def settle() -> None:
+    os.sync()
+    time.sleep(2)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def timed(argv, env=None) -> dict:
+    settle()
     load = os.getloadavg()[0]
     t0 = time.time()
     proc = subprocess.Popen(
@@ -85,7 +102,7 @@ def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
-def bench_shape(shape: str, methods, jobs: int) -> dict:
+def bench_shape(shape: str, methods, jobs: int, repeat: int) -> dict:
     model = cache_home() / "bench-models" / f"random-llama-{shape}"
     if not (model / "config.json").exists():
         subprocess.run(
@@ -101,7 +118,7 @@ def bench_shape(shape: str, methods, jobs: int) -> dict:
             cwd=REPO,
         )
     largest = max(tensor_sizes(model))
-    rows, floor = [], None
+    rows, floors = [], []
     for method in methods:
         scheme = Scheme.from_options("w4a8", "channelwise", method, 32)
         with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
@@ -122,38 +139,52 @@ def bench_shape(shape: str, methods, jobs: int) -> dict:
             # the worker protocol: WORKER JOB.json RESULT.json (arm_int4/runner.py)
             worker = str(REPO / "arm_int4/workers/llmc_worker.py")
             lp = timed([str(quant_python()), worker, str(job), f"{tmp}/lp-result.json"])
-            st = timed(
-                [
-                    sys.executable,
-                    "-m",
-                    "arm_int4",
-                    "quantize",
-                    str(model),
-                    "--method",
-                    method,
-                    "--observer-precision",
-                    "fp32",
-                    "--jobs",
-                    str(jobs),
-                    "--output",
-                    f"{tmp}/stream",
-                ],
-                env={"PYTHONPATH": str(REPO)},
-            )
-            out_bytes = dir_bytes(Path(tmp) / "stream")
-            if floor is None:
-                floor = timed(
-                    [
-                        sys.executable,
-                        "-c",
-                        FLOOR,
-                        *map(str, sorted(model.glob("*.safetensors"))),
-                        f"{tmp}/floor",
-                        str(out_bytes),
-                    ]
+            lp.pop("stdout")
+            shutil.rmtree(f"{tmp}/lp")
+            streams = []
+            for _ in range(repeat):
+                shutil.rmtree(f"{tmp}/stream", ignore_errors=True)
+                streams.append(
+                    timed(
+                        [
+                            sys.executable,
+                            "-m",
+                            "arm_int4",
+                            "quantize",
+                            str(model),
+                            "--method",
+                            method,
+                            "--observer-precision",
+                            "fp32",
+                            "--jobs",
+                            str(jobs),
+                            "--output",
+                            f"{tmp}/stream",
+                        ],
+                        env={"PYTHONPATH": str(REPO)},
+                    )
                 )
-                floor["io_seconds"] = round(float(floor.pop("stdout")[-1]), 2)
-        lp.pop("stdout")  # stream's stdout is kept: its summary has the time per phase
+                if method == "minmax" or not floors:  # the floor beside each minmax run (its goal)
+                    out_bytes = dir_bytes(Path(tmp) / "stream")
+                    Path(f"{tmp}/floor").unlink(missing_ok=True)
+                    floor = timed(
+                        [
+                            sys.executable,
+                            "-c",
+                            FLOOR,
+                            *map(str, sorted(model.glob("*.safetensors"))),
+                            f"{tmp}/floor",
+                            str(out_bytes),
+                        ]
+                    )
+                    floor["io_seconds"] = round(float(floor.pop("stdout")[-1]), 2)
+                    floors.append(floor)
+        st = {
+            "seconds": round(median([x["seconds"] for x in streams]), 2),
+            "peak_rss_mib": max(x["peak_rss_mib"] for x in streams),
+            "samples": streams,  # each with its stdout: the engine's summary (time per phase)
+        }
+        floor_s = median([f["seconds"] for f in floors])
         row = {
             "shape": shape,
             "method": method,
@@ -161,17 +192,17 @@ def bench_shape(shape: str, methods, jobs: int) -> dict:
             "learning_path": lp,
             "stream": st,
             "speedup": round(lp["seconds"] / st["seconds"], 2),
-            "stream_vs_floor": round(st["seconds"] / floor["seconds"], 2),
+            "stream_vs_floor": round(st["seconds"] / floor_s, 2),
             "stream_rss_bound_mib": round(jobs * (2 * largest + 2**30) / 2**20, 1),
         }
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "stream"} | {"stream_s": st["seconds"]}), flush=True)
     return {
         "shape": shape,
         "model": f"random Llama {shape} ({SHAPES[shape].parameters / 1e6:.0f}M parameters, bf16)",
         "input_mib": round(dir_bytes(model) / 2**20, 1),
         "largest_tensor_mib": round(largest / 2**20, 1),
-        "floor": floor,
+        "floor": {"seconds": round(floor_s, 2), "samples": floors},
         "rows": rows,
     }
 
@@ -181,6 +212,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["200m", "1b"], choices=sorted(SHAPES))
     ap.add_argument("--methods", nargs="+", default=["minmax", "mse"])
     ap.add_argument("--jobs", type=int, default=2, help="stream engine --jobs")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the stream engine and of the floor (medians)")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks-quantize.json"))
     a = ap.parse_args()
     result = {
@@ -189,7 +221,8 @@ def main():
         "cpu": platform.processor() or platform.machine(),
         "jobs": a.jobs,
         "command": "benchmarks/quantize_speed_memory.py " + " ".join(sys.argv[1:]),
-        "shapes": [bench_shape(s, a.methods, a.jobs) for s in a.shapes],
+        "repeat": a.repeat,
+        "shapes": [bench_shape(s, a.methods, a.jobs, a.repeat) for s in a.shapes],
     }
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 

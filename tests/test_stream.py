@@ -73,12 +73,15 @@ def test_layers_from_names_equal_the_meta_model(ignore, tiny_llama, smollm2):
         assert fast.layers == quantizable_layers(model, ["Linear"], ignore).layers
 
 
-def test_stream_path_imports_no_transformers(tiny_llama, tmp_path):
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_stream_path_imports_no_transformers(method, tiny_llama, tmp_path):
     """`arm-int4 quantize` on a Llama: neither transformers nor compressed-tensors is imported
-    (they cost ~5 s of start-up here)."""
+    (they cost ~5 s of start-up here), and min-max at the default fp32 precision (npmath) does not
+    import torch either (~1 s)."""
     code = (
         "import sys; from arm_int4.cli import main; rc = main(sys.argv[1:]); "
-        "print('LOADED', sorted(m for m in ('transformers', 'compressed_tensors', 'accelerate') if m in sys.modules))"
+        "print('LOADED', sorted(m for m in ('transformers', 'compressed_tensors', 'accelerate', 'torch') "
+        "if m in sys.modules))"
     )
     r = subprocess.run(
         [
@@ -90,25 +93,25 @@ def test_stream_path_imports_no_transformers(tiny_llama, tmp_path):
             "--output",
             str(tmp_path / "o"),
             "--method",
-            "minmax",
+            method,
         ],
         capture_output=True,
         text=True,
         cwd=REPO,
     )
     assert r.returncode == 0, r.stderr
-    assert "LOADED []" in r.stdout, r.stdout
+    assert ("LOADED []" if method == "minmax" else "LOADED ['torch']") in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("precision", ["fp32", "weight"])
-def test_jobs_do_not_change_a_bit(precision, tiny_llama, tmp_path):
+@pytest.mark.parametrize(("precision", "method"), [("fp32", "mse"), ("weight", "mse"), ("fp32", "minmax")])
+def test_jobs_do_not_change_a_bit(precision, method, tiny_llama, tmp_path):
     outs = [
         quantize(
             QuantizeOptions(
                 model=str(tiny_llama),
                 output=str(tmp_path / f"j{j}"),
                 scheme="groupwise",
-                method="mse",
+                method=method,
                 observer_precision=precision,
                 jobs=j,
             )
@@ -134,7 +137,7 @@ def test_jobs_do_not_change_a_bit(precision, tiny_llama, tmp_path):
         "--scheme",
         "groupwise",
         "--method",
-        "mse",
+        method,
         "--jobs",
         "2",
         "--observer-precision",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PreflightError
-from ..schemes import Scheme
+from ..schemes import MixedScheme, Scheme
 from .moe import is_moe_config
 from .safetensors_io import ShardReader, TensorInfo
 
@@ -53,14 +53,21 @@ class Checkpoint:
 @dataclass
 class QuantPlan:
     checkpoint: Checkpoint
-    scheme: Scheme
+    scheme: Scheme | MixedScheme
     ignore: list[str]
     targets: dict[str, TensorInfo]  # tensor name (`….weight`) → its header, in checkpoint order
     renames: dict[str, str] = field(default_factory=dict)  # source tensor → output name (Mixtral w1 → gate_proj)
     config_ignore: list[str] | None = None  # ignore list for config.json when not `ignore` (MoE: routers…)
+    layer_schemes: dict[str, Scheme] = field(default_factory=dict)  # mixed: tensor name → its scheme
 
     def output_name(self, name: str) -> str:
         return self.renames.get(name, name)
+
+    def scheme_for(self, name: str) -> Scheme:
+        """The scheme target tensor `name` is quantized with."""
+        if isinstance(self.scheme, Scheme):
+            return self.scheme
+        return self.layer_schemes[name]
 
 
 def read_source_checkpoint(path: str | Path) -> Checkpoint:

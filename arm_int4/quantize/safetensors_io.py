@@ -99,17 +99,35 @@ class ShardReader:
     def fileno(self) -> int:
         return self._f.fileno()
 
-    def read(self, name: str):
-        import torch
-
+    def read_bytes(self, name: str, into: bytearray | None = None):
+        """Tensor `name`'s stored bytes, with one positional read (os.preadv): into a new buffer, or
+        into the start of `into` (a reused buffer: its pages are already mapped), returning that view."""
         info = self.tensors[name]
-        buf = bytearray(info.end - info.begin)
+        buf = memoryview(into)[: info.end - info.begin] if into is not None else bytearray(info.end - info.begin)
         view, pos = memoryview(buf), self.data_start + info.begin
         while view:
             n = os.preadv(self._f.fileno(), [view], pos)
             if n <= 0:
                 raise OSError(f"{self.path}: truncated while reading {name}")
             view, pos = view[n:], pos + n
+        return buf
+
+    def read_array(self, name: str, into: bytearray | None = None):
+        """Tensor `name` as a numpy array of its stored bits (BF16 as uint16: numpy has no bf16),
+        in a new buffer or in `into` (valid until `into` is reused)."""
+        import numpy as np
+
+        from .npmath import NUMPY_DTYPES
+
+        info = self.tensors[name]
+        return np.frombuffer(self.read_bytes(name, into), dtype=NUMPY_DTYPES[info.dtype]).reshape(info.shape)
+
+    def read(self, name: str):
+        """Tensor `name` as a torch tensor."""
+        import torch
+
+        info = self.tensors[name]
+        buf = self.read_bytes(name)
         if not buf:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
@@ -164,17 +182,26 @@ class ShardWriter:
             self._written.add(name)
         return self._data_start + offset
 
-    def write(self, name: str, tensor) -> None:
-        import torch
+    def write(self, name: str, tensor, bf16_bits: bool = False) -> None:
+        """Write a torch tensor or a numpy array (its dtype must be the header's) at its offset;
+        with bf16_bits, a numpy uint16 array holds bf16 values' bits (numpy has no bf16)."""
+        if hasattr(tensor, "__array_interface__"):  # numpy: no torch import
+            from .npmath import NUMPY_DTYPES
 
-        pos = self._claim(name, st_dtype(tensor.dtype), tuple(tensor.shape))
-        t = tensor.contiguous().reshape(-1)
-        if t.numel():
+            names = [k for k, v in NUMPY_DTYPES.items() if v == tensor.dtype and k != "BF16"]
+            dtype = "BF16" if bf16_bits and tensor.dtype == "uint16" else names[0] if names else str(tensor.dtype)
+            pos = self._claim(name, dtype, tuple(tensor.shape))
+            view = memoryview(tensor.reshape(-1).view("u1")) if tensor.size else memoryview(b"")
+        else:
+            import torch
+
+            pos = self._claim(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+            t = tensor.contiguous().reshape(-1)
             # a byte view works for every dtype, bfloat16 included (numpy has no bf16); no copy
-            view = memoryview(t.view(torch.uint8).numpy())
-            while view:
-                n = os.pwrite(self._f.fileno(), view, pos)
-                view, pos = view[n:], pos + n
+            view = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        while view:
+            n = os.pwrite(self._f.fileno(), view, pos)
+            view, pos = view[n:], pos + n
 
     def copy(self, name: str, reader: ShardReader) -> None:
         """Copy tensor `name` from reader's file unchanged, kernel to kernel (copy_file_range)."""

@@ -3,15 +3,15 @@
 Each input shard maps to one output shard of the same name. A shard's output header is known
 before any weight is read (int8 [out, in] + scale [out, 1] or [out, in/G] per quantized Linear,
 everything else copied as is), so every tensor has its output offset up front: `jobs` threads
-each take one tensor, read it (one positional read), quantize it (qmath: torch ops release the
-GIL, one intra-op thread per job) and write it at its offset; unquantized tensors are copied
+each take one tensor, read it (one positional read), quantize it and write it at its offset
+(numpy and torch ops release the GIL: one intra-op thread per job); unquantized tensors are copied
 file to file by the kernel (copy_file_range). Peak memory is `jobs` tensors and their
 temporaries, not the model. Each quantized tensor is checked (int range, scales positive and
 finite) from the values as they are written, so verification needs no second read.
 
-Imports: torch and the standard library only (no compressed-tensors, no transformers): the
-config block is written here, equal to compressed-tensors' ModelCompressor.update_config
-(tests/test_stream.py compares them).
+Imports: the min-max observer runs on numpy alone (npmath), mse on torch (qmath); never
+compressed-tensors or transformers: the config block is written here, equal to
+compressed-tensors' ModelCompressor.update_config (tests/test_stream.py compares them).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan, precision: str
                 specs.append(TensorInfo(out + "_shape", "I64", (2,)))
             else:
                 specs.append(TensorInfo(out, "I8", t.shape))
-            specs.append(TensorInfo(out + "_scale", scale_dtype, _scale_shape(t, plan.scheme.group_size)))
+            specs.append(TensorInfo(out + "_scale", scale_dtype, _scale_shape(t, plan.scheme_for(t.name).group_size)))
         else:
             specs.append(TensorInfo(t.name, t.dtype, t.shape))
     return specs
@@ -141,19 +141,31 @@ def _args_dict(args: dict | None) -> dict | None:
     return d
 
 
+def _config_groups(plan: QuantPlan) -> dict:
+    """One group targeting every Linear; a mixed plan: a group per scheme (in the order of
+    MixedScheme.parts) whose targets are its layers' module names."""
+    parts = plan.scheme.parts
+    targets: list[list[str]] = [["Linear"]] if len(parts) == 1 else [[] for _ in parts]
+    if len(parts) > 1:
+        for name in plan.targets:
+            targets[parts.index(plan.scheme_for(name))].append(plan.output_name(name).removesuffix(".weight"))
+    return {
+        f"group_{i}": {
+            "format": s.format,
+            "input_activations": _args_dict(s.input_args()),
+            "output_activations": None,
+            "targets": sorted(t),
+            "weights": _args_dict(s.weight_args()),
+        }
+        for i, (s, t) in enumerate(zip(parts, targets, strict=True))
+    }
+
+
 def quant_config_block(plan: QuantPlan) -> dict:
     """The quantization_config compressed-tensors writes for this plan (int- or pack-quantized)."""
     s = plan.scheme
     return {
-        "config_groups": {
-            "group_0": {
-                "format": s.format,
-                "input_activations": _args_dict(s.input_args()),
-                "output_activations": None,
-                "targets": ["Linear"],
-                "weights": _args_dict(s.weight_args()),
-            }
-        },
+        "config_groups": _config_groups(plan),
         "format": s.format,
         "global_compression_ratio": None,
         "ignore": list(plan.ignore if plan.config_ignore is None else plan.config_ignore),
@@ -172,33 +184,74 @@ def write_quant_config(src_config: dict, plan: QuantPlan, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _quantize_one(
-    reader: ShardReader, writer: ShardWriter, info: TensorInfo, plan: QuantPlan, precision: str, stats: StreamStats, bar
-) -> None:
+def uses_numpy(plan: QuantPlan) -> bool:
+    """The min-max observer runs on numpy alone (npmath: no torch import); mse on torch (qmath)."""
+    return all(p.observer == "minmax" for p in plan.scheme.parts)
+
+
+_scratch = threading.local()  # per job thread: buffers reused from tensor to tensor
+
+
+def _buffer(name: str, nbytes: int) -> bytearray:
+    """This thread's reusable buffer `name`, at least nbytes. A new buffer's pages are mapped (and
+    zeroed) on first touch, which costs as much as the copy into them (more in a VM whose free
+    memory was handed back to the host): reading every tensor into a fresh buffer touches the
+    whole model's size in new pages; reusing one per thread touches the largest tensor's."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or len(buf) < nbytes:
+        buf = bytearray(nbytes)
+        setattr(_scratch, name, buf)
+    return buf
+
+
+def _quantize_numpy(raw, info: TensorInfo, group_size: int | None, precision: str, packed: bool):
+    import numpy as np
+
+    from .npmath import pack_int4, quantize_minmax, widen
+
+    out = np.frombuffer(_buffer("q", raw.size), dtype=np.int8)
+    q, scale = quantize_minmax(raw, info.dtype, group_size, precision, out=out)
+    values = widen(scale, "BF16") if scale.dtype == np.uint16 else scale  # bf16 scales come as bits
+    check = (int(q.min()), int(q.max()), bool((values > 0).all() and np.isfinite(values).all()))
+    tensors = [("_packed", pack_int4(q)), ("_shape", np.array(info.shape, dtype=np.int64))] if packed else [("", q)]
+    return tensors + [("_scale", scale)], check
+
+
+def _quantize_torch(value, w: dict, precision: str, packed: bool):
     import torch
 
     from .qmath import pack_int4, quantize_weight
 
+    with torch.no_grad():
+        q, scale = quantize_weight(value, w["group_size"], w["observer"], precision)  # scale: fp32 or value's
+        qmin, qmax = (int(v) for v in torch.aminmax(q))
+        check = (qmin, qmax, bool((scale > 0).all()) and bool(scale.isfinite().all()))
+    tensors = [("_packed", pack_int4(q)), ("_shape", torch.tensor(value.shape))] if packed else [("", q)]
+    return tensors + [("_scale", scale)], check
+
+
+def _quantize_one(
+    reader: ShardReader, writer: ShardWriter, info: TensorInfo, plan: QuantPlan, precision: str, stats: StreamStats, bar
+) -> None:
     t0 = time.perf_counter()
     if info.name not in plan.targets:
         writer.copy(info.name, reader)
         stats.add(0.0, 0.0, time.perf_counter() - t0, None)
     else:
-        value = reader.read(info.name)
+        w = plan.scheme_for(info.name).weight_args()
+        packed = plan.scheme.format == "pack-quantized"  # W4A16: eight values per int32, and the shape
+        numpy_path = w["observer"] == "minmax"
+        value = reader.read_array(info.name, _buffer("read", info.nbytes)) if numpy_path else reader.read(info.name)
         t1 = time.perf_counter()
-        w = plan.scheme.weight_args()
-        with torch.no_grad():
-            q, scale = quantize_weight(value, w["group_size"], w["observer"], precision)  # scale: fp32 or value's
-            qmin, qmax = (int(v) for v in torch.aminmax(q))
-            scales_ok = bool((scale > 0).all()) and bool(scale.isfinite().all())
+        if numpy_path:
+            tensors, (qmin, qmax, scales_ok) = _quantize_numpy(value, info, w["group_size"], precision, packed)
+        else:
+            tensors, (qmin, qmax, scales_ok) = _quantize_torch(value, w, precision, packed)
         t2 = time.perf_counter()
         name = plan.output_name(info.name)
-        if plan.scheme.format == "pack-quantized":
-            writer.write(name + "_packed", pack_int4(q))
-            writer.write(name + "_shape", torch.tensor(value.shape))
-        else:
-            writer.write(name, q)
-        writer.write(name + "_scale", scale)
+        for suffix, value in tensors:
+            # a uint16 array from npmath holds bf16 bits (numpy has no bf16): the header says which
+            writer.write(name + suffix, value, bf16_bits=suffix == "_scale")
         stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, LayerCheck(name, qmin, qmax, scales_ok))
     if bar is not None:
         bar.update(info.nbytes)
@@ -206,8 +259,6 @@ def _quantize_one(
 
 def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: bool = True) -> StreamStats:
     """Write the quantized checkpoint into dst (an empty dir)."""
-    import torch
-
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     t_start = time.perf_counter()
@@ -223,8 +274,12 @@ def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: 
         from tqdm import tqdm
 
         bar = tqdm(total=stats.bytes_in, unit="B", unit_scale=True, desc="quantize", file=sys.stderr, leave=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // jobs))  # jobs × intra-op threads ≤ the cores torch would use
+    threads = None  # numpy's ufuncs are single-threaded: nothing to set
+    if not uses_numpy(plan):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // jobs))  # jobs × intra-op threads ≤ the cores torch would use
     readers, writers, weight_map = [], [], {}
     try:
         tasks = []
@@ -251,7 +306,10 @@ def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: 
             w.close()
         stats.bytes_out = sum(w.size for w in writers)
     finally:
-        torch.set_num_threads(threads)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         for f in readers + writers:
             f.discard() if isinstance(f, ShardWriter) else f.close()
         if bar:

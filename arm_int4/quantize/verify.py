@@ -10,11 +10,12 @@ the config's targets and ignore list select in the model. Tensors are read one a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArmInt4Error
-from ..schemes import Scheme, scheme_from_config
+from ..schemes import MixedScheme, Scheme, scheme_from_config
 from .safetensors_io import ShardReader
 
 __all__ = ["VerifyError", "VerifyReport", "verify_dir", "verify_written"]
@@ -27,7 +28,7 @@ class VerifyError(ArmInt4Error):
 @dataclass
 class VerifyReport:
     path: Path
-    scheme: Scheme
+    scheme: Scheme | MixedScheme
     layers: int
     nbytes: int
 
@@ -56,9 +57,11 @@ def verify_dir(path: str | Path) -> VerifyReport:
             f"{p}: format {qc.get('format')!r}, expected {scheme.format!r} for {scheme.preset} "
             "(the layout vLLM CPU loads for it)"
         )
-    group = next(iter(qc["config_groups"].values()))
-    layers = quantizable_layers(p, group.get("targets") or ["Linear"], qc.get("ignore") or []).layers
+    groups = list(qc["config_groups"].values())
+    targets = [t for g in groups for t in g.get("targets") or ["Linear"]]
+    layers = quantizable_layers(p, targets, qc.get("ignore") or []).layers
     expected = {x.weight for x in layers}
+    scheme_of = {x.weight: _layer_scheme(x.module, groups, scheme.parts) for x in layers}
 
     files = sorted(f for f in p.glob("*.safetensors"))
     if not files:
@@ -72,13 +75,15 @@ def verify_dir(path: str | Path) -> VerifyReport:
                 if not name.endswith(".weight_scale"):
                     continue
                 wname = name.removesuffix("_scale")
+                if wname not in scheme_of:
+                    raise VerifyError(f"{p}: {wname} is quantized but the config does not target it")
                 if scheme.format == "pack-quantized":
-                    _check_packed(f.name, wname, info, scheme, r)
+                    _check_packed(f.name, wname, info, scheme_of[wname], r)
                 else:
                     w = r.tensors.get(wname)
                     if w is None:
                         raise VerifyError(f"{f.name}: {name} has no {wname} beside it")
-                    _check_layer(f.name, w, info, scheme, r)
+                    _check_layer(f.name, w, info, scheme_of[wname], r)
                 found.add(wname)
     missing, extra = expected - found, found - expected
     if missing:
@@ -86,6 +91,16 @@ def verify_dir(path: str | Path) -> VerifyReport:
     if extra:
         raise VerifyError(f"{p}: {len(extra)} quantized tensors the config does not target, e.g. {sorted(extra)[0]}")
     return VerifyReport(p, scheme, len(found), nbytes)
+
+
+def _layer_scheme(module: str, groups: list[dict], parts: tuple[Scheme, ...]) -> Scheme:
+    """The scheme of the config group whose targets select `module` (an exact name, a "re:" regex,
+    or a class name such as Linear, as compressed-tensors and vLLM match them)."""
+    for group, scheme in zip(groups, parts, strict=True):
+        for t in group.get("targets") or ["Linear"]:
+            if re.match(t[3:], module) is not None if t.startswith("re:") else t in (module, "Linear"):
+                return scheme
+    return parts[0]  # selected by a class name other than Linear: the single-group case
 
 
 def verify_written(path: str | Path, plan, stats) -> VerifyReport:
