@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import ArmInt4Error, EnvironmentMissing, UsageError
+from .errors import ArmInt4Error, BudgetNotMet, EnvironmentMissing, UsageError
 from .options import (
     BenchOptions,
     BuildOptions,
@@ -62,7 +62,12 @@ def _cmd_quantize(opts: QuantizeOptions) -> int:
         report = quantize.verify_dir(opts.model)
         print(report.summary())
         return 0
-    result = quantize.quantize(opts)
+    try:
+        result = quantize.quantize(opts)
+    except BudgetNotMet as exc:  # --keep-best kept a checkpoint over budget: show it, then the one line
+        if exc.result is not None:
+            print(exc.result.summary(), flush=True)
+        raise
     print(result.summary(), flush=True)
     if opts.eval:
         from . import lmeval, models
@@ -364,6 +369,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 quantize ./model --preset w4a16 --scheme groupwise --algorithm gptq   "
         "# the vLLM INT4 page's flow, offline calibration\n"
         "  arm-int4 quantize ./model --algorithm gptq --dataset calib.jsonl --output ./model-gptq\n"
+        "  arm-int4 quantize default --budget 10     # a scheme per layer, within 10% perplexity (vLLM-checked)\n"
         "  arm-int4 quantize --verify-only ./model-w4a8dyn-mse-channelwise",
     ),
     "tune": (

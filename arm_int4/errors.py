@@ -1,6 +1,14 @@
 """The exceptions a user can see. Only cli.py turns them into one line and an exit code."""
 
-__all__ = ["ArmInt4Error", "UsageError", "ModelError", "PreflightError", "EnvironmentMissing", "RunError"]
+__all__ = [
+    "ArmInt4Error",
+    "UsageError",
+    "ModelError",
+    "PreflightError",
+    "EnvironmentMissing",
+    "RunError",
+    "BudgetNotMet",
+]
 
 
 class ArmInt4Error(Exception):
@@ -29,3 +37,12 @@ class EnvironmentMissing(ArmInt4Error):
 
 class RunError(ArmInt4Error):
     """A subprocess we started (vLLM, llmcompressor, llama.cpp) failed."""
+
+
+class BudgetNotMet(ArmInt4Error):
+    """`quantize --budget`: no choice stayed within the budget through vLLM. `result` is the kept
+    checkpoint's QuantResult with --keep-best, else None (nothing written)."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result

@@ -11,7 +11,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LlamaShape", "SHAPES", "MOE_FAMILIES", "build_random_llama", "build_random_moe", "train_tokenizer"]
+__all__ = [
+    "LlamaShape",
+    "SHAPES",
+    "MOE_FAMILIES",
+    "build_random_llama",
+    "build_random_qwen2",
+    "build_random_moe",
+    "train_briefly",
+    "train_tokenizer",
+]
 
 # Chat template in the ChatML style SmolLM2 uses; enough for apply_chat_template and vLLM chat.
 CHAT_TEMPLATE = (
@@ -90,14 +99,29 @@ def build_random_llama(
     """Write a random LlamaForCausalLM (safetensors, `dtype`) plus tokenizer into out_dir.
 
     config_overrides go to LlamaConfig, e.g. attention_bias=True for Qwen2-style q/k/v biases."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return _build_dense("llama", out_dir, shape, seed, dtype, config_overrides)
 
+
+def build_random_qwen2(
+    out_dir: str | Path, shape: str | LlamaShape = "tiny", seed: int = 0, dtype: str = "bfloat16", **config_overrides
+) -> Path:
+    """The same for Qwen2ForCausalLM (q/k/v with biases, a different architecture for vLLM)."""
+    return _build_dense("qwen2", out_dir, shape, seed, dtype, config_overrides)
+
+
+def _build_dense(arch: str, out_dir, shape, seed: int, dtype: str, config_overrides: dict) -> Path:
+    import torch
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
     s = SHAPES[shape] if isinstance(shape, str) else shape
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(out, s.vocab)
-    config = LlamaConfig(
+    config = config_cls(
         vocab_size=s.vocab,
         hidden_size=s.hidden,
         intermediate_size=s.intermediate,
@@ -113,8 +137,56 @@ def build_random_llama(
     )
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+        model = model_cls(config).to(getattr(torch, dtype))
     model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def train_briefly(src: str | Path, out_dir: str | Path, steps: int = 150, seed: int = 0, outlier_scale: float = 30.0):
+    """A tiny model that has learnt something, for accuracy-side tests: `src` (a random model from
+    this module) trained `steps` AdamW steps (batch 4 × 128 tokens, fp32) on the two texts that
+    ship with arm-int4 (the calibration set's prose and the evaluation text), saved in bf16.
+
+    Then, as in real LLMs, a few channels carry outliers: v_proj/up_proj rows are divided by
+    `outlier_scale` and the o_proj/down_proj input columns they feed multiplied by it, which
+    leaves the function unchanged (attention and the gated MLP are linear in v and in up) but
+    makes one scale per output row (channelwise) coarse for those layers, and groups fine: so
+    layers differ in how much INT4 costs them, as in real models. ~10-20 s on 2 cores."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = Path(src), Path(out_dir)
+    data = Path(__file__).resolve().parent / "data"
+    tok = AutoTokenizer.from_pretrained(str(src))
+    prose = [json.loads(line)["messages"][0]["content"] for line in (data / "calibration.jsonl").open()]
+    ids = tok("\n".join(prose[:64]) + "\n" + (data / "opticks.txt").read_text()[:200_000], return_tensors="pt")
+    ids = ids["input_ids"][0]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 129, (4,), generator=g)
+        x = torch.stack([ids[i : i + 128] for i in starts])
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for feed, fed, cols in (
+                (layer.self_attn.v_proj, layer.self_attn.o_proj, [3 + i, 70 + i]),
+                (layer.mlp.up_proj, layer.mlp.down_proj, [5 + i, 300 + i]),
+            ):
+                feed.weight[cols, :] /= outlier_scale
+                if getattr(feed, "bias", None) is not None:
+                    feed.bias[cols] /= outlier_scale
+                fed.weight[:, cols] *= outlier_scale
+    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
     return out
 
 

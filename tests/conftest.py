@@ -25,6 +25,23 @@ LEARNING_PATH_CONFIGS = [
 LEARNING_PATH_IDS = [f"{s}-{m}" + (f"-g{g}" if g else "") for s, m, g in LEARNING_PATH_CONFIGS]
 
 
+def write_mixed(model: Path, out: Path) -> tuple:
+    """A mixed checkpoint of `model` using every --budget option in turn: vLLM unit i (qkv, o_proj,
+    gate_up, down_proj… in order) gets BF16, channelwise-mse, g128, g64, g32, BF16… Written by the
+    stream engine as `quantize --budget` writes its choice. Returns (plan, units, choice)."""
+    from arm_int4.quantize import BUDGET_BASE, budget
+    from arm_int4.quantize.preflight import plan_quantization, read_source_checkpoint
+    from arm_int4.quantize.stream import run_stream
+
+    plan = plan_quantization(read_source_checkpoint(model), BUDGET_BASE, ["lm_head"], require_safetensors=True)
+    units = budget.fused_units(plan)
+    codes = [None, *budget.CANDIDATES]
+    choice = {u.name: budget.Option(codes[i % len(codes)], 0, 0.0) for i, u in enumerate(units)}
+    out.mkdir(parents=True)
+    run_stream(budget.mixed_plan(plan, units, choice), out, "weight", jobs=2, progress=False)
+    return plan, units, choice
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random LlamaForCausalLM (bf16, hidden 256, every Linear dim a multiple of 128) with a
@@ -32,6 +49,24 @@ def tiny_llama(tmp_path_factory) -> Path:
     from arm_int4.synthetic import build_random_llama
 
     return build_random_llama(tmp_path_factory.mktemp("models") / "tiny-llama", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama trained 150 steps on the packaged texts, with function-preserving outlier
+    channels (synthetic.train_briefly): layers that differ in how much INT4 costs them (~15 s)."""
+    from arm_int4.synthetic import train_briefly
+
+    return train_briefly(tiny_llama, tmp_path_factory.mktemp("models") / "trained-llama")
+
+
+@pytest.fixture(scope="session")
+def trained_qwen2(tmp_path_factory) -> Path:
+    """The same recipe on a tiny Qwen2 (another architecture: q/k/v biases)."""
+    from arm_int4.synthetic import build_random_qwen2, train_briefly
+
+    root = tmp_path_factory.mktemp("models")
+    return train_briefly(build_random_qwen2(root / "tiny-qwen2", "tiny", seed=1), root / "trained-qwen2")
 
 
 @pytest.fixture(scope="session")

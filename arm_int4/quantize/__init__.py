@@ -16,14 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from ..models import resolve
-from ..schemes import Scheme, output_dir_name
+from ..errors import BudgetNotMet, UsageError
+from ..models import cache_home, resolve
+from ..schemes import MixedScheme, Scheme, output_dir_name
 from ..workers.worker_io import peak_rss_bytes
 from .moe import MOE_IGNORE, is_moe_config
 from .options import QuantizeOptions
 from .preflight import check_output, plan_quantization, read_source_checkpoint
 from .verify import VerifyReport, verify_dir, verify_written
+
+BUDGET_BASE = Scheme("w4a8", "channelwise", None, "mse")  # --budget plans from it (no group-size check)
 
 __all__ = ["QuantResult", "quantize", "verify_dir", "output_path"]
 
@@ -31,7 +33,7 @@ __all__ = ["QuantResult", "quantize", "verify_dir", "output_path"]
 @dataclass
 class QuantResult:
     output: Path
-    scheme: Scheme
+    scheme: Scheme | MixedScheme
     engine: str
     layers: int
     bytes_in: int
@@ -39,6 +41,7 @@ class QuantResult:
     seconds: float
     peak_rss_bytes: int
     stream: Any = None  # the stream engine's StreamStats (time per phase, jobs, largest tensor)
+    budget: Any = None  # --budget: BudgetReport (the choice, sizes, perplexity through vLLM)
 
     @property
     def rss_bound_bytes(self) -> int | None:
@@ -60,6 +63,8 @@ class QuantResult:
         ]
         if self.stream:
             lines.append(f"  {self.stream.summary()}")
+        if self.budget:
+            lines.append(self.budget.summary())
         lines.append(f"  output: {self.output}")
         return "\n".join(lines)
 
@@ -91,6 +96,8 @@ def output_path(opts: QuantizeOptions, scheme: Scheme, model_dir: Path) -> Path:
         return Path(opts.output).expanduser().absolute()
     # the learning path names the output after MODEL as typed (hub id basename), except "default"
     name = model_dir.name if opts.model == "default" else opts.model
+    if opts.budget is not None:
+        return Path.cwd() / f"{os.path.basename(name.rstrip('/'))}-w4a8dyn-budget{opts.budget:g}pct"
     return Path.cwd() / output_dir_name(name, scheme)
 
 
@@ -108,6 +115,83 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _check_budget_options(opts: QuantizeOptions, pct: float, engine: str) -> None:
+    if not 0 < pct < 1000:
+        raise UsageError(f"--budget {pct:g}: give a perplexity increase in percent, e.g. --budget 10")
+    if engine != "stream" or opts.preset != "w4a8":
+        raise UsageError("--budget chooses among W4A8 round-to-nearest schemes: drop --engine/--algorithm/--preset")
+    if opts.budget_tokens < 16:
+        raise UsageError(f"--budget-tokens {opts.budget_tokens}: give 16 or more calibration tokens")
+    if opts.budget_eval_tokens < 64:
+        raise UsageError(f"--budget-eval-tokens {opts.budget_eval_tokens}: give 64 or more evaluation tokens")
+
+
+def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, out: Path) -> QuantResult:
+    """--budget: choose (budget.py), write with the stream engine, measure through vLLM; while the
+    measured increase is over budget, aim lower by the miss (at most VLLM_ROUNDS writes)."""
+    from . import budget
+    from .stream import run_stream
+
+    t0 = time.time()
+    sens = budget.Sensitivity(plan, opts.observer_precision, opts.budget_tokens, _log)
+    units = budget.fused_units(plan)
+    options = sens.options(units, cache_home() / "budget")
+    report = budget.BudgetReport(budget_pct=pct, source_bytes=plan.checkpoint.nbytes)
+    report.base = _perplexity(model_dir, opts.budget_eval_tokens)
+    target = None
+    tries: list[Path] = []
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        for attempt in range(budget.VLLM_ROUNDS):
+            choice = budget.fit(sens, units, options, pct, target)
+            mplan = budget.mixed_plan(plan, units, choice.choice)
+            tmp = out.parent / f".{out.name}.arm-int4-try{attempt}-{os.getpid()}"
+            tries.append(tmp)
+            tmp.mkdir()
+            stats = run_stream(mplan, tmp, opts.observer_precision, jobs=opts.jobs)
+            verified = verify_written(tmp, mplan, stats)
+            rec = _perplexity(tmp, opts.budget_eval_tokens)
+            report.add(choice, mplan, stats, verified, rec, tmp)
+            _log(report.attempts[-1].line(report))
+            if report.attempts[-1].increase_pct <= pct:
+                break
+            miss = max(rec["nll"] - report.base["nll"], 1e-9)  # nats over the source, through vLLM
+            target = choice.rounds[-1]["target_nats"] * budget.budget_nats(pct) / miss
+        best = report.best()
+        if best.increase_pct > pct and not opts.keep_best:
+            raise BudgetNotMet(report.not_met_line(kept=False))
+        if out.exists():  # --overwrite was given (checked above)
+            shutil.rmtree(out)
+        os.rename(best.path, out)
+        best.path = out
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for t in tries:
+            shutil.rmtree(t, ignore_errors=True)
+    result = QuantResult(
+        output=out,
+        scheme=best.plan.scheme,
+        engine="stream",
+        layers=best.verified.layers,
+        bytes_in=plan.checkpoint.nbytes,
+        bytes_out=best.verified.nbytes,
+        seconds=time.time() - t0,
+        peak_rss_bytes=peak_rss_bytes(children=True),
+        stream=best.stats,
+        budget=report,
+    )
+    if best.increase_pct > pct:  # kept on request: the CLI prints it, then the one line
+        raise BudgetNotMet(report.not_met_line(kept=True), result)
+    return result
+
+
+def _perplexity(model_dir: Path, tokens: int) -> dict:
+    """arm-int4 eval's perplexity (its defaults, the packaged evaluation text) through vLLM."""
+    from .. import evaluate
+
+    return evaluate.perplexity(model_dir, evaluate.load_text(evaluate.DEFAULT_TEXT), num_tokens=tokens, progress=_log)
+
+
 def quantize(opts: QuantizeOptions) -> QuantResult:
     scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
     engine = _engine(opts)
@@ -117,13 +201,20 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         raise UsageError("--dataset is used only by --algorithm gptq (rtn is data-free)")
     if opts.dataset and opts.dataset.endswith((".jsonl", ".json", ".txt")) and not Path(opts.dataset).is_file():
         raise UsageError(f"--dataset {opts.dataset}: file not found (a local .jsonl/.json/.txt, or a datasets id)")
+    if opts.budget is not None:
+        _check_budget_options(opts, opts.budget, engine)
+        scheme = BUDGET_BASE
     model_dir = resolve(opts.model, progress=_log)
     out = output_path(opts, scheme, model_dir)
     check_output(out, opts.overwrite)
     ck = read_source_checkpoint(model_dir)
+    if opts.budget is not None and is_moe_config(ck.config):
+        raise UsageError("--budget: mixture-of-experts models are not supported (experts would need one scheme)")
     ignore = list(opts.ignore) + (MOE_IGNORE if is_moe_config(ck.config) else [])  # both engines
     plan = plan_quantization(ck, scheme, ignore, require_safetensors=engine == "stream")
     _remove_stale(out)
+    if opts.budget is not None:
+        return _quantize_budget(opts, opts.budget, plan, model_dir, out)
 
     t0 = time.time()
     tmp = out.parent / f".{out.name}.arm-int4-tmp-{os.getpid()}"

@@ -63,6 +63,23 @@ class QuantizeOptions:
     )
     output: Optional[str] = opt(None, "output dir (default: ./{model}-w4a8dyn-{method}-{scheme}[-g{N}])", metavar="DIR")
     overwrite: bool = opt(False, "replace an existing output dir")
+    budget: Optional[float] = opt(
+        None,
+        "choose a W4A8 scheme per Linear (channelwise, g128, g64, g32, or BF16 as the last resort) for the "
+        "smallest model within PCT%% perplexity of MODEL: sensitivity measured per layer on the packaged "
+        "calibration text, the result checked through vLLM on the evaluation text (docs/accuracy.md)",
+        metavar="PCT",
+    )
+    budget_tokens: int = opt(1024, "calibration tokens for --budget's per-layer sensitivity", metavar="N")
+    budget_eval_tokens: int = opt(
+        4096,  # = evaluate.NUM_TOKENS (not imported here: the library must not load the eval command)
+        "evaluation-text tokens --budget's vLLM check scores (arm-int4 eval's default; fewer is faster on "
+        "x86, where W4A8 runs vLLM's slow reference kernel)",
+        metavar="N",
+    )
+    keep_best: bool = opt(
+        False, "with --budget: when no choice meets the budget through vLLM, keep the closest (still exits 1)"
+    )
     verify_only: bool = opt(False, "only check MODEL (a quantized dir) against its quantization_config")
     eval: bool = opt(
         False,

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from conftest import write_mixed
 from safetensors.torch import load_file, save_file
 
 from arm_int4.options import QuantizeOptions
@@ -31,6 +32,9 @@ MODELS = {
     "llama-g32": ("llama", dict(scheme="groupwise", method="minmax", groupsize=32)),
     "bias-g32": ("bias", dict(scheme="groupwise", method="minmax", groupsize=32)),
     "qwen3moe-g32": ("moe", dict(scheme="groupwise", method="minmax", groupsize=32)),
+    # a scheme per layer as `quantize --budget` writes it (config group per scheme, BF16 layers
+    # ignored): every option in turn (conftest.write_mixed)
+    "llama-mixed": ("llama", dict(mixed=True)),
     # W4A16 (pack-quantized) through CPUWNA16LinearKernel: the vLLM INT4 page's scheme on Arm
     "llama-w4a16-g128": ("llama", dict(preset="w4a16", scheme="groupwise", method="minmax", groupsize=128)),
 }
@@ -60,6 +64,10 @@ def build(root: Path, tiny_llama: Path, labels=tuple(MODELS)) -> dict:
         if not src.exists():
             makers[kind](src)
             _edit(src)
+        if opts.get("mixed"):
+            write_mixed(src, root / label)
+            out[label] = root / label
+            continue
         out[label] = quantize(QuantizeOptions(model=str(src), output=str(root / label), **opts)).output
     return out
 

@@ -8,7 +8,9 @@ JOB = {"prompts": [str],
                  "score": [[token ids]] | null, "score_from": label | null,
                  "env": {arm_int4 launch plan's env (Plan.env)},
                  "engine_kwargs": {LLM kwargs from the plan (Plan.engine_kwargs())}}]}
-OUT = {label: {"texts", "token_ids", "prompt_token_ids", "ranks"?, "linear", "log"?} | {"error"}}
+OUT = {label: {"texts", "token_ids", "prompt_token_ids", "ranks"?, "linear", "layers", "log"?} | {"error"}}
+"layers": every Linear-like module vLLM built → {"scheme": its compressed-tensors scheme class or
+None (unquantized), "group_size": the scheme's (-1 channelwise)}.
 
 Each run applies its plan's env, then LLM(model, **engine_kwargs), and after it vLLM's
 cleanup_dist_env_and_memory() before the next. VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine
@@ -26,6 +28,22 @@ import os
 import sys
 
 MARK = "### arm-int4 vllm_generate run: "
+
+
+def linear_layers(model) -> dict:
+    """Per Linear module vLLM built (qkv_proj, gate_up_proj… as fused): its scheme and group size."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LinearBase):
+            continue
+        scheme = getattr(mod, "scheme", None)
+        out[name] = {
+            "scheme": type(scheme).__name__ if scheme is not None else None,
+            "group_size": getattr(scheme, "group_size", None),
+        }
+    return out
 
 
 def linear_kernel(model) -> dict:
@@ -48,6 +66,7 @@ def run_one(LLM, SamplingParams, run, prompts, earlier) -> dict:
             "token_ids": [list(o.outputs[0].token_ids) for o in outs],
             "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
             "linear": llm.apply_model(linear_kernel)[0],
+            "layers": llm.apply_model(linear_layers)[0],
         }
         score = run.get("score")
         if run.get("score_from"):

@@ -1,0 +1,498 @@
+"""`arm-int4 quantize MODEL --budget PCT`: a scheme per Linear, the smallest model within PCT%
+perplexity of the unquantized one.
+
+1. Units. Layers vLLM fuses into one GEMM (q/k/v → qkv_proj, gate/up → gate_up_proj: its
+   packed_modules_mapping for Llama, Qwen2, Mistral…) get one scheme together: vLLM picks one
+   scheme for a fused layer, so a split would be served wrong. Every other Linear is its own unit.
+2. Sensitivity. The model runs in transformers (fp32). For each unit and candidate (channelwise
+   mse, groupwise g128/g64/g32 minmax where the input width allows), that unit alone is
+   quantized with the stream engine's own math (qmath: the values written to disk), its inputs
+   fake-quantized to INT8 per token as vLLM's W4A8 kernel does, and the cost is the mean KL
+   divergence of the next-token distributions from the unquantized model's on calibration text:
+   the expected NLL increase on text like it, never negative, and steadier than the NLL change on
+   one text (which a unit can lower by chance there and raise elsewhere: measured on the tiny test
+   model, units "free" by ΔNLL on the calibration text cost +2.6% on the evaluation text). The
+   calibration text is the packaged GPTQ set (chat rows of Alice in Wonderland), never the
+   evaluation text (Newton's Opticks).
+3. Choice. Bytes on disk per unit and option (int8 values + scales, or the source dtype for BF16,
+   the last resort): the smallest total whose predicted cost (KL) sum is within budget
+   (ln(1 + PCT/100) nats), a multiple-choice knapsack solved by dynamic programming.
+4. Check. The whole choice is applied at once and its KL measured on the calibration text;
+   effects do not add exactly, so when the whole misses the budget the target is scaled down by
+   the miss and the choice repeats (a few rounds). The caller then writes it (one config group per scheme)
+   and measures perplexity through vLLM on the evaluation text: the figure users see.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..schemes import MixedScheme, Scheme
+from .preflight import QuantPlan
+
+__all__ = [
+    "CANDIDATES",
+    "Unit",
+    "Option",
+    "BudgetChoice",
+    "fused_units",
+    "option_bytes",
+    "choose",
+    "budget_nats",
+    "mixed_plan",
+    "format_map",
+    "Sensitivity",
+    "fit",
+    "Attempt",
+    "BudgetReport",
+    "VLLM_ROUNDS",
+]
+
+VLLM_ROUNDS = 3  # checkpoints written and measured through vLLM at most per --budget run
+
+CANDIDATES = (
+    Scheme("w4a8", "channelwise", None, "mse"),
+    Scheme("w4a8", "groupwise", 128, "minmax"),
+    Scheme("w4a8", "groupwise", 64, "minmax"),
+    Scheme("w4a8", "groupwise", 32, "minmax"),
+)
+_CODE = {None: "c", 128: "8", 64: "6", 32: "3"}  # the map's one-character cells; B = kept in BF16
+# vLLM's packed_modules_mapping for the dense decoders we name (fused layer → its parts)
+_FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+_UNIT_NAME = re.compile(r"(.*\.)?(\w+)\.weight")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Linears quantized together: one, or the parts of a layer vLLM fuses."""
+
+    name: str  # e.g. model.layers.3.self_attn.qkv
+    weights: tuple[str, ...]  # their weight tensors' names in the source checkpoint
+
+    @property
+    def layer(self) -> int | None:
+        m = re.search(r"\.layers\.(\d+)\.", self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Option:
+    scheme: Scheme | None  # None: kept in BF16 (the source dtype)
+    nbytes: int
+    kl: float  # mean KL divergence from the unquantized model, nats/token, this unit alone so quantized
+
+    @property
+    def code(self) -> str:
+        return "B" if self.scheme is None else _CODE.get(self.scheme.group_size, "?")
+
+
+@dataclass
+class BudgetChoice:
+    budget_pct: float
+    choice: dict[str, Option]  # unit name → option
+    units: list[Unit]
+    base_nll: float  # unquantized model's mean NLL on the calibration text
+    predicted_kl: float  # sum of the chosen options' KL
+    measured_kl: float  # the whole choice applied at once, on the calibration text
+    rounds: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def calibration_increase_pct(self) -> float:
+        return 100 * math.expm1(self.measured_kl)
+
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.choice.values())
+
+
+def fused_units(plan: QuantPlan) -> list[Unit]:
+    """The plan's targets grouped as vLLM fuses them, in checkpoint order."""
+    groups: dict[str, list[str]] = {}
+    for name in plan.targets:
+        m = _UNIT_NAME.fullmatch(plan.output_name(name))
+        prefix, proj = (m.group(1) or "", m.group(2)) if m else ("", name)
+        groups.setdefault(prefix + _FUSED.get(proj, proj), []).append(name)
+    return [Unit(k, tuple(v)) for k, v in groups.items()]
+
+
+def option_bytes(plan: QuantPlan, unit: Unit, scheme: Scheme | None, precision: str) -> int:
+    """Bytes on disk: BF16 = the source tensors; W4A8 = one int8 per value + a scale per row
+    (channelwise) or per group of G inputs, fp32 or in the source dtype."""
+    total = 0
+    for w in unit.weights:
+        t = plan.targets[w]
+        rows, cols = t.shape
+        if scheme is None:
+            total += t.nbytes
+        else:
+            scale_bytes = 4 if precision == "fp32" else t.nbytes // (rows * cols)
+            total += rows * cols + rows * (cols // scheme.group_size if scheme.group_size else 1) * scale_bytes
+    return total
+
+
+def budget_nats(pct: float) -> float:
+    """A perplexity increase of pct% as a mean-NLL increase: ln(1 + pct/100)."""
+    return math.log1p(pct / 100)
+
+
+def choose(options: dict[str, list[Option]], target_nats: float, steps: int = 2000) -> dict[str, Option]:
+    """The smallest options whose cost (KL) sum is within target: a multiple-choice knapsack solved
+    exactly by dynamic programming over the target cut into `steps` (each option's cost rounded
+    up to a step, so the sum never exceeds the target). Every unit's BF16 option costs 0, so a
+    choice always exists."""
+    import numpy as np
+
+    units = list(options)
+    step = target_nats / steps if target_nats > 0 else 0.0
+    inf = np.iinfo(np.int64).max // 4
+    best: np.ndarray = np.full(steps + 1, inf, dtype=np.int64)  # best[c]: fewest bytes at a total cost of c steps
+    best[0] = 0
+    picks: list[np.ndarray] = []
+    for u in units:
+        new = np.full_like(best, inf)
+        pick: np.ndarray = np.zeros(steps + 1, dtype=np.int64)
+        for i, o in enumerate(options[u]):
+            cost = math.ceil(o.kl / step - 1e-9) if step else (0 if o.kl <= 0 else steps + 1)
+            if cost > steps:
+                continue
+            cand = np.full_like(best, inf)
+            cand[cost:] = best[: steps + 1 - cost] + o.nbytes
+            better = cand < new
+            new[better], pick[better] = cand[better], i
+        best, picks = np.minimum(new, inf), picks + [pick]
+    c = int(np.argmin(best))
+    out: dict[str, Option] = {}
+    for u, pick in zip(reversed(units), reversed(picks), strict=True):
+        o = options[u][int(pick[c])]
+        out[u] = o
+        c -= math.ceil(o.kl / step - 1e-9) if step else 0
+    return {u: out[u] for u in units}
+
+
+def mixed_plan(plan: QuantPlan, units: list[Unit], choice: dict[str, Option]) -> QuantPlan:
+    """The plan with each unit's chosen scheme: units kept in BF16 leave the targets and join the
+    ignore list (as module names); the quantized ones form one config group per scheme."""
+    layer_schemes: dict[str, Scheme] = {}
+    kept: list[str] = []
+    for u in units:
+        s = choice[u.name].scheme
+        for w in u.weights:
+            if s is None:
+                kept.append(plan.output_name(w).removesuffix(".weight"))
+            else:
+                layer_schemes[w] = s
+    if not layer_schemes:
+        raise UsageError("the budget keeps every layer in BF16: nothing would be quantized")
+    parts = tuple(s for s in CANDIDATES if s in layer_schemes.values())
+    targets = {n: t for n, t in plan.targets.items() if n in layer_schemes}
+    ignore = list(plan.ignore if plan.config_ignore is None else plan.config_ignore) + kept
+    return QuantPlan(
+        plan.checkpoint,
+        parts[0] if len(parts) == 1 else MixedScheme(parts),
+        list(plan.ignore),
+        targets,
+        plan.renames,
+        ignore,
+        layer_schemes if len(parts) > 1 else {},
+    )
+
+
+def format_map(units: list[Unit], choice: dict[str, Option]) -> str:
+    """One row per kind of unit (qkv, o_proj, gate_up, down_proj), one character per layer."""
+    legend = "c channelwise-mse, 8/6/3 groupwise g128/g64/g32 minmax, B kept in BF16"
+    layers = sorted({u.layer for u in units if u.layer is not None})
+    rows: dict[str, dict[int, str]] = {}
+    others = []
+    for u in units:
+        if u.layer is None:
+            others.append(f"{u.name}: {choice[u.name].code}")
+        else:
+            rows.setdefault(u.kind, {})[u.layer] = choice[u.name].code
+    width = max((len(k) for k in rows), default=0)
+    lines = [f"per-layer schemes ({legend}); layers {layers[0]}…{layers[-1]} left to right" if layers else legend]
+    lines += [f"  {k:<{width}}  " + "".join(r.get(i, " ") for i in layers) for k, r in rows.items()]
+    lines += [f"  {x}" for x in others]
+    return "\n".join(lines)
+
+
+class Sensitivity:
+    """The source model in transformers (fp32) and the calibration tokens: the KL divergence from
+    its own next-token distributions with any set of units quantized (weights by qmath, inputs
+    fake-quantized to INT8 per token)."""
+
+    def __init__(self, plan: QuantPlan, precision: str, tokens: int, progress: Callable[[str], None] | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .llmc import packaged_calibration
+
+        self.plan, self.precision, self.progress = plan, precision, progress or (lambda s: None)
+        path = str(plan.checkpoint.path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        self.ids = calibration_ids(tok, packaged_calibration(), tokens)
+        self.modules = dict(self.model.named_modules())
+        self.original: dict[str, object] = {}
+        self.base_logp = self._logp({})
+        self.base_nll = float(-self.base_logp[:-1].gather(1, self.ids[0, 1:, None]).mean())
+
+    def _module(self, weight: str):
+        name = self.plan.output_name(weight).removesuffix(".weight")
+        if name not in self.modules:
+            raise UsageError(f"--budget: layer {name} is not a module of the model transformers builds")
+        return self.modules[name]
+
+    def kl(self, schemes: dict[str, Scheme]) -> float:
+        """Mean KL(unquantized ‖ quantized) of the next-token distributions, nats/token, with the
+        weights in `schemes` (tensor name → scheme) quantized."""
+        logp = self._logp(schemes)
+        return float((self.base_logp.exp() * (self.base_logp - logp)).sum(-1).mean())
+
+    def _logp(self, schemes: dict[str, Scheme]):
+        """log-softmax of the logits at every calibration position, [tokens, vocab]."""
+        import torch
+
+        hooks, saved = [], []
+        try:
+            for w, s in schemes.items():
+                m = self._module(w)
+                saved.append((m, m.weight.data))
+                m.weight.data = self.dequantized(w, s)
+                hooks.append(m.register_forward_pre_hook(_int8_per_token))
+            with torch.no_grad():
+                return torch.log_softmax(self.model(self.ids).logits[0].float(), dim=-1)
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, data in saved:
+                m.weight.data = data
+
+    def dequantized(self, weight: str, scheme: Scheme):
+        """int values × scales in fp32, from the stream engine's own math on the stored weight."""
+        from .qmath import quantize_weight
+
+        src = self._source(weight)
+        q, scale = quantize_weight(src, scheme.group_size, scheme.observer, self.precision)
+        g = scheme.group_size or src.shape[1]
+        return (q.float().unflatten(-1, (-1, g)) * scale.float().unsqueeze(-1)).reshape(src.shape)
+
+    def _source(self, weight: str):
+        """The weight as stored (bf16…), read once from the checkpoint: what the stream engine sees."""
+        if weight not in self.original:
+            from .safetensors_io import ShardReader
+
+            for shard, tensors in self.plan.checkpoint.shards.items():
+                if weight in tensors:
+                    with ShardReader(self.plan.checkpoint.path / shard) as r:
+                        self.original[weight] = r.read(weight)
+        return self.original[weight]
+
+    def cache_key(self) -> str:
+        """What the measured options depend on: the model's config and weights (each shard's size
+        and mtime), the calibration tokens, the observer precision and the candidates."""
+        import hashlib
+        import json
+
+        ck = self.plan.checkpoint
+        files = sorted((ck.path / f for f in ck.shards), key=str)
+        facts = {
+            "config": ck.config,
+            "shards": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+            "ids": hashlib.sha256(json.dumps(self.ids[0].tolist()).encode()).hexdigest(),
+            "precision": self.precision,
+            "candidates": [s.label for s in CANDIDATES],
+            "targets": sorted(self.plan.targets),
+            "version": 1,
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def options(self, units: list[Unit], cache_dir: Path | None = None) -> dict[str, list[Option]]:
+        """Every unit × candidate, measured one at a time; kept in cache_dir (by cache_key), so a
+        second budget on the same model costs no sensitivity pass."""
+        import json
+
+        cached = cache_dir / f"{self.cache_key()}.json" if cache_dir else None
+        if cached and cached.is_file():
+            by_label = {s.label: s for s in CANDIDATES}
+            raw = json.loads(cached.read_text())
+            self.progress(f"budget: per-layer sensitivity from {cached}")
+            return {
+                u: [Option(by_label[o["scheme"]] if o["scheme"] else None, o["nbytes"], o["kl"]) for o in opts]
+                for u, opts in raw.items()
+            }
+        out = self._measure(units)
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{os.getpid()}")
+            rows = {
+                u: [{"scheme": o.scheme.label if o.scheme else None, "nbytes": o.nbytes, "kl": o.kl} for o in opts]
+                for u, opts in out.items()
+            }
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, cached)
+        return out
+
+    def _measure(self, units: list[Unit]) -> dict[str, list[Option]]:
+        out: dict[str, list[Option]] = {}
+        t0 = time.time()
+        for i, u in enumerate(units):
+            opts = [Option(None, option_bytes(self.plan, u, None, self.precision), 0.0)]
+            for s in CANDIDATES:
+                if s.group_size and any(self.plan.targets[w].shape[1] % s.group_size for w in u.weights):
+                    continue
+                d = self.kl({w: s for w in u.weights})
+                opts.append(Option(s, option_bytes(self.plan, u, s, self.precision), max(d, 0.0)))
+            out[u.name] = opts
+            self.progress(f"budget: sensitivity {i + 1}/{len(units)} units ({time.time() - t0:.0f} s)")
+        return out
+
+
+def calibration_ids(tokenizer, path, tokens: int):
+    """The first `tokens` tokens of the calibration rows, chat-templated as GPTQ sees them, one row
+    after another: a [1, tokens] tensor."""
+    import json
+
+    import torch
+
+    ids: list[int] = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "messages" in row and tokenizer.chat_template:
+                text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            else:
+                text = row.get("text") or " ".join(m["content"] for m in row.get("messages", []))
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= tokens:
+                break
+    if len(ids) < tokens:
+        raise UsageError(f"--budget: the calibration set has {len(ids)} tokens, fewer than {tokens}")
+    return torch.tensor([ids[:tokens]])
+
+
+def _int8_per_token(module, args):
+    """vLLM W4A8's activations: INT8, asymmetric, one scale and zero point per token (fake-quantized)."""
+    import torch
+
+    (x,) = args[:1]
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
+    scale = torch.clamp((hi - lo) / 255, min=1e-12)
+    zp = torch.round(-lo / scale) - 128
+    q = torch.clamp(torch.round(x / scale) + zp, -128, 127)
+    return ((q - zp) * scale,) + tuple(args[1:])
+
+
+def fit(
+    sens: Sensitivity,
+    units: list[Unit],
+    options: dict[str, list[Option]],
+    budget_pct: float,
+    target: float | None = None,
+    rounds: int = 4,
+) -> BudgetChoice:
+    """Choose within budget (from `target` nats, default the budget's), check the choice as a whole
+    on the calibration text, and tighten the target while the whole misses the budget."""
+    t0 = time.time()
+    want = budget_nats(budget_pct)
+    target = want if target is None else target
+    log: list[dict] = []
+    choice: dict[str, Option] = {}
+    measured = predicted = 0.0
+    for _ in range(rounds):
+        choice = choose(options, target)
+        predicted = sum(o.kl for o in choice.values())
+        schemes = {w: o.scheme for u in units for w in u.weights if (o := choice[u.name]).scheme is not None}
+        measured = sens.kl(schemes)
+        log.append({"target_nats": target, "predicted_nats": predicted, "measured_nats": measured})
+        sens.progress(
+            f"budget: target {target:.4f} nats, predicted KL {predicted:.4f}, measured {measured:.4f} "
+            f"on the calibration text (budget {want:.4f})"
+        )
+        if measured <= want or predicted <= 0:
+            break
+        target *= want / measured  # the whole missed by measured/want: aim lower by that ratio
+    return BudgetChoice(budget_pct, choice, units, sens.base_nll, predicted, measured, log, time.time() - t0)
+
+
+@dataclass
+class Attempt:
+    """One written choice and its perplexity through vLLM."""
+
+    choice: BudgetChoice
+    plan: QuantPlan
+    stats: Any  # StreamStats
+    verified: Any  # VerifyReport
+    record: dict  # evaluate.perplexity's record
+    path: Path
+    increase_pct: float
+
+    def line(self, report: BudgetReport) -> str:
+        b = report.base
+        return (
+            f"budget: {self.verified.nbytes / 2**20:.1f} MiB of tensors "
+            f"({100 * self.verified.nbytes / report.source_bytes:.0f}% of {report.source_bytes / 2**20:.1f} MiB), "
+            f"perplexity through vLLM on {self.record['text']} "
+            f"({self.record['scored_tokens']} tokens): {b['ppl']:.3f} → {self.record['ppl']:.3f} "
+            f"({self.increase_pct:+.1f}%, budget {report.budget_pct:g}%)"
+        )
+
+
+@dataclass
+class BudgetReport:
+    budget_pct: float
+    source_bytes: int
+    base: dict = field(default_factory=dict)  # the source model's perplexity record
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def add(self, choice: BudgetChoice, plan: QuantPlan, stats, verified, record: dict, path: Path) -> None:
+        pct = 100 * (record["ppl"] / self.base["ppl"] - 1)
+        self.attempts.append(Attempt(choice, plan, stats, verified, record, path, pct))
+
+    def best(self) -> Attempt:
+        """The first within budget (later attempts only aim lower, so it is the smallest), else the
+        lowest perplexity."""
+        within = [a for a in self.attempts if a.increase_pct <= self.budget_pct]
+        return within[0] if within else min(self.attempts, key=lambda a: a.increase_pct)
+
+    def not_met_line(self, kept: bool) -> str:
+        b = self.best()
+        return (
+            f"--budget {self.budget_pct:g}: not met through vLLM after {len(self.attempts)} attempts "
+            f"(best {b.increase_pct:+.1f}% perplexity at {b.verified.nbytes / 2**20:.1f} MiB); "
+            + (
+                "kept it as asked (--keep-best)"
+                if kept
+                else "nothing written: raise --budget, or --keep-best to keep it"
+            )
+        )
+
+    def summary(self) -> str:
+        a = self.best()
+        c = a.choice
+        counts: dict[str, int] = {}
+        for o in c.choice.values():
+            counts[o.code] = counts.get(o.code, 0) + 1
+        return "\n".join(
+            [
+                f"  budget {self.budget_pct:g}%: {len(c.units)} units (fused as vLLM fuses them), "
+                + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
+                + f"; on the calibration text ({len(c.rounds)} rounds): predicted "
+                f"{100 * math.expm1(c.predicted_kl):+.1f}%, measured {c.calibration_increase_pct:+.1f}% (KL as a "
+                "perplexity increase)",
+                "  " + format_map(c.units, c.choice).replace("\n", "\n  "),
+                "  " + a.line(self),
+            ]
+        )
