@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import kernels
-from .errors import UsageError
+from .errors import BudgetNotMet, UsageError
 from .models import DEFAULT_PROVENANCE_NOTE, cache_home, default_model_dir
 from .options import QuantizeOptions
 from .schemes import Scheme, output_dir_name
@@ -41,7 +41,7 @@ DEMO_CONFIGS: list = [("channelwise", "mse", 32), ("groupwise", "minmax", 32)]
 # quantize --budget: perplexity increase allowed (%), and calibration tokens for the per-layer
 # sensitivity (full run, --quick; the pass is cached per model, so a second demo skips it)
 DEMO_BUDGET = 10.0
-DEMO_BUDGET_TOKENS = {False: 1024, True: 256}
+DEMO_BUDGET_TOKENS = {False: 512, True: 128}
 # Tokens of text scored per model (full run, --quick): the x86 W4A8 fallback scores ~4-9 tokens/s.
 DEMO_TOKENS = {False: 512, True: 128}
 # bench workload (prompts, gens, batches, repetitions) per mode; eager engines: they start in
@@ -120,17 +120,22 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
     n = DEMO_TOKENS[quick]
     _log(f"step 2/4: quantize 3/3 (a scheme per layer within {DEMO_BUDGET:g}% perplexity, checked through vLLM)")
     t0 = time.time()
-    res = quantize(
-        QuantizeOptions(
-            model=str(base),
-            budget=DEMO_BUDGET,
-            budget_tokens=DEMO_BUDGET_TOKENS[quick],
-            budget_eval_tokens=n,
-            keep_best=True,
-            output=str(out_root / budget_name),
-            overwrite=True,
-        )
+    budget_opts = QuantizeOptions(
+        model=str(base),
+        budget=DEMO_BUDGET,
+        budget_tokens=DEMO_BUDGET_TOKENS[quick],
+        budget_eval_tokens=n,
+        keep_best=True,
+        output=str(out_root / budget_name),
+        overwrite=True,
     )
+    try:
+        res = quantize(budget_opts)
+    except BudgetNotMet as exc:  # kept (--keep-best): the table shows by how much it missed
+        if exc.result is None:
+            raise
+        _log(str(exc))
+        res = exc.result
     rows.append(
         DemoRow(
             f"W4A8 per-layer, budget {DEMO_BUDGET:g}%",

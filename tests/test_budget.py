@@ -19,6 +19,7 @@ from arm_int4 import evaluate
 from arm_int4.quantize import BUDGET_BASE, budget, quantize, verify_dir
 from arm_int4.quantize.options import QuantizeOptions
 from arm_int4.quantize.preflight import plan_quantization, read_source_checkpoint
+from arm_int4.quantize.sensitivity import Sensitivity
 from arm_int4.quantize.stream import run_stream
 from arm_int4.schemes import MixedScheme, scheme_from_config
 
@@ -147,7 +148,7 @@ def test_sensitivity_quantizes_as_the_stream_engine_writes(trained_llama, tmp_pa
     """The weights the sensitivity pass measures are the written int values × scales."""
     out = tmp_path / "mixed"
     plan, units, choice = write_mixed(trained_llama, out)
-    sens = budget.Sensitivity(plan, "weight", 64)
+    sens = Sensitivity(plan, "weight", 64)
     written = load_file(out / "model.safetensors")
     for u in units:
         s = choice[u.name].scheme
@@ -256,14 +257,25 @@ def test_sensitivity_is_cached_per_model_and_settings(trained_llama, tmp_path):
     plan = _plan(trained_llama)
     units = budget.fused_units(plan)
     said: list[str] = []
-    first = budget.Sensitivity(plan, "weight", 64, said.append).options(units, tmp_path)
-    again = budget.Sensitivity(plan, "weight", 64, said.append)
+    first = Sensitivity(plan, "weight", 64, said.append).options(units, tmp_path)
+    again = Sensitivity(plan, "weight", 64, said.append)
     assert again.options(units, tmp_path) == first and said[-1].startswith("budget: per-layer sensitivity from")
     # other settings: another key, measured afresh
-    assert budget.Sensitivity(plan, "fp32", 64).cache_key() != again.cache_key()
-    assert budget.Sensitivity(plan, "weight", 32).cache_key() != again.cache_key()
+    assert Sensitivity(plan, "fp32", 64).cache_key() != again.cache_key()
+    assert Sensitivity(plan, "weight", 32).cache_key() != again.cache_key()
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
 def test_budget_check_scores_what_arm_int4_eval_scores_by_default():
     assert QuantizeOptions.__dataclass_fields__["budget_eval_tokens"].default == evaluate.NUM_TOKENS
+
+
+def test_a_budget_no_layer_fits_is_one_line_and_writes_nothing(trained_llama, tmp_path):
+    """On the trained tiny Llama the least costly unit × scheme costs 2.2e-6 nats (KL, 512
+    calibration tokens): a 0.0001% budget (1e-6 nats) fits no INT4 layer. Refused before vLLM."""
+    r = run_cli("quantize", trained_llama, "--budget", "0.0001", "--output", tmp_path / "o")
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("arm-int4 quantize: error:")]
+    needle = "--budget 0.0001: cannot be met: the least costly INT4 layer alone costs"
+    assert len(err) == 1 and needle in err[0], r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.arm-int4-*"))

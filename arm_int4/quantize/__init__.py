@@ -130,20 +130,22 @@ def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, o
     """--budget: choose (budget.py), write with the stream engine, measure through vLLM; while the
     measured increase is over budget, aim lower by the miss (at most VLLM_ROUNDS writes)."""
     from . import budget
+    from .sensitivity import Sensitivity
     from .stream import run_stream
 
     t0 = time.time()
-    sens = budget.Sensitivity(plan, opts.observer_precision, opts.budget_tokens, _log)
+    sens = Sensitivity(plan, opts.observer_precision, opts.budget_tokens, _log)
     units = budget.fused_units(plan)
     options = sens.options(units, cache_home() / "budget")
     report = budget.BudgetReport(budget_pct=pct, source_bytes=plan.checkpoint.nbytes)
-    report.base = _perplexity(model_dir, opts.budget_eval_tokens)
     target = None
     tries: list[Path] = []
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         for attempt in range(budget.VLLM_ROUNDS):
-            choice = budget.fit(sens, units, options, pct, target)
+            choice = budget.fit(sens, units, options, pct, target)  # a budget no layer fits: refused here
+            if not report.base:  # the source through vLLM, once (after the first choice: nothing is refused later)
+                report.base = _perplexity(model_dir, opts.budget_eval_tokens)
             mplan = budget.mixed_plan(plan, units, choice.choice)
             tmp = out.parent / f".{out.name}.arm-int4-try{attempt}-{os.getpid()}"
             tries.append(tmp)

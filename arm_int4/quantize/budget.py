@@ -26,17 +26,16 @@ perplexity of the unquantized one.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import BudgetNotMet, UsageError
 from ..schemes import MixedScheme, Scheme
 from .preflight import QuantPlan
+from .sensitivity import Sensitivity
 
 __all__ = [
     "CANDIDATES",
@@ -49,7 +48,6 @@ __all__ = [
     "budget_nats",
     "mixed_plan",
     "format_map",
-    "Sensitivity",
     "fit",
     "Attempt",
     "BudgetReport",
@@ -193,7 +191,7 @@ def mixed_plan(plan: QuantPlan, units: list[Unit], choice: dict[str, Option]) ->
                 kept.append(plan.output_name(w).removesuffix(".weight"))
             else:
                 layer_schemes[w] = s
-    if not layer_schemes:
+    if not layer_schemes:  # fit() refuses this with the figures first; a guard for other callers
         raise UsageError("the budget keeps every layer in BF16: nothing would be quantized")
     parts = tuple(s for s in CANDIDATES if s in layer_schemes.values())
     targets = {n: t for n, t in plan.targets.items() if n in layer_schemes}
@@ -227,174 +225,6 @@ def format_map(units: list[Unit], choice: dict[str, Option]) -> str:
     return "\n".join(lines)
 
 
-class Sensitivity:
-    """The source model in transformers (fp32) and the calibration tokens: the KL divergence from
-    its own next-token distributions with any set of units quantized (weights by qmath, inputs
-    fake-quantized to INT8 per token)."""
-
-    def __init__(self, plan: QuantPlan, precision: str, tokens: int, progress: Callable[[str], None] | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .llmc import packaged_calibration
-
-        self.plan, self.precision, self.progress = plan, precision, progress or (lambda s: None)
-        path = str(plan.checkpoint.path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(path)
-        self.ids = calibration_ids(tok, packaged_calibration(), tokens)
-        self.modules = dict(self.model.named_modules())
-        self.original: dict[str, object] = {}
-        self.base_logp = self._logp({})
-        self.base_nll = float(-self.base_logp[:-1].gather(1, self.ids[0, 1:, None]).mean())
-
-    def _module(self, weight: str):
-        name = self.plan.output_name(weight).removesuffix(".weight")
-        if name not in self.modules:
-            raise UsageError(f"--budget: layer {name} is not a module of the model transformers builds")
-        return self.modules[name]
-
-    def kl(self, schemes: dict[str, Scheme]) -> float:
-        """Mean KL(unquantized ‖ quantized) of the next-token distributions, nats/token, with the
-        weights in `schemes` (tensor name → scheme) quantized."""
-        logp = self._logp(schemes)
-        return float((self.base_logp.exp() * (self.base_logp - logp)).sum(-1).mean())
-
-    def _logp(self, schemes: dict[str, Scheme]):
-        """log-softmax of the logits at every calibration position, [tokens, vocab]."""
-        import torch
-
-        hooks, saved = [], []
-        try:
-            for w, s in schemes.items():
-                m = self._module(w)
-                saved.append((m, m.weight.data))
-                m.weight.data = self.dequantized(w, s)
-                hooks.append(m.register_forward_pre_hook(_int8_per_token))
-            with torch.no_grad():
-                return torch.log_softmax(self.model(self.ids).logits[0].float(), dim=-1)
-        finally:
-            for h in hooks:
-                h.remove()
-            for m, data in saved:
-                m.weight.data = data
-
-    def dequantized(self, weight: str, scheme: Scheme):
-        """int values × scales in fp32, from the stream engine's own math on the stored weight."""
-        from .qmath import quantize_weight
-
-        src = self._source(weight)
-        q, scale = quantize_weight(src, scheme.group_size, scheme.observer, self.precision)
-        g = scheme.group_size or src.shape[1]
-        return (q.float().unflatten(-1, (-1, g)) * scale.float().unsqueeze(-1)).reshape(src.shape)
-
-    def _source(self, weight: str):
-        """The weight as stored (bf16…), read once from the checkpoint: what the stream engine sees."""
-        if weight not in self.original:
-            from .safetensors_io import ShardReader
-
-            for shard, tensors in self.plan.checkpoint.shards.items():
-                if weight in tensors:
-                    with ShardReader(self.plan.checkpoint.path / shard) as r:
-                        self.original[weight] = r.read(weight)
-        return self.original[weight]
-
-    def cache_key(self) -> str:
-        """What the measured options depend on: the model's config and weights (each shard's size
-        and mtime), the calibration tokens, the observer precision and the candidates."""
-        import hashlib
-        import json
-
-        ck = self.plan.checkpoint
-        files = sorted((ck.path / f for f in ck.shards), key=str)
-        facts = {
-            "config": ck.config,
-            "shards": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-            "ids": hashlib.sha256(json.dumps(self.ids[0].tolist()).encode()).hexdigest(),
-            "precision": self.precision,
-            "candidates": [s.label for s in CANDIDATES],
-            "targets": sorted(self.plan.targets),
-            "version": 1,
-        }
-        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-    def options(self, units: list[Unit], cache_dir: Path | None = None) -> dict[str, list[Option]]:
-        """Every unit × candidate, measured one at a time; kept in cache_dir (by cache_key), so a
-        second budget on the same model costs no sensitivity pass."""
-        import json
-
-        cached = cache_dir / f"{self.cache_key()}.json" if cache_dir else None
-        if cached and cached.is_file():
-            by_label = {s.label: s for s in CANDIDATES}
-            raw = json.loads(cached.read_text())
-            self.progress(f"budget: per-layer sensitivity from {cached}")
-            return {
-                u: [Option(by_label[o["scheme"]] if o["scheme"] else None, o["nbytes"], o["kl"]) for o in opts]
-                for u, opts in raw.items()
-            }
-        out = self._measure(units)
-        if cached:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{os.getpid()}")
-            rows = {
-                u: [{"scheme": o.scheme.label if o.scheme else None, "nbytes": o.nbytes, "kl": o.kl} for o in opts]
-                for u, opts in out.items()
-            }
-            tmp.write_text(json.dumps(rows, indent=1))
-            os.replace(tmp, cached)
-        return out
-
-    def _measure(self, units: list[Unit]) -> dict[str, list[Option]]:
-        out: dict[str, list[Option]] = {}
-        t0 = time.time()
-        for i, u in enumerate(units):
-            opts = [Option(None, option_bytes(self.plan, u, None, self.precision), 0.0)]
-            for s in CANDIDATES:
-                if s.group_size and any(self.plan.targets[w].shape[1] % s.group_size for w in u.weights):
-                    continue
-                d = self.kl({w: s for w in u.weights})
-                opts.append(Option(s, option_bytes(self.plan, u, s, self.precision), max(d, 0.0)))
-            out[u.name] = opts
-            self.progress(f"budget: sensitivity {i + 1}/{len(units)} units ({time.time() - t0:.0f} s)")
-        return out
-
-
-def calibration_ids(tokenizer, path, tokens: int):
-    """The first `tokens` tokens of the calibration rows, chat-templated as GPTQ sees them, one row
-    after another: a [1, tokens] tensor."""
-    import json
-
-    import torch
-
-    ids: list[int] = []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if "messages" in row and tokenizer.chat_template:
-                text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
-            else:
-                text = row.get("text") or " ".join(m["content"] for m in row.get("messages", []))
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) >= tokens:
-                break
-    if len(ids) < tokens:
-        raise UsageError(f"--budget: the calibration set has {len(ids)} tokens, fewer than {tokens}")
-    return torch.tensor([ids[:tokens]])
-
-
-def _int8_per_token(module, args):
-    """vLLM W4A8's activations: INT8, asymmetric, one scale and zero point per token (fake-quantized)."""
-    import torch
-
-    (x,) = args[:1]
-    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
-    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
-    scale = torch.clamp((hi - lo) / 255, min=1e-12)
-    zp = torch.round(-lo / scale) - 128
-    q = torch.clamp(torch.round(x / scale) + zp, -128, 127)
-    return ((q - zp) * scale,) + tuple(args[1:])
-
-
 def fit(
     sens: Sensitivity,
     units: list[Unit],
@@ -408,6 +238,12 @@ def fit(
     t0 = time.time()
     want = budget_nats(budget_pct)
     target = want if target is None else target
+    cheapest = min((o.kl for opts in options.values() for o in opts if o.scheme is not None), default=math.inf)
+    if cheapest > want:
+        raise BudgetNotMet(
+            f"--budget {budget_pct:g}: cannot be met: the least costly INT4 layer alone costs {cheapest:.2g} nats "
+            f"(≈ {100 * math.expm1(cheapest):.2g}% perplexity) on the calibration text; nothing written: raise --budget"
+        )
     log: list[dict] = []
     choice: dict[str, Option] = {}
     measured = predicted = 0.0

@@ -70,7 +70,12 @@ class QuantizeOptions:
         "calibration text, the result checked through vLLM on the evaluation text (docs/accuracy.md)",
         metavar="PCT",
     )
-    budget_tokens: int = opt(1024, "calibration tokens for --budget's per-layer sensitivity", metavar="N")
+    budget_tokens: int = opt(
+        512,
+        "calibration tokens for --budget's per-layer sensitivity (its time grows with them: ~1 forward pass "
+        "per unit and candidate)",
+        metavar="N",
+    )
     budget_eval_tokens: int = opt(
         4096,  # = evaluate.NUM_TOKENS (not imported here: the library must not load the eval command)
         "evaluation-text tokens --budget's vLLM check scores (arm-int4 eval's default; fewer is faster on "
