@@ -127,8 +127,9 @@ def _check_budget_options(opts: QuantizeOptions, pct: float, engine: str) -> Non
 
 
 def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, out: Path) -> QuantResult:
-    """--budget: choose (budget.py), write with the stream engine, measure through vLLM; while the
-    measured increase is over budget, aim lower by the miss (at most VLLM_ROUNDS writes)."""
+    """--budget: choose (budget.py), write with the stream engine, measure through vLLM, and aim the
+    next choice at the budget from what vLLM measured, until an attempt lands within
+    [CLOSE_ENOUGH, 1] × budget (at most VLLM_ROUNDS writes); keep the smallest within budget."""
     from . import budget
     from .sensitivity import Sensitivity
     from .stream import run_stream
@@ -138,12 +139,12 @@ def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, o
     units = budget.fused_units(plan)
     options = sens.options(units, cache_home() / "budget")
     report = budget.BudgetReport(budget_pct=pct, source_bytes=plan.checkpoint.nbytes)
-    target = None
+    limit = None  # calibration-KL nats the whole choice may cost; rescaled by what vLLM measures
     tries: list[Path] = []
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         for attempt in range(budget.VLLM_ROUNDS):
-            choice = budget.fit(sens, units, options, pct, target)  # a budget no layer fits: refused here
+            choice = budget.fit(sens, units, options, pct, limit)  # a budget no layer fits: refused here
             if not report.base:  # the source through vLLM, once (after the first choice: nothing is refused later)
                 report.base = _perplexity(model_dir, opts.budget_eval_tokens)
             mplan = budget.mixed_plan(plan, units, choice.choice)
@@ -155,10 +156,14 @@ def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, o
             rec = _perplexity(tmp, opts.budget_eval_tokens)
             report.add(choice, mplan, stats, verified, rec, tmp)
             _log(report.attempts[-1].line(report))
-            if report.attempts[-1].increase_pct <= pct:
+            increase = report.attempts[-1].increase_pct
+            if budget.CLOSE_ENOUGH * pct <= increase <= pct:
                 break
-            miss = max(rec["nll"] - report.base["nll"], 1e-9)  # nats over the source, through vLLM
-            target = choice.rounds[-1]["target_nats"] * budget.budget_nats(pct) / miss
+            # calibration KL → perplexity through vLLM, as measured: aim the next choice at the budget
+            # (tighter after a miss, looser when far under it: a smaller model may fit)
+            seen = rec["nll"] - report.base["nll"]
+            scale = budget.budget_nats(pct) / seen if seen > 0 else 2.0
+            limit = choice.measured_kl * min(scale, 4.0)
         best = report.best()
         if best.increase_pct > pct and not opts.keep_best:
             raise BudgetNotMet(report.not_met_line(kept=False))

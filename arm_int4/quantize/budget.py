@@ -18,9 +18,12 @@ perplexity of the unquantized one.
    the last resort): the smallest total whose predicted cost (KL) sum is within budget
    (ln(1 + PCT/100) nats), a multiple-choice knapsack solved by dynamic programming.
 4. Check. The whole choice is applied at once and its KL measured on the calibration text;
-   effects do not add exactly, so when the whole misses the budget the target is scaled down by
-   the miss and the choice repeats (a few rounds). The caller then writes it (one config group per scheme)
-   and measures perplexity through vLLM on the evaluation text: the figure users see.
+   effects do not add exactly, so when the whole exceeds the limit the target is scaled down by
+   the miss and the choice repeats (a few rounds). The caller then writes it (one config group
+   per scheme) and measures perplexity through vLLM on the evaluation text, the figure users see,
+   and rescales the limit by what it measured (calibration KL → vLLM perplexity): tighter after a
+   miss, looser when well under the budget, so a smaller model may fit (≤ VLLM_ROUNDS writes; the
+   smallest within budget is kept).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ __all__ = [
 ]
 
 VLLM_ROUNDS = 3  # checkpoints written and measured through vLLM at most per --budget run
+CLOSE_ENOUGH = 0.75  # a vLLM-measured increase within [0.75, 1] × budget ends the search
 
 CANDIDATES = (
     Scheme("w4a8", "channelwise", None, "mse"),
@@ -230,14 +234,16 @@ def fit(
     units: list[Unit],
     options: dict[str, list[Option]],
     budget_pct: float,
-    target: float | None = None,
+    limit: float | None = None,
     rounds: int = 4,
 ) -> BudgetChoice:
-    """Choose within budget (from `target` nats, default the budget's), check the choice as a whole
-    on the calibration text, and tighten the target while the whole misses the budget."""
+    """Choose the smallest options whose summed KL is within `limit` (calibration-KL nats; default
+    the budget's ln(1 + PCT/100)), check the choice as a whole on the calibration text, and tighten
+    while the whole exceeds the limit. The caller rescales `limit` from what vLLM measures."""
     t0 = time.time()
     want = budget_nats(budget_pct)
-    target = want if target is None else target
+    limit = want if limit is None else limit
+    target = limit
     cheapest = min((o.kl for opts in options.values() for o in opts if o.scheme is not None), default=math.inf)
     if cheapest > want:
         raise BudgetNotMet(
@@ -255,11 +261,11 @@ def fit(
         log.append({"target_nats": target, "predicted_nats": predicted, "measured_nats": measured})
         sens.progress(
             f"budget: target {target:.4f} nats, predicted KL {predicted:.4f}, measured {measured:.4f} "
-            f"on the calibration text (budget {want:.4f})"
+            f"on the calibration text (limit {limit:.4f})"
         )
-        if measured <= want or predicted <= 0:
+        if measured <= limit or predicted <= 0:
             break
-        target *= want / measured  # the whole missed by measured/want: aim lower by that ratio
+        target *= limit / measured  # the whole missed by measured/limit: aim lower by that ratio
     return BudgetChoice(budget_pct, choice, units, sens.base_nll, predicted, measured, log, time.time() - t0)
 
 
@@ -298,10 +304,11 @@ class BudgetReport:
         self.attempts.append(Attempt(choice, plan, stats, verified, record, path, pct))
 
     def best(self) -> Attempt:
-        """The first within budget (later attempts only aim lower, so it is the smallest), else the
-        lowest perplexity."""
+        """The smallest attempt within budget, else the one with the lowest perplexity."""
         within = [a for a in self.attempts if a.increase_pct <= self.budget_pct]
-        return within[0] if within else min(self.attempts, key=lambda a: a.increase_pct)
+        if within:
+            return min(within, key=lambda a: a.verified.nbytes)
+        return min(self.attempts, key=lambda a: a.increase_pct)
 
     def not_met_line(self, kept: bool) -> str:
         b = self.best()
