@@ -115,9 +115,6 @@ class BudgetChoice:
     def calibration_increase_pct(self) -> float:
         return 100 * math.expm1(self.measured_kl)
 
-    def nbytes(self) -> int:
-        return sum(o.nbytes for o in self.choice.values())
-
 
 def fused_units(plan: QuantPlan) -> list[Unit]:
     """The plan's targets grouped as vLLM fuses them, in checkpoint order."""
