@@ -279,3 +279,45 @@ def test_a_budget_no_layer_fits_is_one_line_and_writes_nothing(trained_llama, tm
     needle = "--budget 0.0001: cannot be met: the least costly INT4 layer alone costs"
     assert len(err) == 1 and needle in err[0], r.stderr
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.arm-int4-*"))
+
+
+# ------------------------------------------------------------------------------ a budget vLLM misses
+# On the trap model (tests/helpers/budget_trap.py) every INT4 layer is free on the calibration text
+# and costly on the evaluation text: alone, each costs +2.9% to +30000% perplexity on its first 1024
+# tokens (transformers, fake-quantized, every candidate; +7.3% the least through vLLM in the run
+# by hand), so a 1% budget chosen on calibration misses through vLLM at every attempt.
+TRAP_BUDGET = ["--budget", "1", "--budget-eval-tokens", "1024"]
+
+
+@pytest.fixture(scope="module")
+def trap(trained_llama, tmp_path_factory) -> Path:
+    from helpers import budget_trap
+
+    return budget_trap.build(trained_llama, tmp_path_factory.mktemp("trap") / "trap")
+
+
+def _attempts(stderr: str) -> list[float]:
+    """The perplexity increase of each attempt, from its progress line."""
+    return [float(x) for x in re.findall(r"^arm-int4: budget: .* through vLLM .*\(([-+][\d.]+)%, budget", stderr, re.M)]
+
+
+@pytest.mark.requires_vllm
+def test_a_budget_vllm_misses_keeps_the_best_only_with_keep_best(trap, tmp_path):
+    r = run_cli("quantize", trap, *TRAP_BUDGET, "--keep-best", "--output", tmp_path / "kept")
+    assert r.returncode == 1, r.stderr[-3000:]
+    tried = _attempts(r.stderr)
+    assert 1 <= len(tried) <= budget.VLLM_ROUNDS and min(tried) > 1.0, r.stderr[-3000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("arm-int4 quantize: error:")]
+    assert len(err) == 1 and f"not met through vLLM after {len(tried)} attempts" in err[0], r.stderr[-3000:]
+    assert f"(best {min(tried):+.1f}% perplexity" in err[0] and err[0].endswith("kept it as asked (--keep-best)")
+    # the attempt with the lowest perplexity is what was kept: a checkpoint that verifies, with its summary
+    assert verify_dir(tmp_path / "kept").layers > 0
+    assert f"({min(tried):+.1f}%, budget 1%)" in r.stdout and f"output: {tmp_path / 'kept'}" in r.stdout
+    assert not list(tmp_path.glob(".kept.arm-int4-*"))  # the other attempts are gone
+
+    r = run_cli("quantize", trap, *TRAP_BUDGET, "--output", tmp_path / "not-kept")
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("arm-int4 quantize: error:")]
+    assert len(err) == 1 and err[0].endswith("nothing written: raise --budget, or --keep-best to keep it"), err
+    assert min(_attempts(r.stderr)) > 1.0
+    assert not (tmp_path / "not-kept").exists() and not list(tmp_path.glob(".not-kept.arm-int4-*"))

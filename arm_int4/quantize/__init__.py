@@ -145,6 +145,14 @@ def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, o
     try:
         for attempt in range(budget.VLLM_ROUNDS):
             choice = budget.fit(sens, units, options, pct, limit)  # a budget no layer fits: refused here
+            if not choice.any_int4:  # every unit BF16: no INT4 model within budget (not a 100%-size "answer")
+                if not report.attempts:
+                    raise BudgetNotMet(
+                        f"--budget {pct:g}: cannot be met: no INT4 layer fits it on the calibration text "
+                        "as a whole; nothing written: raise --budget"
+                    )
+                report.exhausted = True
+                break
             if not report.base:  # the source through vLLM, once (after the first choice: nothing is refused later)
                 report.base = _perplexity(model_dir, opts.budget_eval_tokens)
             mplan = budget.mixed_plan(plan, units, choice.choice)

@@ -115,6 +115,11 @@ class BudgetChoice:
     def calibration_increase_pct(self) -> float:
         return 100 * math.expm1(self.measured_kl)
 
+    @property
+    def any_int4(self) -> bool:
+        """Whether any unit is quantized (an all-BF16 choice is no INT4 model at all)."""
+        return any(o.scheme is not None for o in self.choice.values())
+
 
 def fused_units(plan: QuantPlan) -> list[Unit]:
     """The plan's targets grouped as vLLM fuses them, in checkpoint order."""
@@ -295,6 +300,7 @@ class BudgetReport:
     source_bytes: int
     base: dict = field(default_factory=dict)  # the source model's perplexity record
     attempts: list[Attempt] = field(default_factory=list)
+    exhausted: bool = False  # vLLM's measurements left no INT4 layer within the rescaled limit
 
     def add(self, choice: BudgetChoice, plan: QuantPlan, stats, verified, record: dict, path: Path) -> None:
         pct = 100 * (record["ppl"] / self.base["ppl"] - 1)
@@ -309,14 +315,13 @@ class BudgetReport:
 
     def not_met_line(self, kept: bool) -> str:
         b = self.best()
+        then = " (then no INT4 layer fitted what vLLM measured)" if self.exhausted else ""
+        kept_or_not = (
+            "kept it as asked (--keep-best)" if kept else "nothing written: raise --budget, or --keep-best to keep it"
+        )
         return (
-            f"--budget {self.budget_pct:g}: not met through vLLM after {len(self.attempts)} attempts "
-            f"(best {b.increase_pct:+.1f}% perplexity at {b.verified.nbytes / 2**20:.1f} MiB); "
-            + (
-                "kept it as asked (--keep-best)"
-                if kept
-                else "nothing written: raise --budget, or --keep-best to keep it"
-            )
+            f"--budget {self.budget_pct:g}: not met through vLLM after {len(self.attempts)} attempts{then} "
+            f"(best {b.increase_pct:+.1f}% perplexity at {b.verified.nbytes / 2**20:.1f} MiB); " + kept_or_not
         )
 
     def summary(self) -> str:
