@@ -134,7 +134,7 @@ def _cmd_bench(opts: BenchOptions) -> int:
             from . import llamacpp
 
             say = lambda m: print(m, file=sys.stderr, flush=True)
-            peer = llamacpp.prepare(opts.vs_llamacpp, first, progress=say)
+            peer = llamacpp.prepare(opts.vs_llamacpp, opts.models or ["default"], progress=say)
         records = bench.run(
             opts.models or ["default"],
             workload,
@@ -159,6 +159,9 @@ def _cmd_bench(opts: BenchOptions) -> int:
                 log_dir=opts.log_dir,
                 progress=say,
             )
+            said = llamacpp.comparison(records)  # which comparison the table is, first among the notes
+            for r in records:
+                r.notes = [said, *r.notes] if said else r.notes
     if not opts.server:
         from . import verdict
 
@@ -324,6 +327,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 bench ./m ./m-w4a8dyn-mse-channelwise -p 128 -n 64 -b 1 4 --json r.json --plot r.png\n"
         "  arm-int4 bench ./m -- --enforce-eager\n"
         "  arm-int4 bench default --vs-llamacpp -p 128 -n 64 -b 1 4   # vLLM BF16 vs llama.cpp Q4_1\n"
+        "  arm-int4 bench ./m ./m-w4a8 --vs-llamacpp   # INT4 vs INT4: + llama.cpp Q4_0 of ./m\n"
         "  arm-int4 bench --server http://127.0.0.1:8000 -b 1 4 16",
     ),
     "build": (

@@ -309,12 +309,14 @@ class BenchOptions:
     vs_llamacpp: Optional[str] = opt(
         None,
         "also run llama.cpp (llama-cpp-python, set up by ARM_INT4_LLAMACPP=1 scripts/setup.sh) on the same "
-        "tests and threads as the first MODEL, in the same table; FILE.gguf, or no value: the shipped Q4_1 "
-        "GGUF for 'default', else llama.cpp's own conversion of MODEL to Q4_1 (put MODEL first)",
+        "tests and threads as the first MODEL, in the same table, which says what precision it compares: "
+        "FILE.gguf; or a type (Q4_0, Q4_1, Q8_0, BF16): llama.cpp's own conversion of the run's unquantized "
+        "MODEL to it; or no value: Q4_0 when a MODEL is INT4 (INT4 against INT4), else Q4_1 (the shipped "
+        "GGUF for 'default') (put MODELs first)",
         nargs="?",
         const=llamacpp.AUTO,
         type=str,
-        metavar="GGUF",
+        metavar="GGUF|TYPE",
     )
 
 

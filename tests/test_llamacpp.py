@@ -57,6 +57,75 @@ def test_gguf_given_must_be_a_gguf(tmp_path):
         llamacpp.resolve_gguf(str(tmp_path / "x.gguf"), "default", tmp_path, Path("python"))
 
 
+def _dir(tmp_path, name, quantized):
+    d = tmp_path / name
+    d.mkdir()
+    cfg = {"model_type": "llama"}
+    if quantized:
+        cfg["quantization_config"] = {"quant_method": "compressed-tensors"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def test_the_gguf_type_follows_the_run(tmp_path):
+    """No value: Q4_0 (INT4 against INT4) when a MODEL is quantized, else Q4_1; a type given wins;
+    the conversion starts from the first unquantized MODEL, wherever it stands in the list."""
+    bf16, w4a8 = _dir(tmp_path, "m", False), _dir(tmp_path, "m-w4a8", True)
+    src = lambda choice, *specs: llamacpp.conversion_source(choice, specs, progress=lambda m: None)
+    assert src(llamacpp.AUTO, bf16) == (bf16, Path(bf16), "Q4_1")
+    assert src(llamacpp.AUTO, w4a8, bf16) == (bf16, Path(bf16), "Q4_0")
+    assert src("q8_0", bf16, w4a8) == (bf16, Path(bf16), "Q8_0")
+    assert src("BF16", bf16)[2] == "BF16"
+    with pytest.raises(UsageError, match=r"every MODEL here is quantized; list it too"):
+        src(llamacpp.AUTO, w4a8)
+    assert llamacpp.gguf_type("Q4_0") == "Q4_0" and llamacpp.gguf_type("x.gguf") is None
+    (tmp_path / "Q4_0").write_bytes(b"GGUF")  # a file of that name is the file
+    assert llamacpp.gguf_type(str(tmp_path / "Q4_0")) is None
+
+
+def _rec(mode, quantization):
+    from arm_int4.report import Record
+
+    return Record(
+        test="pp16 tg8 b1",
+        prompt_tokens=16,
+        gen_tokens=8,
+        batch=1,
+        model="m",
+        model_name="m",
+        mode=mode,
+        quantization=quantization,
+        quantized=quantization != "bfloat16",
+    )
+
+
+def test_the_table_says_which_comparison_it_is():
+    said = llamacpp.comparison(
+        [
+            _rec("offline", "bfloat16"),
+            _rec("offline", "w4a8 minmax-groupwise-g32"),
+            _rec("offline", "w4a16 minmax-groupwise-g128"),
+            _rec("llamacpp", "gguf Q4_0"),
+        ]
+    )
+    assert said.startswith("comparison: llama.cpp Q4_0 (4-bit weights in blocks of 32")
+    bf16, w4a8, w4a16 = said.split("; against ")
+    assert bf16.endswith(
+        "NOT matching precision (16-bit vs 4-bit weights: llama.cpp reads fewer weight bytes per token)"
+    )
+    assert w4a8.endswith("matching weight precision and 8-bit activations (INT4 against INT4)")
+    assert w4a16.endswith("matching weight precision (INT4 against INT4)")
+    q41 = llamacpp.comparison([_rec("offline", "bfloat16"), _rec("llamacpp", "gguf Q4_1")])
+    assert "NOT matching" in q41 and "Q8_1" in q41
+    assert "matching weight precision" in llamacpp.comparison(
+        [_rec("offline", "bfloat16"), _rec("llamacpp", "gguf BF16")]
+    )
+    assert "precision of the GGUF unknown" in llamacpp.comparison(
+        [_rec("offline", "bfloat16"), _rec("llamacpp", "gguf Q4_K")]
+    )
+    assert llamacpp.comparison([_rec("offline", "bfloat16")]) is None
+
+
 def test_default_model_uses_the_shipped_q4_1_gguf(tmp_path):
     path, note = llamacpp.resolve_gguf(llamacpp.AUTO, "default", tmp_path, Path("python"))
     assert path == models._packaged_gguf() and path.name == models.DEFAULT_GGUF
@@ -173,7 +242,7 @@ def real_records():
 
     machine = hardware.detect(probe_runtime=False)
     bw = bandwidth.machine_bandwidth(machine)["triad_gbs"]
-    peer = llamacpp.prepare(llamacpp.AUTO, "default", progress=lambda m: None)
+    peer = llamacpp.prepare(llamacpp.AUTO, ["default"], progress=lambda m: None)
     recs = llamacpp.run(
         peer, TINY, threads=1, cpus=[0], env_info=bench.environment(machine), bandwidth_gbs=bw, progress=lambda m: None
     )
@@ -228,14 +297,20 @@ def test_conversion_with_llamacpps_own_tools(smollm2, tmp_path, monkeypatch):
 @pytest.mark.skipif(
     not HAVE_ENV, reason=f"no llama.cpp env at {llamacpp.env_dir()}: build it with {llamacpp.SETUP_HINT}"
 )
-def test_one_command_one_table(tmp_path):
-    """`arm-int4 bench default --vs-llamacpp`: vLLM and llama.cpp rows, one markdown table, side by side."""
+def test_one_command_one_table_int4_against_int4(smollm2, tmp_path):
+    """`arm-int4 bench default DEFAULT-W4A8-g32 --vs-llamacpp`: with an INT4 MODEL in the run, llama.cpp
+    runs its own Q4_0 conversion of the BF16 model (convert_hf_to_gguf.py + llama_model_quantize),
+    and the table's first note says which comparison each row is: vLLM and llama.cpp rows, one table."""
     from conftest import run_cli
 
+    w4a8 = tmp_path / "default-w4a8dyn-minmax-groupwise-g32"
+    q = run_cli("quantize", "default", "--scheme", "groupwise", "--method", "minmax", "--output", w4a8)
+    assert q.returncode == 0, q.stderr[-2000:]
     js = tmp_path / "r.json"
     r = run_cli(
         "bench",
         "default",
+        w4a8,
         "--vs-llamacpp",
         "-p",
         "16",
@@ -256,8 +331,19 @@ def test_one_command_one_table(tmp_path):
     assert [(x["mode"], x["test"]) for x in recs] == [
         ("offline", "pp16 tg4 b1"),
         ("offline", "pp16 tg4 b2"),
+        ("offline", "pp16 tg4 b1"),
+        ("offline", "pp16 tg4 b2"),
         ("llamacpp", "pp16 tg4 b1"),
         ("llamacpp", "pp16 tg4 b2"),
     ]
-    assert recs[0]["threads"] == recs[2]["threads"]  # same thread count as the vLLM plan
-    assert "llama.cpp SmolLM2-135M-Instruct.Q4_1" in r.stdout and "output tok/s, side by side" in r.stdout
+    assert all(x["error"] is None for x in recs)
+    assert recs[0]["threads"] == recs[4]["threads"]  # same thread count as the vLLM plan
+    gguf = Path(recs[4]["model"])
+    assert recs[4]["quantization"] == "gguf Q4_0" and gguf.name.endswith(".Q4_0.gguf")
+    # Q4_0 is 4.5 bits per weight against the shipped Q4_1's 5: the converted file is smaller
+    assert gguf.stat().st_size < models.packaged_gguf().stat().st_size
+    said = recs[4]["notes"][0]
+    assert said == recs[0]["notes"][0] and said.startswith("comparison: llama.cpp Q4_0")
+    assert "w4a8 minmax-groupwise-g32 (4-bit weights, 8-bit dynamic per-token activations): matching" in said
+    assert "bfloat16 (16-bit weights and activations): NOT matching precision" in said
+    assert "output tok/s, side by side" in r.stdout and "> note: comparison: llama.cpp Q4_0" in r.stdout
