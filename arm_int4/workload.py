@@ -52,8 +52,10 @@ __all__ = [
 # Defaults, written once (the CLI's BenchOptions reads these): llama-bench's spirit.
 PROMPTS, GENS, BATCHES, REPETITIONS, WARMUP, SEED = (128, 512), (128,), (1, 8), 3, 1, 0
 # Bytes a decode step reads per int4 weight: KleidiAI's packed layout holds two per byte on Arm;
-# vLLM's x86 reference fallback keeps an fp32-sized packed weight (measured, see NOTES).
+# vLLM's x86 reference fallback keeps an fp32-sized packed weight (measured, see NOTES). That is W4A8;
+# W4A16 (CPUWNA16) reads its pack-quantized int32 words as stored, eight values each, on any CPU.
 INT4_READ_BYTES = {"aarch64": 0.5, "x86_64": 4}
+W4A16_READ_BYTES = 0.5
 OFFLINE_EXCLUDED = (
     "tokenization (prompts are token ids) and detokenization (off); engine start; random prompt generation"
 )
@@ -165,7 +167,9 @@ def bytes_per_step(facts: CheckpointFacts, dtype: str, arch: str, batch: int, co
     floats = facts.float_values
     if cfg.get("tie_word_embeddings") is False and cfg.get("vocab_size") and cfg.get("hidden_size"):
         floats -= cfg["vocab_size"] * cfg["hidden_size"]
-    weights = facts.quantized_values * INT4_READ_BYTES.get(arch, 4) + floats * FLOAT_BYTES[dtype] + facts.other_bytes
+    w4a16 = facts.scheme is not None and facts.scheme.preset == "w4a16"
+    per_int4 = W4A16_READ_BYTES if w4a16 else INT4_READ_BYTES.get(arch, 4)
+    weights = facts.quantized_values * per_int4 + floats * FLOAT_BYTES[dtype] + facts.other_bytes
     return int(weights + batch * (kv_bytes_per_token(facts, dtype) or 0) * context)
 
 

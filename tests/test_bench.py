@@ -183,6 +183,22 @@ def test_bytes_per_step_counts_what_decode_reads(tiny_llama, tiny_w4a8):
     assert step(w4, "bfloat16", "aarch64", 1, 0) < step(bf16, "bfloat16", "x86_64", 1, 0)
 
 
+def test_w4a16_reads_its_packed_words_on_any_cpu(tiny_llama, tmp_path):
+    """CPUWNA16 reads the pack-quantized int32 words as stored: half a byte per weight, on x86 too
+    (the fp32-sized x86 figure is W4A8's reference fallback). The step then reads the int4 values at
+    0.5 B, the unquantized tensors at 2 B, and the scales (other_bytes) as stored."""
+    from arm_int4.options import QuantizeOptions
+    from arm_int4.quantize import quantize
+
+    out = tmp_path / "w4a16"
+    quantize(QuantizeOptions(model=str(tiny_llama), output=str(out), preset="w4a16", scheme="groupwise"))
+    w = read_checkpoint(out)
+    embed = 1024 * 256 * 2  # the untied input embedding, left out as for BF16
+    expected = w.quantized_values // 2 + w.float_values * 2 - embed + w.other_bytes
+    for arch in ("x86_64", "aarch64"):
+        assert bench.bytes_per_step(w, "bfloat16", arch, 1, 0) == expected
+
+
 def test_triad_measures_with_one_and_all_threads():
     r = bandwidth.measure_triad(array_mib=16, passes=2, threads=2)
     assert set(r["samples_gbs"]) == {"1", "2"} and all(len(s) == 2 for s in r["samples_gbs"].values())
