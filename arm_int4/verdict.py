@@ -6,7 +6,8 @@ is the only INT4 path and the verdict says so.
 `arm-int4 bench` appends every successful offline record to a history file in the cache
 (~/.cache/arm-int4/bench/history.jsonl); `arm-int4 info` reads the records measured on this
 machine (same CPU name, architecture and usable CPU count) and compares W4A8 with W4A16 on the
-same test (prompt, generation, batch) by decode tok/s. Without such a pair it says what it
+same test (prompt, generation, batch) of the same bench run (`bench M-W4A8 M-W4A16`: their
+checkpoints have different names, the run's start time is shared) by decode tok/s. Without such a pair it says what it
 expects and why, marked as expected, and how to measure it.
 """
 
@@ -92,7 +93,7 @@ def int4_verdict(machine, history: list[dict]) -> str:
     for d in history:
         p = _preset(d)
         if p and d.get("decode_tok_s"):
-            key = (d.get("test"), d.get("model_name"))
+            key = (d.get("test"), d.get("time"))  # one bench run: its records share the start time
             if d["decode_tok_s"] > best.get((p, key), {}).get("decode_tok_s", 0):
                 best[(p, key)] = d
     pairs = [(best[("w4a8", k)], best[("w4a16", k)]) for (p, k) in best if p == "w4a8" and ("w4a16", k) in best]
@@ -102,8 +103,8 @@ def int4_verdict(machine, history: list[dict]) -> str:
         f_tok, s_tok = fast["decode_tok_s"], slow["decode_tok_s"]
         return (
             f"{_preset(fast).upper()} faster here: decode {f_tok:.1f} vs {s_tok:.1f} tok/s "
-            f"({_preset(slow).upper()}), measured by arm-int4 bench ({a8['test']}, {a8.get('model_name')}, "
-            f"{(a8.get('time') or '')[:10]})"
+            f"({_preset(slow).upper()}), measured by arm-int4 bench ({a8['test']}, {a8.get('model_name')} vs "
+            f"{a16.get('model_name')}, {(a8.get('time') or '')[:10]})"
         )
     # only AVX-512 x86 gets here, where W4A8 is vLLM's reference fallback (issue 15 measured decode on a
     # Xeon: W4A8 0.12x BF16, W4A16 0.54x)

@@ -57,13 +57,16 @@ def test_verdict_is_measured_when_a_pair_exists_else_expected(machines, tmp_path
     assert verdict.w4a16_kernel(avx512) == "CPUWNA16LinearKernel (vec ISA)"
     assert verdict.int4_verdict(avx512, []).startswith("W4A16 expected faster (not measured here)")
     hist = [
-        _record(avx512, "w4a8 minmax-groupwise-g32", 20.0),
-        _record(avx512, "w4a16 minmax-groupwise-g128", 25.0),
-        _record(avx512, "w4a16 minmax-groupwise-g128", 30.0, model="other"),  # no W4A8 of that model
+        # one bench run (records share its start time), checkpoints named as quantize names them
+        _record(avx512, "w4a8 minmax-groupwise-g32", 20.0, model="m-w4a8dyn-minmax-groupwise-g32"),
+        _record(avx512, "w4a16 minmax-groupwise-g128", 25.0, model="m-w4a16"),
+        # another run, with no W4A8 in it: not a pair with the first run's W4A8
+        _record(avx512, "w4a16 minmax-groupwise-g128", 30.0, model="other", time="2026-12-02T11:00:00+00:00"),
     ]
     rows = [json.loads(json.dumps(dataclasses.asdict(r))) for r in hist]
     line = verdict.int4_verdict(avx512, rows)
     assert line.startswith("W4A16 faster here: decode 25.0 vs 20.0 tok/s (W4A8)") and "2026-12-02" in line
+    assert "m-w4a8dyn-minmax-groupwise-g32 vs m-w4a16" in line
     rows.append(json.loads(json.dumps(dataclasses.asdict(_record(avx512, "w4a8 mse-channelwise", 40.0)))))
     assert verdict.int4_verdict(avx512, rows).startswith("W4A8 faster here: decode 40.0 vs 25.0")
 
