@@ -79,7 +79,6 @@ class Peer:
     gguf: Path
     note: str  # where the GGUF came from
     python: Path  # the llama.cpp env's interpreter
-    ftype: Optional[str] = None  # the GGUF type when known before it runs (a TYPES key)
 
 
 def env_dir() -> Path:
@@ -234,7 +233,7 @@ def prepare(choice: str, model_specs, progress=print) -> Peer:
         return Peer(gguf=gguf, note=note, python=python)
     spec, model_dir, ftype = conversion_source(choice, model_specs, progress=progress)
     gguf, note = resolve_gguf(choice, spec, model_dir, python, progress=progress, ftype=ftype)
-    return Peer(gguf=gguf, note=note, python=python, ftype=ftype)
+    return Peer(gguf=gguf, note=note, python=python)
 
 
 def _precision(quantization: Optional[str]) -> Optional[tuple]:
