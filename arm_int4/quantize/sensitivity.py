@@ -23,7 +23,7 @@ from .preflight import QuantPlan
 if TYPE_CHECKING:
     from .budget import Option, Unit
 
-__all__ = ["Sensitivity", "calibration_ids"]
+__all__ = ["Sensitivity", "calibration_ids", "calibration_rows"]
 
 
 class Sensitivity:
@@ -162,12 +162,8 @@ class Sensitivity:
         return out
 
 
-def calibration_ids(tokenizer, path, tokens: int):
-    """The first `tokens` tokens of the calibration rows, chat-templated as GPTQ sees them, one row
-    after another: a [1, tokens] tensor."""
-    import torch
-
-    ids: list[int] = []
+def calibration_rows(tokenizer, path):
+    """Token ids of each calibration row in turn, chat-templated as GPTQ sees them."""
     with open(path) as f:
         for line in f:
             row = json.loads(line)
@@ -175,9 +171,18 @@ def calibration_ids(tokenizer, path, tokens: int):
                 text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
             else:
                 text = row.get("text") or " ".join(m["content"] for m in row.get("messages", []))
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) >= tokens:
-                break
+            yield tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def calibration_ids(tokenizer, path, tokens: int):
+    """The first `tokens` tokens of the calibration rows, one row after another: a [1, tokens] tensor."""
+    import torch
+
+    ids: list[int] = []
+    for row in calibration_rows(tokenizer, path):
+        ids += row
+        if len(ids) >= tokens:
+            break
     if len(ids) < tokens:
         raise UsageError(f"--budget: the calibration set has {len(ids)} tokens, fewer than {tokens}")
     return torch.tensor([ids[:tokens]])

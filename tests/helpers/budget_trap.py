@@ -31,13 +31,12 @@ def split_tokens(model: Path, eval_tokens: int) -> tuple[list[int], list[int]]:
 
     from arm_int4 import evaluate
     from arm_int4.quantize.llmc import packaged_calibration
+    from arm_int4.quantize.sensitivity import calibration_rows
 
     tok = AutoTokenizer.from_pretrained(str(model))
-    seen: set[int] = set()
-    with open(packaged_calibration()) as f:
-        for line in f:
-            text = tok.apply_chat_template(json.loads(line)["messages"], tokenize=False)
-            seen |= set(tok(text, add_special_tokens=False)["input_ids"])
+    seen = {
+        t for row in calibration_rows(tok, packaged_calibration()) for t in row
+    }  # every row, as the pass reads them
     text = evaluate.load_text(evaluate.DEFAULT_TEXT).text
     ids = tok(text[: 40 * eval_tokens], add_special_tokens=False)["input_ids"][:eval_tokens]
     return ids, sorted(set(ids) - seen)
