@@ -2,7 +2,7 @@
 
 Method (also in docs/bench.md; every record says what it excludes):
 - One fresh engine subprocess per configuration (arm_int4/workers/bench_worker.py), started with the
-  same Plan `arm-int4 serve` would use (launch.plan), max-model-len sized to the workload.
+  same EngineSpec `arm-int4 serve` would use (launch.plan), max-model-len sized to the workload.
 - Per test: `warmup` untimed batches of the test's own shape, then `repetitions` timed ones.
   A batch is B requests of P random prompt token ids (fresh per request: no tokenization, no
   prefix-cache hits), each generating exactly N tokens (ignore_eos, greedy, no detokenization).
@@ -59,7 +59,7 @@ __all__ = [
     "SEED",
     "Test",
     "Workload",
-    "plan_for",
+    "engine_for",
     "run_plan",
     "run",
     "environment",
@@ -80,30 +80,13 @@ def _provenance(path) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------- statistics
-def plan_for(
-    model_dir,
-    machine: hardware.Machine,
-    workload: Workload,
-    profile: Optional[launch.Profile] = None,
-    *,
-    ranks: Optional[int] = None,
-    reserve: Optional[int] = None,
-    kv_cache_gib: Optional[int] = None,
-    extra_args=(),
-) -> tuple:
-    """(CheckpointFacts, Plan) as `arm-int4 serve` would plan it, max-model-len sized to the workload
-    (unless the profile sets one): a smaller KV cache, same kernels."""
-    return launch.engine_plan(
-        model_dir,
-        machine,
-        profile,
-        ranks=ranks,
-        reserve=reserve,
-        kv_cache_gib=kv_cache_gib,
-        max_model_len=None if profile and profile.max_model_len else workload.max_model_len,
-        extra_args=extra_args,
-        can_bind=runner.can_set_affinity(),
-    )
+def engine_for(machine: hardware.Machine, model_dir, request: launch.EngineRequest, workload: Workload) -> tuple:
+    """(CheckpointFacts, EngineSpec) as `arm-int4 serve` would plan `request`, max-model-len sized to the
+    workload unless the request or its profile sets one: a smaller KV cache, same kernels."""
+    if request.max_model_len is None and request.profile.max_model_len is None:
+        request = request.replace(max_model_len=workload.max_model_len)
+    facts = launch.read_checkpoint(model_dir)
+    return facts, launch.plan(machine, facts, request, can_bind=runner.can_set_affinity())
 
 
 def _base_record(facts, test: Test, workload: Workload, where: dict, **kw) -> Record:
@@ -124,7 +107,7 @@ def _base_record(facts, test: Test, workload: Workload, where: dict, **kw) -> Re
 
 
 def run_plan(
-    plan: launch.Plan,
+    plan: launch.EngineSpec,
     facts: CheckpointFacts,
     workload: Workload,
     *,
@@ -172,7 +155,8 @@ def run_plan(
     run = runner.run_worker("bench", job, plan=plan, log=log, on_update=on_update)
     result, failure, log = run.result, run.error, run.log
     ran = kernels.describe(run.linear_kernels, machine, plan.dtype)  # from vLLM's log, not predicted
-    if warn and ran and ran.split(" (")[0] != warn.split("vLLM's ")[-1].split(" ")[0]:
+    expected = kernels.Kernel.of(machine.int4_kernel)  # what kernel_note warned about
+    if warn and ran and expected and expected.class_name not in run.linear_kernels:
         warn = f"{warn} — but vLLM's log says it ran {ran}"
     dtype = plan.dtype if plan.dtype in FLOAT_BYTES else "bfloat16"
     common = dict(
@@ -182,7 +166,7 @@ def run_plan(
         bandwidth_gbs=bandwidth_gbs,
         dtype=plan.dtype,
         threads=plan.threads_per_rank,
-        engine_args=plan.engine_kwargs(),
+        engine_args=plan.to_llm_kwargs(),
         env=dict(plan.env),
         config=label,
         int4_kernel=ran,
@@ -241,32 +225,22 @@ def _quick(entry) -> str:
 def run(
     model_specs,
     workload: Workload = Workload(),
+    request: Optional[launch.EngineRequest] = None,
     *,
-    profile: Optional[launch.Profile] = None,
-    ranks: Optional[int] = None,
-    reserve: Optional[int] = None,
-    kv_cache_gib: Optional[int] = None,
-    extra_args=(),
+    machine: Optional[hardware.Machine] = None,
     log_dir=None,
     refresh_bandwidth: bool = False,
     progress: Callable[[str], None] = to_stderr,
 ) -> list:
-    """Bench each MODEL (dir, hub id or 'default') in turn, one engine at a time. A model that
-    cannot be resolved or planned is recorded as failed and the others still run."""
-    machine = hardware.detect()
+    """Bench each MODEL (dir, hub id or 'default') in turn, one engine at a time, each planned from
+    `request` (None: the defaults) on `machine` (None: detected). A model that cannot be resolved or
+    planned is recorded as failed and the others still run."""
+    machine = machine or hardware.detect()
+    request = request or launch.EngineRequest()
     env, bw, records = environment(machine), None, []
     for spec in model_specs:
         try:
-            facts, plan = plan_for(
-                models.resolve(spec, progress=progress),
-                machine,
-                workload,
-                profile,
-                ranks=ranks,
-                reserve=reserve,
-                kv_cache_gib=kv_cache_gib,
-                extra_args=extra_args,
-            )
+            facts, plan = engine_for(machine, models.resolve(spec, progress=progress), request, workload)
         except ArmInt4Error as exc:
             progress(f"error: {spec}: {exc}")
             records += failed_records(spec, workload, env, str(exc))

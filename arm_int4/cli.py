@@ -24,10 +24,11 @@ from .options import (
     QuantizeOptions,
     ServeOptions,
     TuneOptions,
+    engine_request,
     options_from_namespace,
 )
 
-__all__ = ["main", "build_parser", "learning_path_main", "COMMANDS"]
+__all__ = ["main", "build_parser", "parse", "command_options", "learning_path_main", "COMMANDS"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -80,20 +81,12 @@ def _cmd_quantize(opts: QuantizeOptions) -> int:
 def _cmd_serve(opts: ServeOptions) -> int:
     from . import hardware, launch, models, runner
 
+    request = engine_request(opts, offline=False)
     model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
-    facts = launch.read_checkpoint(model_dir)
-    profile = launch.Profile.load(opts.profile) if opts.profile else None
     plan = launch.plan(
         hardware.detect(probe_runtime=False),
-        facts,
-        profile,
-        ranks=opts.ranks,
-        reserve=opts.reserve,
-        kv_cache_gib=opts.kv_cache_gib,
-        max_model_len=opts.max_model_len,
-        host=opts.host,
-        port=opts.port,
-        extra_args=opts.vllm_args or (),
+        launch.read_checkpoint(model_dir),
+        request,
         can_bind=runner.can_set_affinity(),
     )
     if opts.dry_run:
@@ -105,7 +98,7 @@ def _cmd_serve(opts: ServeOptions) -> int:
 
 
 def _cmd_bench(opts: BenchOptions) -> int:
-    from . import bench, launch, report
+    from . import bench, hardware, models, report
 
     workload = bench.Workload(
         prompts=tuple(opts.prompt),
@@ -128,37 +121,25 @@ def _cmd_bench(opts: BenchOptions) -> int:
             raise UsageError("--vs-llamacpp runs beside bench's own vLLM engines (same threads): drop --server")
         records = bench_server.run_server(opts.server, workload, model_dir=opts.models[0] if opts.models else None)
     else:
-        profile = launch.Profile.load(opts.profile) if opts.profile else None
+        request = engine_request(opts)
         peer, first = None, (opts.models or ["default"])[0]
+        say = lambda m: print(m, file=sys.stderr, flush=True)
         if opts.vs_llamacpp:  # env and GGUF settled before any engine starts
             from . import llamacpp
 
-            say = lambda m: print(m, file=sys.stderr, flush=True)
             peer = llamacpp.prepare(opts.vs_llamacpp, opts.models or ["default"], progress=say)
+        machine = hardware.detect()
         records = bench.run(
             opts.models or ["default"],
             workload,
-            profile=profile,
-            ranks=opts.ranks,
-            reserve=opts.reserve,
-            kv_cache_gib=opts.kv_cache_gib,
-            extra_args=opts.vllm_args or (),
+            request,
+            machine=machine,
             log_dir=opts.log_dir,
             refresh_bandwidth=opts.refresh_bandwidth,
         )
         if peer:
-            records += llamacpp.run_like(
-                peer,
-                first,
-                workload,
-                profile=profile,
-                ranks=opts.ranks,
-                reserve=opts.reserve,
-                kv_cache_gib=opts.kv_cache_gib,
-                extra_args=opts.vllm_args or (),
-                log_dir=opts.log_dir,
-                progress=say,
-            )
+            _, like = bench.engine_for(machine, models.resolve(first, progress=say), request, workload)
+            records += llamacpp.run_like(peer, like, workload, machine=machine, log_dir=opts.log_dir, progress=say)
             said = llamacpp.comparison(records)  # which comparison the table is, first among the notes
             for r in records:
                 r.notes = [said, *r.notes] if said else r.notes
@@ -187,13 +168,13 @@ def _cmd_tune(opts: TuneOptions) -> int:
     machine = hardware.detect()
     outcome = tune.sweep(
         model_dir,
+        engine_request(opts),
         objective=opts.objective,
         tpot_limit_ms=opts.tpot_limit_ms,
         workload=workload,
         modes=opts.modes,
         kinds=opts.placements,
         machine=machine,
-        extra_args=opts.vllm_args or (),
         log_dir=opts.log_dir,
         bandwidth_gbs=tune.bandwidth_for(machine),
     )
@@ -254,7 +235,7 @@ def _cmd_build(opts: BuildOptions) -> int:
 
 
 def _cmd_eval(opts: EvalOptions) -> int:
-    from . import evaluate, lmeval, models, tradeoff
+    from . import evaluate, hardware, lmeval, models, tradeoff
 
     def log(m):
         print(f"arm-int4: {m}", file=sys.stderr, flush=True)
@@ -270,12 +251,12 @@ def _cmd_eval(opts: EvalOptions) -> int:
         decode = tradeoff.bench_decode(opts.bench) if opts.bench else None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    request = engine_request(opts)
     dirs = [models.resolve(m, progress=log) for m in opts.models]
     baseline = models.resolve(opts.baseline, progress=log) if opts.baseline else None
     ppl_kwargs = dict(
         max_len=opts.max_len,
         stride=opts.stride,
-        dtype=opts.dtype,
         num_tokens=opts.num_tokens,
         bos=not opts.no_bos,
         log=opts.log,
@@ -292,7 +273,8 @@ def _cmd_eval(opts: EvalOptions) -> int:
         num_fewshot=opts.num_fewshot,
         limit=limit,
         batch_size=opts.batch_size,
-        dtype=opts.dtype,
+        request=request,
+        machine=hardware.detect(probe_runtime=False),
         log=opts.log,
     )
     table = tradeoff.rows(out["perplexity"], decode) if out["perplexity"] else []
@@ -354,6 +336,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 eval ./m-cw --baseline ./m --tasks perplexity opticks_cloze --num-fewshot 0 --limit 50\n"
         "  arm-int4 eval ./m-cw --baseline ./m --tasks gsm8k --output gsm8k.json   # vLLM's INT4 doc (hub data)\n"
         "  arm-int4 eval ./m-cw --tasks my_task --include-path ./my_tasks\n"
+        "  arm-int4 eval ./m-cw --profile m.json   # the engine `arm-int4 serve --profile m.json` runs\n"
         "  arm-int4 eval ./m-cw ./m-g32 --baseline ./m --num-tokens 2048 --format json\n"
         "  arm-int4 eval default --text notes.txt --num-tokens 0",
     ),
@@ -419,10 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def parse(argv) -> tuple:
+    """argv -> (parser, namespace): everything after the first `--` goes to vLLM untouched, as the
+    command's vllm_args (refused for commands that start no vLLM)."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = None  # everything after the first `--` goes to vLLM untouched
+    argv, passthrough = list(argv), None
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
@@ -431,6 +415,17 @@ def main(argv=None) -> int:
         if not hasattr(ns, "vllm_args"):
             parser.error(f"arguments after -- are only for commands that start vLLM, not {ns.command or 'none'}")
         ns.vllm_args = passthrough
+    return parser, ns
+
+
+def command_options(argv):
+    """A command line's options dataclass (ServeOptions, BenchOptions...), as the command receives it."""
+    _, ns = parse(argv)
+    return options_from_namespace(COMMANDS[ns.command][0], ns)
+
+
+def main(argv=None) -> int:
+    parser, ns = parse(sys.argv[1:] if argv is None else argv)
     if not ns.command:
         parser.print_help(sys.stderr)
         return 2

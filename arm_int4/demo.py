@@ -88,9 +88,16 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _same(a, b) -> bool:
+    return os.path.realpath(str(a)) == os.path.realpath(str(b))
+
+
 def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool = False) -> DemoResult:
-    from . import bench, evaluate, launch, report
+    from . import bench, evaluate, hardware, launch, report
     from .quantize import quantize
+
+    machine = hardware.detect()  # once: every engine below is planned on it
+    request = launch.EngineRequest(enforce_eager=True)  # eager engines: they start faster
 
     own_cache = out_root is None  # the demo's own cache dir: re-running replaces its outputs
     out_root = Path(out_root or cache_home() / "demo")
@@ -147,9 +154,16 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
     )
     _log(f"step 3/4: perplexity through vLLM, first {n} tokens of '{evaluate.DEFAULT_TEXT}', {len(rows)} engines")
     scored = evaluate.compare(
-        base, [r.path for r in rows[1:]], evaluate.load_text(evaluate.DEFAULT_TEXT), num_tokens=n, progress=_log
+        base,
+        [r.path for r in rows[1:]],
+        evaluate.load_text(evaluate.DEFAULT_TEXT),
+        num_tokens=n,
+        request=request,
+        machine=machine,
+        progress=_log,
     )
-    for row, rec in zip(rows, scored, strict=False):
+    for row in rows:
+        rec = next(x for x in scored if _same(x["model"], row.path))
         row.ppl, row.delta_ppl = rec["ppl"], rec["delta_ppl"]
     prompts, gens, batches, reps = DEMO_WORKLOAD[quick]
     workload = bench.Workload(prompts=prompts, gens=gens, batches=batches, repetitions=reps, warmup=1)
@@ -157,12 +171,9 @@ def run_demo(out_root: Path | None = None, quick: bool = False, overwrite: bool 
         f"step 4/4: bench BF16 vs the INT4 models ({', '.join(t.name for t in workload.tests())}; eager engines), "
         f"{len(rows)} engines"
     )
-    records = bench.run(
-        [str(r.path) for r in rows], workload, profile=launch.Profile(enforce_eager=True), progress=_log
-    )
-    per_model = len(workload.tests())  # bench.run: each model's records in order, failed ones included
-    for i, row in enumerate(rows):
-        mine = {r.batch: r for r in records[i * per_model : (i + 1) * per_model] if r.error is None}
+    records = bench.run([str(r.path) for r in rows], workload, request, machine=machine, progress=_log)
+    for row in rows:
+        mine = {r.batch: r for r in records if _same(r.model, row.path) and r.error is None}
         if 1 in mine:
             b1 = mine[1]
             row.prefill_tok_s, row.decode_tok_s, row.decode_tok_s_sd = (

@@ -8,6 +8,10 @@ __all__ = [
     "EnvironmentMissing",
     "RunError",
     "BudgetNotMet",
+    "HeadsDoNotSplit",
+    "KernelMissing",
+    "MoeNeedsArm",
+    "DtypeRefused",
 ]
 
 
@@ -29,6 +33,29 @@ class ModelError(ArmInt4Error):
 
 class PreflightError(ArmInt4Error):
     """A check before heavy work refused the job (group size, existing output, ...)."""
+
+
+class HeadsDoNotSplit(PreflightError):
+    """Tensor parallelism asked for `ranks` ranks and the model's attention heads do not divide by it."""
+
+    def __init__(self, model: str, heads, kv_heads, ranks: int):
+        super().__init__(
+            f"{model}: {heads} attention heads ({kv_heads} KV heads) do not split over {ranks} tensor-parallel "
+            "ranks: choose a rank count that divides them"
+        )
+        self.ranks = ranks
+
+
+class KernelMissing(PreflightError):
+    """The checkpoint's INT4 scheme has no vLLM kernel on this CPU (W4A16 off AVX-512 x86)."""
+
+
+class MoeNeedsArm(PreflightError):
+    """A W4A8 mixture-of-experts checkpoint off Arm: vLLM's only W4A8 MoE kernel is Arm-only."""
+
+
+class DtypeRefused(PreflightError):
+    """An explicit activation dtype that vLLM 0.32 runs wrongly (or crashes on) with this checkpoint here."""
 
 
 class EnvironmentMissing(ArmInt4Error):

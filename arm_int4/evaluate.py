@@ -35,7 +35,6 @@ from .schemes import scheme_from_config
 
 __all__ = [
     "DEFAULT_TEXT",
-    "DTYPES",
     "MAX_LEN",
     "NUM_TOKENS",
     "STRIDE",
@@ -51,7 +50,7 @@ __all__ = [
     "perplexity",
     "quantization_label",
     "score_windows",
-    "engine_plan",
+    "scoring_spec",
     "check_env",
     "read_config",
     "provenance_note",
@@ -59,7 +58,6 @@ __all__ = [
     "tokenize",
 ]
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Defaults, written once (the CLI's EvalOptions reads these). NUM_TOKENS caps the text: the whole
 # packaged text is ~146k tokens, hours for the x86 W4A8 fallback (~10 tokens/s here).
 MAX_LEN, STRIDE, NUM_TOKENS, DTYPE = 512, 256, 4096, "auto"
@@ -244,41 +242,37 @@ def check_env() -> None:
         )
 
 
-def engine_plan(model_dir: Union[str, Path], *, max_model_len: int, dtype: str = "auto", batched_tokens=None):
-    """The launch plan for scoring `model_dir` (what `arm-int4 serve` would run: dtype, guards, binding,
-    KV sizing), eager, with `max_model_len`; dtype "auto" leaves it to the plan. -> (facts, Plan)."""
+def scoring_spec(model_dir: Union[str, Path], *, max_model_len: int, request=None, machine=None):
+    """The engine for scoring `model_dir`: `request` (an EngineRequest; None: the defaults) planned as
+    `arm-int4 serve` plans it (dtype, guards, binding, KV sizing), with `max_model_len` tokens per
+    sequence and one of them per engine step (the x86 W4A8 fallback computes ~10 prompt tokens/s here,
+    and vLLM's default 4096-token step outlived its 300 s execute_model RPC timeout); eager unless the
+    request or its profile says otherwise (starts faster). -> (facts, EngineSpec)."""
     from . import hardware, launch, runner
 
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    extra = []
-    if batched_tokens:  # vLLM refuses max_num_batched_tokens < max_num_seqs (SchedulerConfig)
-        seqs = min(batched_tokens, launch.DEFAULT_MAX_SEQS_PER_RANK)
-        extra = ["--max-num-batched-tokens", str(batched_tokens), "--max-num-seqs", str(seqs)]
-    if dtype != "auto":
-        extra += ["--dtype", dtype]
-    return launch.engine_plan(
-        model_dir,
-        hardware.detect(probe_runtime=False),
-        launch.Profile(enforce_eager=True),
-        max_model_len=max_model_len,
-        extra_args=extra,
-        can_bind=runner.can_set_affinity(),
-    )
+    request = request or launch.EngineRequest()
+    eager = request.enforce_eager
+    if eager is None and request.profile.enforce_eager is None:
+        eager = True
+    facts = launch.read_checkpoint(model_dir)
+    job = request.replace(max_model_len=max_model_len, max_num_batched_tokens=max_model_len, enforce_eager=eager)
+    machine = machine or hardware.detect(probe_runtime=False)
+    return facts, launch.plan(machine, facts, job, can_bind=runner.can_set_affinity())
 
 
 def score_windows(
     model_dir: Union[str, Path],
     windows: Sequence[Window],
     *,
-    dtype: str = "auto",
+    request=None,
+    machine=None,
     return_token_logprobs: bool = False,
     log: Optional[Union[str, Path]] = None,
     progress: Optional[Callable[[str], None]] = None,
     plan=None,
 ) -> dict:
-    """Run the windows through a fresh vLLM engine planned by launch.plan; the worker's result plus
-    `linear_kernels` (from vLLM's log) and `dtype` (what the plan chose).
+    """Run the windows through a fresh vLLM engine planned by launch.plan (scoring_spec); the worker's
+    result plus `linear_kernels` (from vLLM's log) and `dtype` (what the plan chose).
 
     vLLM's log goes to `log` (default: a temporary file, removed on success, named on failure)."""
     from . import runner
@@ -286,10 +280,8 @@ def score_windows(
     check_env()
     model_dir = Path(model_dir)
     max_model_len = max(len(w.ids) for w in windows) + 1  # the prompt + the 1 generated token
-    # one window per engine step: the x86 W4A8 fallback computes ~10 prompt tokens/s here, and
-    # vLLM's default 4096-token step outlived its 300 s execute_model RPC timeout
     if plan is None or (plan.max_model_len or 0) < max_model_len:
-        _, plan = engine_plan(model_dir, max_model_len=max_model_len, dtype=dtype, batched_tokens=max_model_len)
+        _, plan = scoring_spec(model_dir, max_model_len=max_model_len, request=request, machine=machine)
     job = {
         "model": str(model_dir),
         "seed": 0,
@@ -323,16 +315,18 @@ def perplexity(
     *,
     max_len: int = MAX_LEN,
     stride: int = STRIDE,
-    dtype: str = DTYPE,
     num_tokens: Optional[int] = NUM_TOKENS,
     bos: bool = True,
+    request=None,
+    machine=None,
     log: Optional[Union[str, Path]] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Sliding-window perplexity of `text` (the text itself, or a Text from load_text) under
     `model_dir`, served by vLLM. One flat record.
 
-    num_tokens: score only the first N text tokens (None or 0: all). bos=False: no BOS prefix."""
+    num_tokens: score only the first N text tokens (None or 0: all). bos=False: no BOS prefix.
+    request: the EngineRequest (None: the defaults), planned by scoring_spec on `machine`."""
     model_dir = Path(model_dir)
     text = Text.of(text)
     cfg = read_config(model_dir)
@@ -340,10 +334,10 @@ def perplexity(
     if limit and max_len > limit:
         raise UsageError(f"--max-len {max_len} exceeds the model's max_position_embeddings ({limit})")
     # planned first: a checkpoint the plan refuses (e.g. W4A8 MoE off Arm) is refused before any work
-    _, plan = engine_plan(model_dir, max_model_len=max_len + 1, dtype=dtype, batched_tokens=max_len + 1)
+    _, plan = scoring_spec(model_dir, max_model_len=max_len + 1, request=request, machine=machine)
     ids, bos_id = tokenize(model_dir, text, num_tokens)
     windows = sliding_windows(ids, max_len=max_len, stride=stride, bos_id=bos_id if bos else None)
-    result = score_windows(model_dir, windows, dtype=dtype, log=log, progress=progress, plan=plan)
+    result = score_windows(model_dir, windows, log=log, progress=progress, plan=plan)
     nll, scored = sum(result["nll"]), sum(result["counts"])
     computed = sum(len(w.ids) for w in windows)
     return {

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from arm_int4 import sysfs
 from arm_int4.errors import EnvironmentMissing, UsageError
+from arm_int4.kernels import Kernel
 from arm_int4.sysfs import format_cpulist, parse_cpulist
 
 __all__ = [
@@ -295,14 +296,14 @@ def select_int4_kernel(
     if not vllm_installed:
         return None
     if arch == "x86_64":
-        return "Dynamic4bitLinearKernel (x86 reference fallback — slower than BF16)"
+        return Kernel.W4A8_X86_FALLBACK.display
     if arch != "aarch64":
         return None
     if torch_has_dyn_quant_op is False:
-        return "none: torch lacks aten._dyn_quant_matmul_4bit (upgrade torch)"
+        return Kernel.W4A8_NO_OP.display
     if kleidiai:
-        return "Dynamic4bitLinearKernel (KleidiAI)"
-    return "Dynamic4bitLinearKernel (torch reference path — torch built without KleidiAI)"
+        return Kernel.W4A8_KLEIDIAI.display
+    return Kernel.W4A8_TORCH_REFERENCE.display
 
 
 # vLLM 0.32 fused_moe/oracle/w4a8_int8.py has one W4A8 MoE backend: CPUExpertsInt4

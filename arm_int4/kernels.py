@@ -15,9 +15,10 @@ plan's dtype decide (vLLM 0.32 source):
   attribute 'cpu_gemm_wna16'": seen on an AVX2 EPYC and under emulated aarch64, docs/known-issues.md).
 """
 
-from typing import Optional
+import enum
+from typing import Optional, Union
 
-__all__ = ["W4A8_KERNEL", "W4A16_KERNEL", "WNA16_RULE", "w4a16_runs", "describe", "is_x86_fallback"]
+__all__ = ["Kernel", "W4A8_KERNEL", "W4A16_KERNEL", "WNA16_RULE", "w4a16_runs", "describe", "is_x86_fallback"]
 
 W4A8_KERNEL = "Dynamic4bitLinearKernel"
 W4A16_KERNEL = "CPUWNA16LinearKernel"
@@ -27,27 +28,77 @@ WNA16_RULE = (
 )
 
 
+class Kernel(enum.Enum):
+    """The INT4 linear paths vLLM 0.32 takes on a CPU; the value is the display name records and
+    tables carry (a record read back from JSON is looked up by it: `Kernel(label)`)."""
+
+    W4A8_KLEIDIAI = f"{W4A8_KERNEL} (KleidiAI)"
+    W4A8_TORCH_REFERENCE = f"{W4A8_KERNEL} (torch reference path — torch built without KleidiAI)"
+    W4A8_X86_FALLBACK = f"{W4A8_KERNEL} (x86 reference fallback — slower than BF16)"
+    W4A8_NO_OP = "none: torch lacks aten._dyn_quant_matmul_4bit (upgrade torch)"
+    W4A16_AMX = f"{W4A16_KERNEL} (amx ISA)"
+    W4A16_VEC = f"{W4A16_KERNEL} (vec ISA)"
+
+    @property
+    def display(self) -> str:
+        return self.value
+
+    @property
+    def class_name(self) -> Optional[str]:
+        """vLLM's class for this path (what its log names); None when no kernel can run."""
+        return None if self is Kernel.W4A8_NO_OP else self.value.split(" (")[0]
+
+    @property
+    def is_x86_fallback(self) -> bool:
+        return self is Kernel.W4A8_X86_FALLBACK
+
+    @property
+    def is_kleidiai(self) -> bool:
+        return self is Kernel.W4A8_KLEIDIAI
+
+    @classmethod
+    def of(cls, label: Optional[str]) -> Optional["Kernel"]:
+        """The member whose display name is `label` (a record read back); None for a dense model or a
+        kernel this table does not know."""
+        try:
+            return cls(label)
+        except ValueError:
+            return None
+
+
 def w4a16_runs(machine) -> bool:
     """Whether vLLM 0.32 can run W4A16 (CPUWNA16LinearKernel) on `machine`: x86 with AVX-512 only."""
     return machine.arch == "x86_64" and "avx512f" in machine.features
 
 
-def describe(linear_kernels, machine, dtype: Optional[str]) -> Optional[str]:
-    """A label for the quantized linear kernel in `linear_kernels` (from vLLM's log) on `machine`
-    with activations of `dtype`; None for a dense model (no quantized kernel in the log)."""
+def w4a8_kernel(machine) -> Kernel:
+    """The W4A8 path on `machine` (vLLM's Dynamic4bitLinearKernel everywhere; KleidiAI only on Arm)."""
+    if machine.arch == "x86_64":
+        return Kernel.W4A8_X86_FALLBACK
+    if machine.torch_kleidiai is False:
+        return Kernel.W4A8_TORCH_REFERENCE
+    return Kernel.W4A8_KLEIDIAI
+
+
+def ran(linear_kernels, machine, dtype: Optional[str]) -> Union[Kernel, str, None]:
+    """The Kernel vLLM's log says it ran (`linear_kernels`, class names) on `machine` with activations
+    of `dtype`; a class this table does not know stays its name; None for a dense model."""
     names = list(linear_kernels or ())
     if W4A8_KERNEL in names:
-        if machine.arch == "x86_64":
-            return f"{W4A8_KERNEL} (x86 reference fallback — slower than BF16)"
-        if machine.torch_kleidiai is False:
-            return f"{W4A8_KERNEL} (torch reference path — torch built without KleidiAI)"
-        return f"{W4A8_KERNEL} (KleidiAI)"
+        return w4a8_kernel(machine)
     if W4A16_KERNEL in names:
-        isa = "amx" if "amx_tile" in machine.features and dtype == "bfloat16" else "vec"
-        return f"{W4A16_KERNEL} ({isa} ISA)"
+        amx = "amx_tile" in machine.features and dtype == "bfloat16"
+        return Kernel.W4A16_AMX if amx else Kernel.W4A16_VEC
     return names[0] if names else None
 
 
+def describe(linear_kernels, machine, dtype: Optional[str]) -> Optional[str]:
+    """The display name of what ran (see `ran`): what records carry."""
+    k = ran(linear_kernels, machine, dtype)
+    return k.display if isinstance(k, Kernel) else k
+
+
 def is_x86_fallback(label: Optional[str]) -> bool:
-    """Whether a describe() label is vLLM's x86 reference fallback for W4A8 (not an Arm figure)."""
-    return bool(label and label.startswith(W4A8_KERNEL) and "x86 reference fallback" in label)
+    """Whether a record's kernel label is vLLM's x86 reference fallback for W4A8 (not an Arm figure)."""
+    k = Kernel.of(label)
+    return bool(k and k.is_x86_fallback)

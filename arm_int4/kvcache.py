@@ -1,6 +1,6 @@
 """How much KV cache each vLLM CPU rank gets (VLLM_CPU_KVCACHE_SPACE, whole GiB per rank): from the
 memory vLLM will check — system-wide, and the NUMA node each rank's memory is bound to, clamped by
-the cgroup (part of launch.plan; pure). docs/serve.md ("KV cache sizing") has the why and the margin.
+the cgroup (a step of launch.plan; pure). docs/serve.md ("KV cache sizing") has the why and the margin.
 """
 
 import math
@@ -9,6 +9,7 @@ from .checkpoint import kv_bytes_per_token, weights_in_memory
 from .errors import PreflightError
 from .hardware import Machine, parse_cpulist
 from .placement import cpu_sets
+from .request import Decision
 
 __all__ = [
     "GiB",
@@ -78,17 +79,23 @@ def _node_budgets(machine: Machine, rank_nodes: list, weights: int) -> dict:
     return out
 
 
-def size_kv_cache(machine, facts, dtype, ranks, bind, requested, context, why) -> int:
+def size_kv_cache(
+    machine, facts, *, dtype: str, ranks: int, bind: tuple, requested, context, source="rule"
+) -> Decision:
+    """VLLM_CPU_KVCACHE_SPACE (GiB per rank) as a Decision: `requested` (from `source`) checked against
+    what fits, or sized from memory and capped at what `context`-token sequences could use."""
     avail, weights = machine.mem_available_bytes, weights_in_memory(facts, dtype, machine.arch)
     headroom = HEADROOM_BYTES + HEADROOM_BYTES_PER_RANK * ranks
     g = lambda b: f"{b / GiB:.1f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.0f} MiB"
     if avail is None:
         kv = requested or 4
-        why.append(
+        return Decision(
+            "VLLM_CPU_KVCACHE_SPACE",
+            kv,
+            source if requested else "rule",
             f"VLLM_CPU_KVCACHE_SPACE={kv}: available memory unknown in this machine record "
-            "(vLLM checks it against the node's memory at start)"
+            "(vLLM checks it against the node's memory at start)",
         )
-        return kv
     free = avail - weights - headroom
     budget, limit_by = free // ranks, f"{g(avail)} available - weights {g(weights)} - headroom {g(headroom)}"
     hard = (avail - weights) // ranks
@@ -112,8 +119,12 @@ def size_kv_cache(machine, facts, dtype, ranks, bind, requested, context, why) -
                 f"({g(max(hard, 0))} with no headroom at all), and vLLM refuses a KV cache larger than its node's "
                 f"free memory: lower --kv-cache-gib (at most {max(budget_gib, 0)} recommended)"
             )
-        why.append(f"VLLM_CPU_KVCACHE_SPACE={requested}: as requested ({limit_by}: {g(max(budget, 0))} per rank)")
-        return requested
+        return Decision(
+            "VLLM_CPU_KVCACHE_SPACE",
+            requested,
+            source,
+            f"VLLM_CPU_KVCACHE_SPACE={requested}: as requested ({limit_by}: {g(max(budget, 0))} per rank)",
+        )
     if budget_gib < MIN_KV_CACHE_GIB:
         raise PreflightError(
             f"no room for the minimum {MIN_KV_CACHE_GIB} GiB KV cache per rank: {limit_by} = {g(budget)} per rank; "
@@ -132,5 +143,9 @@ def size_kv_cache(machine, facts, dtype, ranks, bind, requested, context, why) -
                     f"{context} tokens per rank"
                 ),
             )
-    why.append(f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {limit_by}, split over {ranks} rank(s), whole GiB{capped}")
-    return kv
+    return Decision(
+        "VLLM_CPU_KVCACHE_SPACE",
+        kv,
+        "rule",
+        f"VLLM_CPU_KVCACHE_SPACE={kv} (GiB per rank): {limit_by}, split over {ranks} rank(s), whole GiB{capped}",
+    )

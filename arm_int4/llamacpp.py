@@ -420,33 +420,19 @@ def run(
 
 def run_like(
     peer: Peer,
-    model_spec: str,
+    like,
     workload,
     *,
-    profile=None,
-    ranks: Optional[int] = None,
-    reserve: Optional[int] = None,
-    kv_cache_gib: Optional[int] = None,
-    extra_args=(),
+    machine,
     log_dir=None,
     progress: Callable[[str], None] = print,
 ) -> list:
-    """run() with the thread count and CPU binding of the vLLM plan `bench` uses for `model_spec`."""
+    """run() with the thread count and CPU binding of `like`, the vLLM EngineSpec bench planned for its
+    first model on `machine`."""
     from . import bandwidth, bench, hardware
 
-    machine = hardware.detect()
-    _, plan = bench.plan_for(
-        models.resolve(model_spec, progress=progress),
-        machine,
-        workload,
-        profile,
-        ranks=ranks,
-        reserve=reserve,
-        kv_cache_gib=kv_cache_gib,
-        extra_args=extra_args,
-    )
-    cpus = hardware.parse_cpulist(plan.bind_lists[0]) if plan.bind_lists else None
-    threads = plan.threads_per_rank or len(cpus or os.sched_getaffinity(0))
+    cpus = hardware.parse_cpulist(like.bind_lists[0]) if like.bind_lists else None
+    threads = like.threads_per_rank or len(cpus or os.sched_getaffinity(0))
     bw = bandwidth.machine_bandwidth(machine, progress=progress)["triad_gbs"]
     return run(
         peer,

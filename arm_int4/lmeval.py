@@ -102,7 +102,8 @@ def run_tasks(
     num_fewshot: Optional[int] = NUM_FEWSHOT,
     limit: Optional[float] = LIMIT,
     batch_size: Union[str, int] = BATCH_SIZE,
-    dtype: str = "auto",
+    request=None,
+    machine=None,
     seed: int = 1234,
     log: Optional[Union[str, Path]] = None,
     progress: Optional[Callable[[str], None]] = None,
@@ -117,7 +118,7 @@ def run_tasks(
     cfg = evaluate.read_config(model_dir)
     limit_pos = (cfg.get("text_config") or cfg).get("max_position_embeddings") or MAX_MODEL_LEN
     max_model_len = min(MAX_MODEL_LEN, limit_pos)
-    _, plan = evaluate.engine_plan(model_dir, max_model_len=max_model_len, dtype=dtype, batched_tokens=max_model_len)
+    _, plan = evaluate.scoring_spec(model_dir, max_model_len=max_model_len, request=request, machine=machine)
     job = {
         "model": str(model_dir),
         "tasks": list(tasks),
@@ -263,12 +264,15 @@ def run_eval(
     text: Union[str, evaluate.Text] = evaluate.DEFAULT_TEXT,
     ppl_kwargs: Optional[dict] = None,
     include_path: Optional[str] = None,
+    request=None,
+    machine=None,
     progress: Optional[Callable[[str], None]] = None,
     **task_kwargs,
 ) -> dict:
     """Perplexity (if PERPLEXITY is among `tasks`) and lm-eval tasks for each model, against an
     optional baseline. Every refusal (baseline, unknown or unreachable task, bad text) happens
-    before the first engine starts. {"perplexity": rows, "tasks": records, "rows": metric_rows}."""
+    before the first engine starts. Every engine is `request` (an EngineRequest) planned on `machine`.
+    {"perplexity": rows, "tasks": records, "rows": metric_rows}."""
     tasks = list(dict.fromkeys(tasks))
     lm_tasks = [t for t in tasks if t != PERPLEXITY]
     if (task_kwargs.get("limit") or 0) < 0 or (task_kwargs.get("num_fewshot") or 0) < 0:
@@ -286,14 +290,23 @@ def run_eval(
             check_tasks(lm_tasks, paths)
         ppl: list = []
         if PERPLEXITY in tasks:
-            kw = dict(ppl_kwargs or {}, progress=progress)
+            kw = dict(ppl_kwargs or {}, progress=progress, request=request, machine=machine)
             ppl = (
                 evaluate.compare(baseline, list(models), text, **kw)
                 if baseline is not None
                 else [evaluate.perplexity(m, text, **kw) for m in models]
             )
         records = (
-            compare_tasks(baseline, models, lm_tasks, include_paths=paths, progress=progress, **task_kwargs)
+            compare_tasks(
+                baseline,
+                models,
+                lm_tasks,
+                include_paths=paths,
+                progress=progress,
+                request=request,
+                machine=machine,
+                **task_kwargs,
+            )
             if lm_tasks
             else []
         )

@@ -14,6 +14,7 @@ import argparse_dataclass
 from . import bench, evaluate, llamacpp, lmeval, tune  # light: their defaults only (no torch/vLLM at import)
 from .fields import opt, positional
 from .quantize.options import QuantizeOptions
+from .request import EngineRequest
 from .schemes import LEARNING_PATH_GROUP
 
 __all__ = [
@@ -28,7 +29,12 @@ __all__ = [
     "TuneOptions",
     "OptionsParser",
     "options_from_namespace",
+    "engine_request",
 ]
+
+# The request surface: every command that starts vLLM takes these options (where they apply), and
+# engine_request() is the one place they become an EngineRequest.
+_REQUEST_FIELDS = ("ranks", "reserve", "kv_cache_gib", "max_model_len", "host", "port")
 
 
 @dataclass
@@ -110,6 +116,20 @@ class OptionsParser(argparse_dataclass.ArgumentParser):
             if "const" in f.metadata:
                 kwargs["const"] = f.metadata["const"]
         return super().add_argument(*args, **kwargs)
+
+
+def engine_request(opts, *, offline: bool = True) -> EngineRequest:
+    """The EngineRequest of a command's options (serve, bench, tune, eval): its profile file, the
+    ranks/reserve/KV/length options it has, its dtype ("auto": the plan's), and the words after `--`,
+    parsed here once. offline: the engine is LLM(...), not the OpenAI server."""
+    dtype = getattr(opts, "dtype", None)
+    return EngineRequest.build(
+        profile=getattr(opts, "profile", None),
+        vllm_args=getattr(opts, "vllm_args", None),
+        offline=offline,
+        dtype=None if dtype == "auto" else dtype,
+        **{k: getattr(opts, k) for k in _REQUEST_FIELDS if hasattr(opts, k)},
+    )
 
 
 def options_from_namespace(options_class, ns: argparse.Namespace):
@@ -209,7 +229,7 @@ class EvalOptions:
         metavar="TOKENS",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
-        evaluate.DTYPE, "vLLM's activation dtype (auto: the checkpoint's)"
+        evaluate.DTYPE, "vLLM's activation dtype (auto: the plan's, as serve picks it)"
     )
     no_bos: bool = opt(False, "do not open each window with the tokenizer's BOS token")
     format: Literal["md", "json", "jsonl"] = opt("md", "md: a table; json/jsonl: the full records")
@@ -248,6 +268,24 @@ class EvalOptions:
         "(arm-int4 bench --json FILE, or the demo's demo-bench.json)",
         metavar="FILE.json",
     )
+    vllm_args: Optional[List[str]] = opt(
+        None,
+        "after --: engine args passed to vLLM unchanged in every engine, as for bench",
+        args=["vllm_args"],
+        nargs="*",
+        type=str,
+        metavar="VLLM_ARG",
+    )
+    profile: Optional[str] = opt(
+        None,
+        "a tuned profile (JSON from `arm-int4 tune`) as for serve: score what serve --profile serves",
+        metavar="FILE",
+    )
+    kv_cache_gib: Optional[int] = opt(
+        None, "KV cache per rank in whole GiB (default: sized from the windows and available memory)", metavar="N"
+    )
+    reserve: Optional[int] = opt(None, "CPUs kept free of inference threads, as for serve", metavar="N")
+    ranks: Optional[int] = opt(None, "tensor-parallel ranks, each bound to its own CPUs, as for serve", metavar="N")
 
 
 @dataclass

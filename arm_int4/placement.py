@@ -1,16 +1,32 @@
 """Where each vLLM CPU rank runs: CPU lists per tensor-parallel rank from a Machine's NUMA nodes,
-affinity, cgroup cpuset and quota (part of launch.plan; pure, no process is started).
+affinity, cgroup cpuset and quota (a step of launch.plan; pure, no process is started).
 
 vLLM 0.32 reads the lists from VLLM_CPU_OMP_THREADS_BIND ("0-30|32-62", one per local rank;
 utils/ompmultiprocessing.py) and sets OMP_NUM_THREADS per worker from each list's length; its own
 "auto" binding gives one rank per NUMA node and refuses more ("Not enough allowed NUMA nodes").
 """
 
-from .checkpoint import CheckpointFacts
-from .errors import PreflightError
-from .hardware import Machine, format_cpulist, parse_cpulist
+from dataclasses import dataclass
+from typing import Optional
 
-__all__ = ["cpu_sets", "heads_split", "rank_lists", "place"]
+from .checkpoint import CheckpointFacts
+from .errors import HeadsDoNotSplit, PreflightError
+from .hardware import Machine, format_cpulist, parse_cpulist
+from .request import Decision
+
+__all__ = ["cpu_sets", "heads_split", "rank_lists", "place", "Placement"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the ranks run: their count, CPU list per rank ("" lists when vLLM or nobody binds), threads
+    per rank, the env vars that say so to vLLM, and the decisions behind them."""
+
+    ranks: int
+    bind_lists: tuple
+    threads_per_rank: Optional[int]
+    env: dict
+    decisions: tuple
 
 
 def cpu_sets(machine: Machine) -> list:
@@ -52,9 +68,26 @@ def rank_lists(per_node: list, ranks: int) -> list:
     return lists if all(lists) else []
 
 
-def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
-    """-> (ranks, bind lists, threads per rank, env)."""
-    env = {}
+def place(
+    machine: Machine,
+    facts: CheckpointFacts,
+    *,
+    ranks: Optional[int],
+    reserve: Optional[int],
+    bind: Optional[str],
+    can_bind: bool,
+    source: str = "rule",
+) -> Placement:
+    """The placement for `ranks` (None: one per NUMA node) with `reserve` CPUs kept out (None: vLLM's
+    one per rank), `bind` "auto"/"nobind" (the profile's) or None (the plan binds). `source` says
+    where the rank count came from, for the decisions."""
+    env: dict = {}
+    why: list = []
+    ranks_wanted, bind_mode = ranks, bind
+
+    def said(value: str) -> tuple:  # the one decision of the nobind/auto branches
+        return (Decision("VLLM_CPU_OMP_THREADS_BIND", value, "profile" if bind_mode == value else "rule", why[-1]),)
+
     per_node = cpu_sets(machine)
     usable = machine.usable_cpus()
     if not can_bind or bind_mode == "nobind":
@@ -70,6 +103,7 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
             )
         reserve = 1 if reserve is None else reserve
         threads = (usable - reserve if usable > reserve else usable) if usable else None
+        kept = usable - threads if usable and threads else 0
         why.append(
             "VLLM_CPU_OMP_THREADS_BIND=nobind: "
             + (
@@ -78,12 +112,12 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
                 else "from the profile"
             )
             + f"; one rank, OMP_NUM_THREADS={threads} "
-            f"({usable} usable CPUs, {usable - threads if usable else 0} reserved)"
+            f"({usable} usable CPUs, {kept} reserved)"
         )
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        return 1, (), threads, env
+        return Placement(1, (), threads, env, said("nobind"))
     smt = (machine.threads_per_core or 1) > 1 and machine.arch == "x86_64"
     more_ranks_than_nodes = bool(ranks_wanted and per_node and ranks_wanted > len(per_node))
     if bind_mode == "auto" or not per_node or (smt and not more_ranks_than_nodes):
@@ -107,15 +141,11 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
             f"VLLM_CPU_OMP_THREADS_BIND=auto ({reason}): vLLM binds rank N to the N-th allowed "
             "NUMA node and reserves VLLM_CPU_NUM_OF_RESERVED_CPU (default 1 per rank) for its scheduler"
         )
-        ranks = ranks_wanted or 1
-        return ranks, (), None, env
+        return Placement(ranks_wanted or 1, (), None, env, said("auto"))
     ranks = len(per_node) if ranks_wanted is None else ranks_wanted
     if ranks > 1 and not heads_split(facts, ranks):
         if ranks_wanted:
-            raise PreflightError(
-                f"{facts.name}: {facts.num_heads} attention heads ({facts.num_kv_heads} KV heads) do "
-                f"not split over {ranks} tensor-parallel ranks: choose a rank count that divides them"
-            )
+            raise HeadsDoNotSplit(facts.name, facts.num_heads, facts.num_kv_heads, ranks)
         why.append(f"{facts.num_heads} attention heads do not split over {ranks} ranks: one rank spans all nodes")
         ranks = 1
     lists = rank_lists(per_node, ranks)
@@ -139,8 +169,8 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
         why.append(f"no CPU reserved: a rank would be left without CPUs after reserving {reserve}")
         reserve, per_rank = 0, [0] * ranks
     lists = [c[: len(c) - k] if k else c for c, k in zip(lists, per_rank, strict=False)]
-    bind = tuple(format_cpulist(c) for c in lists)
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind)
+    bind_lists = tuple(format_cpulist(c) for c in lists)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind_lists)
     if ranks > len(per_node):
         # vLLM's own "auto" binding refuses this ("Not enough allowed NUMA nodes to bind threads of N
         # local CPUWorkers"); explicit per-rank lists work (tensor parallel on one socket).
@@ -163,4 +193,8 @@ def place(machine, facts, ranks_wanted, reserve, bind_mode, can_bind, why):
         "vLLM sets OMP_NUM_THREADS per worker from its bind list (VLLM_CPU_NUM_OF_RESERVED_CPU "
         "only applies to 'auto', so the plan leaves reserved CPUs out of the lists itself)"
     )
-    return ranks, bind, min(map(len, lists)), env
+    notes = tuple(Decision("ranks", ranks, "rule", w) for w in why[:-2])  # heads, quota, reserve adjustments
+    bound = Decision("VLLM_CPU_OMP_THREADS_BIND", env["VLLM_CPU_OMP_THREADS_BIND"], source, why[-2])
+    per_list = min(map(len, lists))
+    omp = Decision("OMP_NUM_THREADS", per_list, "rule", why[-1])
+    return Placement(ranks, bind_lists, per_list, env, (*notes, bound, omp))

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import kernels
+
 __all__ = [
     "Record",
     "METRICS",
@@ -324,7 +326,7 @@ def plot(records, path: str) -> str:
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(who))), fontsize=7)
     r0 = ok[0] if ok else None
     caption = f"{r0.cpu} ({r0.arch}), vLLM {r0.vllm_version}" if r0 else "no successful results"
-    if any(r.int4_kernel and "fallback" in r.int4_kernel for r in ok):
+    if any(kernels.is_x86_fallback(r.int4_kernel) for r in ok):
         caption += " — INT4 on the x86 reference fallback, not an Arm figure"
     fig.suptitle(caption, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 * ((len(who) + 2) // 3), 1, 1))  # room for the legend below

@@ -3,7 +3,7 @@
 - run_worker(name, job, plan=...): one worker script (arm_int4/workers/NAME_worker.py) in a fresh
   process: job in (JSON file), one result out (JSON file, rewritten as it goes for progress), the
   log kept on failure, the whole process group reaped on any exit (Ctrl-C included). A worker that
-  starts vLLM (ENGINE_WORKERS) must be given a launch.Plan: its interpreter, environment and
+  starts vLLM (ENGINE_WORKERS) must be given a launch.EngineSpec: its interpreter, environment and
   engine arguments all come from the plan, so the plan's guards (MoE refusal, dtype, CPU binding,
   KV sizing) hold for bench, tune, eval, lm-eval and the demo alike.
 - Server / serve_foreground(plan): vLLM's OpenAI server from a plan (`arm-int4 serve`, bench --server
@@ -36,7 +36,7 @@ import psutil
 
 from . import workers
 from .errors import PreflightError, RunError, UsageError
-from .launch import Plan
+from .launch import EngineSpec
 
 __all__ = [
     "ENGINE_WORKERS",
@@ -54,7 +54,7 @@ __all__ = [
     "log_tail",
 ]
 
-# Workers that start a vLLM engine: run_worker refuses them without a launch.Plan.
+# Workers that start a vLLM engine: run_worker refuses them without a launch.EngineSpec.
 ENGINE_WORKERS = frozenset({"bench", "perplexity", "lmeval"})
 # vLLM logs the kernel each layer type chose: "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int",
 # "Using CPUWNA16LinearKernel for CompressedTensorsWNA16" (vllm/model_executor/layers/quantization).
@@ -93,7 +93,7 @@ def can_set_affinity() -> bool:
     return True
 
 
-def process_env(plan: Plan, base: Optional[dict] = None) -> dict:
+def process_env(plan: EngineSpec, base: Optional[dict] = None) -> dict:
     """The caller's environment with the plan's on top; an existing LD_PRELOAD is kept after ours."""
     env = dict(os.environ if base is None else base)
     for k, v in plan.env.items():
@@ -194,7 +194,9 @@ class Server:
 
     log: a file path for stdout+stderr (bench), or None to inherit ours (serve)."""
 
-    def __init__(self, plan: Plan, *, log: Optional[str] = None, env: Optional[dict] = None, reap_grace: float = 5.0):
+    def __init__(
+        self, plan: EngineSpec, *, log: Optional[str] = None, env: Optional[dict] = None, reap_grace: float = 5.0
+    ):
         self.plan, self.log = plan, log
         self.proc: Optional[subprocess.Popen] = None
         self._log_file: Optional[IO[bytes]] = None
@@ -218,7 +220,7 @@ class Server:
             self._log_file = out = open(self.log, "ab")  # noqa: SIM115 (held while the server runs; closed in stop())
         try:
             self.proc = subprocess.Popen(
-                list(self.plan.argv),
+                list(self.plan.to_server_argv()),
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -227,7 +229,7 @@ class Server:
                 preexec_fn=_term_with_parent,
             )
         except OSError as exc:
-            raise RunError(f"cannot start {self.plan.argv[0]}: {exc.strerror}") from None
+            raise RunError(f"cannot start {self.plan.python}: {exc.strerror}") from None
         return self
 
     def ready(self) -> bool:
@@ -324,7 +326,7 @@ def run_worker(
     name: str,
     job: dict,
     *,
-    plan: Optional[Plan] = None,
+    plan: Optional[EngineSpec] = None,
     python: Optional[str] = None,
     env: Optional[dict] = None,
     log=None,
@@ -334,19 +336,21 @@ def run_worker(
 ) -> WorkerRun:
     """Run arm_int4/workers/{name}_worker.py on `job` in a fresh process group and wait for it.
 
-    plan: required for ENGINE_WORKERS (bench, perplexity, lmeval): the interpreter is plan.argv[0],
-    the environment is ours + plan.env, and job["engine_kwargs"] = plan.engine_kwargs() (the job
+    plan: required for ENGINE_WORKERS (bench, perplexity, lmeval): the interpreter is plan.python,
+    the environment is ours + plan.env, and job["engine_kwargs"] = plan.to_llm_kwargs() (the job
     may not set its own). Other workers (llmc, llamacpp) name their interpreter with `python`.
     env: extra variables on top (never over the plan's). log: a file for the worker's stdout+stderr
     (appended, kept); None = a temporary file kept only on failure. on_update: called with the
     result each time the worker rewrites it (progress). cpus: CPU ids to pin the worker to."""
     if name in ENGINE_WORKERS and plan is None:
-        raise TypeError(f"worker {name!r} starts vLLM: it runs only from a launch.Plan (runner.run_worker(plan=...))")
+        raise TypeError(
+            f"worker {name!r} starts vLLM: it runs only from a launch.EngineSpec (runner.run_worker(plan=...))"
+        )
     if plan is not None:
         if "engine_kwargs" in job:
-            raise TypeError("job['engine_kwargs'] comes from the plan: put engine settings in launch.plan()")
-        job = {**job, "engine_kwargs": plan.engine_kwargs()}
-        python = plan.argv[0]
+            raise TypeError("job['engine_kwargs'] comes from the plan: put engine settings in the EngineRequest")
+        job = {**job, "engine_kwargs": plan.to_llm_kwargs()}
+        python = plan.python
         base = {**os.environ, **(env or {})}
         base.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # a slow fallback step is not a hang
         full_env = process_env(plan, base)
@@ -419,7 +423,7 @@ def run_worker(
     return WorkerRun(name=name, result=result, returncode=proc.returncode, log=log, error=error, linear_kernels=kernels)
 
 
-def serve_foreground(plan: Plan, *, ready_timeout: Optional[float] = None, out=None) -> int:
+def serve_foreground(plan: EngineSpec, *, ready_timeout: Optional[float] = None, out=None) -> int:
     """Run the server until it exits or we get SIGINT/SIGTERM (forwarded; a second one kills).
 
     Returns 128+signal after a requested stop, 0 if vLLM exited cleanly by itself; a vLLM failure

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import __version__, bandwidth, bench, hardware, launch, placement
-from .errors import ArmInt4Error, UsageError
+from .errors import ArmInt4Error, HeadsDoNotSplit, UsageError
 from .workload import failed_records
 
 __all__ = [
@@ -277,6 +277,7 @@ class Outcome:
 
 def sweep(
     model_dir,
+    request: Optional[launch.EngineRequest] = None,
     *,
     objective: str = OBJECTIVES[0],
     tpot_limit_ms: float = TPOT_LIMIT_MS,
@@ -284,12 +285,12 @@ def sweep(
     modes=MODES,
     kinds=PLACEMENTS,
     machine: Optional[hardware.Machine] = None,
-    extra_args=(),
     log_dir=None,
     bandwidth_gbs: Optional[float] = None,
     progress: Callable[[str], None] = _stderr,
 ) -> Outcome:
-    """Run the staged sweep (module docstring) on MODEL_DIR. Never raises for a failing candidate:
+    """Run the staged sweep (module docstring) on MODEL_DIR, each candidate's profile in `request` (the
+    user's vLLM args; None: the defaults). Never raises for a failing candidate:
     its records carry `error` and the sweep goes on. Outcome.profile is None if none qualified."""
     if objective not in OBJECTIVES:
         raise UsageError(f"--objective {objective}: choose from {', '.join(OBJECTIVES)}")
@@ -301,6 +302,7 @@ def sweep(
         raise UsageError(f"--modes {' '.join(bad)}: choose from {', '.join(MODES)}")
     workload = workload or bench.Workload(PROMPTS, GENS, BATCHES, REPETITIONS)
     machine = machine or hardware.detect()
+    request = request or launch.EngineRequest()
     probe = dataclasses.replace(workload, batches=(1,))  # stages 1-2 rank by batch-1 decode
     full = workload if objective == "throughput" else probe
     env_info = bench.environment(machine)
@@ -314,9 +316,9 @@ def sweep(
         c = _with_mode(place, mode)
         c = dataclasses.replace(c, label=c.label + suffix)
         try:
-            facts, plan = bench.plan_for(model_dir, machine, wl, c.profile, extra_args=extra_args)
+            facts, plan = bench.engine_for(machine, model_dir, request.replace(profile=c.profile), wl)
         except ArmInt4Error as exc:
-            if (c.profile.ranks or 1) > 1 and "do not split" in str(exc):  # this model's heads: not a failure
+            if isinstance(exc, HeadsDoNotSplit) and (c.profile.ranks or 1) > 1:  # this model's heads: not a failure
                 progress(f"tune: {c.label}: skipped: {exc}")
                 return
             if not by_label:  # the very first plan failed: the model or vLLM args are unusable
@@ -326,7 +328,7 @@ def sweep(
             for r in by_label[c.label]:
                 r.config = c.label
         else:
-            key = (tuple(sorted(plan.env.items())), plan.argv, wl)
+            key = (tuple(sorted(plan.env.items())), plan.engine, wl)
             if key in seen:
                 progress(f"tune: {c.label}: same plan as {seen[key]} on this machine: skipped")
                 return

@@ -21,6 +21,7 @@ from typing import Optional
 from . import __version__
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token
 from .errors import UsageError
+from .kernels import Kernel
 from .report import Record
 
 __all__ = [
@@ -188,17 +189,14 @@ def quant_label(facts: CheckpointFacts) -> str:
 def kernel_note(facts: CheckpointFacts, machine) -> Optional[str]:
     """Before a run, for a W4A8 checkpoint on a machine without KleidiAI: what its numbers will not
     show (hardware's prediction; records then carry what vLLM's log says it ran, kernels.describe)."""
-    k = machine.int4_kernel or ""
-    if (
-        not facts.scheme
-        or facts.scheme.preset != "w4a8"
-        or not ("fallback" in k or "reference" in k or k.startswith("none"))
-    ):
+    k = Kernel.of(machine.int4_kernel)
+    if not facts.scheme or facts.scheme.preset != "w4a8" or k is None or k.is_kleidiai:
         return None
-    kernel = k.split(" (")[0]
-    if "fallback" in k:
-        return f"x86 reference fallback, not an Arm figure: INT4 runs on vLLM's {kernel} without KleidiAI (Arm only)"
-    return f"INT4 runs on {k}: not KleidiAI, so not what Arm servers with KleidiAI reach"
+    if k.is_x86_fallback:
+        return (
+            f"x86 reference fallback, not an Arm figure: INT4 runs on vLLM's {k.class_name} without KleidiAI (Arm only)"
+        )
+    return f"INT4 runs on {k.display}: not KleidiAI, so not what Arm servers with KleidiAI reach"
 
 
 def failed_records(spec: str, workload: Workload, env: dict, error: str) -> list:

@@ -82,15 +82,19 @@ def build(shape: str, work: Path) -> tuple:
     return bf16, w4a8
 
 
-def baseline_plans(tuned: launch.Plan, machine: hardware.Machine, model_dir: str, max_model_len: int) -> dict:
-    """vLLM-default and learning-path plans sharing the tuned plan's KV cache and max-model-len."""
-    kv, python = tuned.env["VLLM_CPU_KVCACHE_SPACE"], tuned.argv[0]
-    head = [python, "-m", launch.SERVER_MODULE, "--model", model_dir, "--max-model-len", str(max_model_len)]
+def baseline_plans(tuned: launch.EngineSpec, machine: hardware.Machine, model_dir: str, max_model_len: int) -> dict:
+    """vLLM-default and learning-path engines sharing the tuned plan's KV cache and max-model-len."""
+    kv = tuned.env["VLLM_CPU_KVCACHE_SPACE"]
+    # vLLM's defaults but the length: no dtype, sequences, step, block size or eager said
+    defaults = launch.EngineArgs(None, 1, max_model_len, None, None, None, False)
     nproc = machine.usable_cpus() or os.cpu_count()
     auto = dataclasses.replace(
         tuned,
+        model_dir=model_dir,
         env={"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_CPU_KVCACHE_SPACE": kv},
-        argv=tuple(head),
+        engine=defaults,
+        user_args=(),
+        user_kwargs={},
         threads_per_rank=None,
         bind_lists=(),
     )
@@ -106,8 +110,11 @@ def baseline_plans(tuned: launch.Plan, machine: hardware.Machine, model_dir: str
         lp_env["LD_PRELOAD"] = machine.tcmalloc_path
     lp = dataclasses.replace(
         tuned,
+        model_dir=model_dir,
         env=lp_env,
-        argv=tuple(head + ["--max-num-batched-tokens", "4096"]),
+        engine=dataclasses.replace(defaults, max_num_batched_tokens=4096),
+        user_args=(),
+        user_kwargs={},
         threads_per_rank=nproc,
         bind_lists=(f"0-{nproc - 1}",),
     )
@@ -213,12 +220,13 @@ def main() -> int:
     prof = dataclasses.replace(outcome.profile, meta={})
 
     log("comparison engines")
-    facts, tuned = bench.plan_for(str(bf16), machine, workload, prof)
+    request = launch.EngineRequest(profile=prof)
+    facts, tuned = bench.engine_for(machine, str(bf16), request, workload)
     plans = {
         "tuned": (facts, tuned),
         **{k: (facts, p) for k, p in baseline_plans(tuned, machine, str(bf16), workload.max_model_len).items()},
     }
-    plans["w4a8"] = bench.plan_for(str(w4a8), machine, workload, prof)
+    plans["w4a8"] = bench.engine_for(machine, str(w4a8), request, workload)
     records = []
     for label, (f, plan) in plans.items():
         records += bench.run_plan(plan, f, workload, machine=machine, bandwidth_gbs=bw, label=label, progress=log)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from test_launch import machine, write_checkpoint
 
 from arm_int4 import bandwidth, bench, bench_server, hardware, kernels, launch, report, workload
 from arm_int4.checkpoint import read_checkpoint, weights_in_memory
@@ -63,59 +64,44 @@ def isolated_home(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- no vLLM
-def _plan(argv_tail, **kw) -> launch.Plan:
-    fields = dict(
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
-        argv=("python", "-m", launch.SERVER_MODULE, "--model", "/m", *argv_tail),
-        reasons=(),
-        host="127.0.0.1",
-        port=8000,
-        served_model_name="m",
-        model_dir="/m",
-        ranks=1,
-        bind_lists=(),
-        threads_per_rank=1,
-        dtype="bfloat16",
-        kv_cache_gib=1,
-        max_model_len=48,
-    )
-    fields.update(kw)
-    return launch.Plan(**fields)
-
-
-def test_engine_kwargs_from_a_server_plan():
-    plan = _plan(
-        [
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "8000",
-            "--served-model-name",
-            "m",
-            "--dtype",
-            "bfloat16",
-            "--max-model-len",
-            "48",
-            "--block-size",
-            "128",
-            "--enforce-eager",
-            "--no-enable-prefix-caching",
-            "-tp",
-            "2",
-            '--compilation-config={"mode": 0}',
-        ]
-    )
-    assert plan.engine_kwargs() == {
-        "dtype": "bfloat16",
+def test_vllm_args_are_read_once_into_engine_keywords(tmp_path):
+    """The words after `--` become LLM() keywords where the command starts (EngineRequest.build), and
+    an offline engine's keywords are the plan's with the user's on top: nothing reads an argv back."""
+    words = [
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "48",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "-tp",
+        "1",
+        '--compilation-config={"mode": 0}',
+        "--served-model-name",
+        "m",
+    ]
+    request = launch.EngineRequest.build(vllm_args=words)
+    assert dict(request.vllm_kwargs) == {
+        "dtype": "float32",
         "max_model_len": 48,
-        "block_size": 128,
         "enforce_eager": True,
         "enable_prefix_caching": False,
-        "tensor_parallel_size": 2,
+        "tensor_parallel_size": 1,
+        "compilation_config": {"mode": 0},
+        "served_model_name": "m",
+    }
+    ck = launch.read_checkpoint(write_checkpoint(tmp_path / "m", layers=1))
+    kw = launch.plan(machine("graviton4", 64), ck, request).to_llm_kwargs()
+    assert {k: kw[k] for k in ("dtype", "max_model_len", "enforce_eager", "compilation_config")} == {
+        "dtype": "float32",
+        "max_model_len": 48,
+        "enforce_eager": True,
         "compilation_config": {"mode": 0},
     }
+    assert "served_model_name" not in kw and kw["block_size"] == 128  # server-only dropped; the plan's kept
     with pytest.raises(UsageError, match="no --flag before it"):
-        _plan(["stray"]).engine_kwargs()
+        launch.EngineRequest.build(vllm_args=["stray"])
+    assert launch.EngineRequest.build(vllm_args=["stray"], offline=False).vllm_args == ("stray",)  # the server's
 
 
 def test_workload_tests_and_validation():
@@ -321,7 +307,8 @@ def test_server_mode_refuses_non_http():
 def test_engine_failure_is_recorded_with_its_log(tiny_llama, isolated_home):
     """vLLM refusing an engine argument: every test recorded as failed, the log kept and named."""
     logs = []
-    records = bench.run([str(tiny_llama)], WORKLOAD, extra_args=("--no-such-engine-arg", "1"), progress=logs.append)
+    request = launch.EngineRequest.build(vllm_args=("--no-such-engine-arg", "1"))
+    records = bench.run([str(tiny_llama)], WORKLOAD, request, progress=logs.append)
     assert len(records) == 2 and report.exit_code(records) == 1
     assert "no_such_engine_arg" in records[0].error and "vLLM log: " in records[0].error
     log = records[0].error.rsplit("vLLM log: ", 1)[1].rstrip(")")
@@ -341,7 +328,7 @@ def run(tiny_llama, tiny_w4a8, tiny_w4a8_g32, isolated_home, tmp_path_factory):
         records = bench.run(
             [str(tiny_llama), str(out / "not-a-model"), str(tiny_w4a8), str(tiny_w4a8_g32)],
             WORKLOAD,
-            profile=launch.Profile(enforce_eager=True),
+            launch.EngineRequest(enforce_eager=True),
         )
         paths = {k: str(out / f"bench.{k}") for k in ("json", "csv", "jsonl", "png")}
         report.emit(

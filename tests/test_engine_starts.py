@@ -8,14 +8,13 @@ so each command proves it consulted the plan before any engine started.
 """
 
 import ast
-import dataclasses
 import pathlib
 
 import pytest
 from test_launch import machine, write_checkpoint
 
-from arm_int4 import evaluate, hardware, launch, runner, workers
-from arm_int4.errors import PreflightError
+from arm_int4 import evaluate, launch, runner, workers
+from arm_int4.errors import DtypeRefused
 
 PKG = pathlib.Path(runner.__file__).parent
 SOURCES = sorted(p for p in PKG.rglob("*.py") if "workers" not in p.parts)
@@ -77,7 +76,7 @@ def test_every_worker_that_imports_vllm_needs_a_plan():
                 uses_vllm.add(path.name.removesuffix("_worker.py"))
     assert uses_vllm == set(runner.ENGINE_WORKERS)
     for name in sorted(uses_vllm):
-        with pytest.raises(TypeError, match=r"runs only from a launch\.Plan"):
+        with pytest.raises(TypeError, match=r"runs only from a launch\.EngineSpec"):
             runner.run_worker(name, {})
 
 
@@ -85,8 +84,8 @@ def test_the_server_and_engine_jobs_take_their_arguments_from_the_plan(tmp_path)
     ck = launch.read_checkpoint(
         write_checkpoint(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2, inter=512, vocab=1024)
     )
-    p = launch.plan(machine("graviton4", 64), ck, max_model_len=512)
-    kw = p.engine_kwargs()
+    p = launch.plan(machine("graviton4", 64), ck, launch.EngineRequest(max_model_len=512))
+    kw = p.to_llm_kwargs()
     assert kw["dtype"] == p.dtype and kw["max_model_len"] == 512 and kw["block_size"] == 128
     with pytest.raises(TypeError, match="comes from the plan"):
         runner.run_worker("perplexity", {"engine_kwargs": {}}, plan=p)
@@ -134,20 +133,19 @@ def test_each_command_refuses_the_x86_moe_through_the_plan(argv, x86_moe, tmp_pa
     assert "Traceback" not in r.stderr
 
 
-def test_eval_plans_like_serve_on_arm(tmp_path, monkeypatch):
-    """The groupwise + bias guard, binding and KV sizing reach eval and lm-eval (engine_plan is theirs)."""
+def test_eval_plans_like_serve_on_arm(tmp_path):
+    """The groupwise + bias guard, binding and KV sizing reach eval and lm-eval (scoring_spec is theirs)."""
     ck = write_checkpoint(
         tmp_path / "gb", hidden=256, layers=1, heads=4, kv_heads=2, inter=512, vocab=1024, scheme="groupwise", bias=True
     )
     arm = machine("graviton4", 64)
-    monkeypatch.setattr(hardware, "detect", lambda *a, **k: arm)
-    _, p = evaluate.engine_plan(ck, max_model_len=257, batched_tokens=257)
-    assert p.dtype == "float32" and p.engine_kwargs()["dtype"] == "float32"
+    _, p = evaluate.scoring_spec(ck, max_model_len=257, machine=arm)
+    assert p.dtype == "float32" and p.to_llm_kwargs()["dtype"] == "float32"
     assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-62" and p.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    with pytest.raises(PreflightError, match=r"--dtype bfloat16 .* wrong outputs"):
-        evaluate.engine_plan(ck, max_model_len=257, dtype="bfloat16")
-    served = launch.plan(arm, launch.read_checkpoint(ck), max_model_len=257)
-    assert dataclasses.replace(p, argv=(), reasons=()).env == dataclasses.replace(served, argv=(), reasons=()).env
+    with pytest.raises(DtypeRefused, match=r"--dtype bfloat16 .* wrong outputs"):
+        evaluate.scoring_spec(ck, max_model_len=257, request=launch.EngineRequest(dtype="bfloat16"), machine=arm)
+    served = launch.plan(arm, launch.read_checkpoint(ck), launch.EngineRequest(max_model_len=257))
+    assert p.env == served.env
 
 
 def test_short_scoring_windows_keep_vllms_scheduler_rule(tmp_path):
@@ -155,6 +153,6 @@ def test_short_scoring_windows_keep_vllms_scheduler_rule(tmp_path):
     windows planned 33 batched tokens beside the default 128 sequences)."""
     ck = write_checkpoint(tmp_path / "m", hidden=256, layers=1, heads=4, kv_heads=2, inter=512, vocab=1024)
     for n in (33, 257, 513):
-        _, p = evaluate.engine_plan(ck, max_model_len=n, batched_tokens=n)
-        kw = p.engine_kwargs()
+        _, p = evaluate.scoring_spec(ck, max_model_len=n)
+        kw = p.to_llm_kwargs()
         assert kw["max_num_batched_tokens"] == n and kw["max_num_seqs"] <= n

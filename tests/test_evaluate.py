@@ -14,6 +14,7 @@ import pytest
 
 from arm_int4 import evaluate as ev
 from arm_int4.errors import UsageError
+from arm_int4.request import EngineRequest
 
 
 def vllm_test(f):
@@ -129,7 +130,7 @@ def test_quantization_label_reads_the_config():
 
 def test_bad_dtype_is_refused_before_any_engine(tiny_llama):
     with pytest.raises(UsageError, match="--dtype"):
-        ev.score_windows(tiny_llama, [ev.Window((1, 2, 3), 1)], dtype="int8")
+        ev.score_windows(tiny_llama, [ev.Window((1, 2, 3), 1)], request=EngineRequest(dtype="int8"))
 
 
 # ---------------------------------------------------------------- baseline refusal
@@ -179,7 +180,7 @@ def _reference_token_logprobs(model_dir, windows):
 def tiny_runs(tiny_llama, opticks):
     ids, bos = ev.tokenize(tiny_llama, opticks, num_tokens=600)
     windows = ev.sliding_windows(ids, max_len=256, stride=128, bos_id=bos)
-    got = ev.score_windows(tiny_llama, windows, dtype="float32", return_token_logprobs=True)
+    got = ev.score_windows(tiny_llama, windows, request=EngineRequest(dtype="float32"), return_token_logprobs=True)
     return windows, got, _reference_token_logprobs(tiny_llama, windows)
 
 

@@ -17,11 +17,17 @@ import pytest
 from arm_int4 import cli, hardware, launch
 from arm_int4.errors import PreflightError, UsageError
 from arm_int4.hardware import parse_cpulist
-from arm_int4.launch import GiB, Profile, plan, read_checkpoint
+from arm_int4.launch import EngineRequest, GiB, Profile, read_checkpoint
 
 MACHINES = pathlib.Path(__file__).parent / "fixtures" / "machines"
 ARM_LSCPU = ["ampere-altra", "graviton2", "graviton3", "graviton4", "grace", "github-arm64-runner"]
 _ST = {"BF16": 2, "F32": 4, "I8": 1, "I32": 4, "I64": 8}
+
+
+def plan(m, facts, profile=None, *, extra_args=(), can_bind=True, **fields):
+    """launch.plan of the request a command builds from these options and the words after `--`."""
+    request = EngineRequest.build(vllm_args=extra_args, offline=False, **fields)
+    return launch.plan(m, facts, request.replace(profile=profile or Profile()), can_bind=can_bind)
 
 
 def machine(name, mem_gib=None, **changes):
@@ -148,7 +154,7 @@ def test_two_numa_nodes_give_two_ranks_with_disjoint_bind_lists(llama8b):
     p = plan(machine("ampere-altra", 256), llama8b, reserve=0)
     assert p.ranks == 2 and p.bind_lists == ("0-79", "80-159")
     assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-79|80-159"
-    assert p.argv[p.argv.index("--tensor-parallel-size") + 1] == "2"
+    assert p.to_server_argv()[p.to_server_argv().index("--tensor-parallel-size") + 1] == "2"
     d = plan(machine("ampere-altra", 256), llama8b)  # default: vLLM's one reserved CPU per rank
     a, b = (set(parse_cpulist(x)) for x in d.bind_lists)
     assert not a & b and a <= set(range(80)) and b <= set(range(80, 160)) and len(a) == len(b) == 79
@@ -159,7 +165,7 @@ def test_single_node_arm_machines_bind_one_rank_minus_the_reserve(name, llama8b)
     m = machine(name, 64)
     p = plan(m, llama8b)
     if len(m.numa_nodes) <= 1:
-        assert p.ranks == 1 and "--tensor-parallel-size" not in p.argv
+        assert p.ranks == 1 and "--tensor-parallel-size" not in p.to_server_argv()
         assert len(parse_cpulist(p.bind_lists[0])) == m.logical_cpus - 1
     else:  # Ampere Altra's two nodes: a rank on each, one CPU of each left to vLLM's scheduler
         assert p.ranks == len(m.numa_nodes) == 2
@@ -325,13 +331,14 @@ def test_tcmalloc_is_preloaded_when_found(llama8b):
 
 def test_extra_vllm_args_win_and_the_plan_drops_what_they_repeat(llama8b):
     p = plan(machine("graviton4", 64), llama8b, extra_args=["--dtype", "float32", "--enforce-eager"])
-    assert p.argv.count("--dtype") == 1 and p.argv[-3:] == ("--dtype", "float32", "--enforce-eager")
+    argv = p.to_server_argv()
+    assert argv.count("--dtype") == 1 and argv[-3:] == ("--dtype", "float32", "--enforce-eager")
     assert p.dtype == "float32"
     p = plan(machine("graviton4", 64), llama8b, extra_args=["--kv-cache-memory-bytes=4000000000"])
     assert "VLLM_CPU_KVCACHE_SPACE" not in p.env  # the env var would override the flag
     p = plan(machine("ampere-altra", 256), llama8b, extra_args=["-tp", "2"])
-    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-78|80-158" and p.argv.count("-tp") == 1
-    assert "--tensor-parallel-size" not in p.argv  # the user's -tp stands for it
+    assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-78|80-158" and p.to_server_argv().count("-tp") == 1
+    assert "--tensor-parallel-size" not in p.to_server_argv()  # the user's -tp stands for it
 
 
 def test_profile_overrides_and_rejects_unknown_keys(tmp_path, llama8b):
@@ -349,7 +356,7 @@ def test_profile_overrides_and_rejects_unknown_keys(tmp_path, llama8b):
         )
     )
     p = plan(machine("graviton4", 64), llama8b, Profile.load(str(f)))
-    a = p.argv
+    a = p.to_server_argv()
     assert a[a.index("--max-num-seqs") + 1] == "8" and a[a.index("--max-num-batched-tokens") + 1] == "512"
     assert a[a.index("--block-size") + 1] == "64" and "--enforce-eager" in a and p.bind_lists == ("0-63",)
     for bad, match in (
@@ -396,7 +403,7 @@ def _parse_snippet(text):
 def test_format_is_a_shell_snippet_that_round_trips(llama8b):
     p = plan(machine("ampere-altra", 256), llama8b, extra_args=["--enforce-eager"])
     env, cmd = _parse_snippet(p.format())
-    assert env == p.env and tuple(cmd) == p.argv
+    assert env == p.env and tuple(cmd) == p.to_server_argv()
     assert cmd[1:4] == ["-m", launch.SERVER_MODULE, "--model"]
 
 
@@ -424,8 +431,8 @@ def test_two_ranks_on_one_node_get_their_own_cpus(how, llama8b):
     p = plan(m, llama8b, **kw)
     assert p.ranks == 2 and p.bind_lists == ("0-30", "32-62")  # halves of 0-63, one CPU each reserved
     assert p.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-30|32-62" and p.threads_per_rank == 31
-    assert p.argv.count("--tensor-parallel-size") == 1
-    assert p.argv[p.argv.index("--tensor-parallel-size") + 1] == "2"
+    assert p.to_server_argv().count("--tensor-parallel-size") == 1
+    assert p.to_server_argv()[p.to_server_argv().index("--tensor-parallel-size") + 1] == "2"
 
 
 def test_ranks_on_this_two_cpu_box_and_their_limits(llama8b):
@@ -458,7 +465,7 @@ def test_multi_host_pipeline_parallel_is_passed_to_vllm(llama8b):
         ranks=2,
         extra_args=["--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"],
     )
-    a = p.argv
+    a = p.to_server_argv()
     assert (
         a[a.index("--pipeline-parallel-size") + 1] == "2" and a[a.index("--distributed-executor-backend") + 1] == "ray"
     )

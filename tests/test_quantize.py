@@ -404,7 +404,7 @@ PROMPTS = [
 
 def vllm_generate(runs: list[dict], tmp_path: Path) -> dict:
     """tests/helpers/vllm_generate.py: every run's checkpoint in one vLLM process, one after the
-    other, each engine planned as `arm-int4 serve` plans it (launch.engine_plan: dtype guards,
+    other, each engine planned as `arm-int4 serve` plans it (launch.plan: dtype guards,
     binding, KV size). runs: [{"label", "model", "max_tokens", "score_from"?}]. Returns
     {label: result dict + "log": that run's part of vLLM's log}."""
     from arm_int4 import hardware, launch, runner
@@ -412,15 +412,9 @@ def vllm_generate(runs: list[dict], tmp_path: Path) -> dict:
     machine, can_bind = hardware.detect(probe_runtime=False), runner.can_set_affinity()
     jobs = []
     for r in runs:
-        _, plan = launch.engine_plan(
-            Path(r["model"]),
-            machine,
-            launch.Profile(enforce_eager=True),
-            max_model_len=512,
-            extra_args=["--max-num-seqs", "8"],
-            can_bind=can_bind,
-        )
-        jobs.append({**r, "model": str(r["model"]), "env": plan.env, "engine_kwargs": plan.engine_kwargs()})
+        request = launch.EngineRequest(profile=launch.Profile(enforce_eager=True, max_num_seqs=8), max_model_len=512)
+        plan = launch.plan(machine, launch.read_checkpoint(Path(r["model"])), request, can_bind=can_bind)
+        jobs.append({**r, "model": str(r["model"]), "env": plan.env, "engine_kwargs": plan.to_llm_kwargs()})
     job, res = tmp_path / "vllm-job.json", tmp_path / "vllm-res.json"
     job.write_text(json.dumps({"prompts": PROMPTS, "runs": jobs}))
     r = subprocess.run(

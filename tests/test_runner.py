@@ -5,6 +5,7 @@ The stub answers GET /health with 200 and starts a child that ignores SIGTERM (a
 core might), so stop() has to clean the whole process group.
 """
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from arm_int4 import runner
 from arm_int4.errors import PreflightError, RunError, UsageError
-from arm_int4.launch import Plan
+from arm_int4.launch import EngineArgs, EngineSpec
 
 STUB = textwrap.dedent("""
     import http.server, signal, subprocess, sys, time
@@ -48,23 +49,32 @@ def _port():
         return s.getsockname()[1]
 
 
+class _StubSpec(EngineSpec):
+    """An EngineSpec whose server command is the stub above: the runner's process handling, not vLLM."""
+
+    def to_server_argv(self) -> tuple:
+        return (self.python, *self.user_args)
+
+
 def _plan(tmp_path, delay, port):
     script = tmp_path / "stub.py"
     script.write_text(STUB)
-    return Plan(
-        env={"STUB": "1"},
-        argv=(sys.executable, str(script), str(delay), str(port)),
-        reasons=(),
+    return _StubSpec(
+        model_dir=str(tmp_path),
+        served_model_name="stub",
         host="127.0.0.1",
         port=port,
-        served_model_name="stub",
-        model_dir=str(tmp_path),
+        python=sys.executable,
+        env={"STUB": "1"},
+        engine=EngineArgs("bfloat16", 1, None, 1, 1, None, False),
+        user_args=(str(script), str(delay), str(port)),
+        user_kwargs={},
+        decisions=(),
         ranks=1,
         bind_lists=(),
         threads_per_rank=None,
         dtype="bfloat16",
         kv_cache_gib=1,
-        max_model_len=None,
     )
 
 
@@ -121,7 +131,7 @@ def test_check_port_refuses_a_port_in_use_in_one_line():
 
 def test_process_env_keeps_an_existing_ld_preload(tmp_path):
     plan = _plan(tmp_path, 0, 1)
-    plan = Plan(**{**plan.__dict__, "env": {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4", "A": "1"}})
+    plan = dataclasses.replace(plan, env={"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4", "A": "1"})
     env = runner.process_env(plan, {"LD_PRELOAD": "/lib/other.so", "PATH": "/bin"})
     assert env == {"LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4:/lib/other.so", "A": "1", "PATH": "/bin"}
 

@@ -200,11 +200,11 @@ def test_every_planned_env_var_and_flag_exists_in_this_vllm(tmp_path):
     import dataclasses
 
     import vllm.envs
-    from test_launch import machine, write_checkpoint
+    from test_launch import machine, plan, write_checkpoint
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from arm_int4.launch import SERVER_MODULE, Profile, plan, read_checkpoint
+    from arm_int4.launch import SERVER_MODULE, Profile, read_checkpoint
 
     facts = read_checkpoint(write_checkpoint(tmp_path / "m", scheme="channelwise", layers=1))
     m = dataclasses.replace(machine("ampere-altra", 256), tcmalloc_path="/usr/lib/libtcmalloc_minimal.so.4")
@@ -218,11 +218,12 @@ def test_every_planned_env_var_and_flag_exists_in_this_vllm(tmp_path):
         "VLLM_CPU_NUM_OF_RESERVED_CPU",
     }
     assert names <= set(vllm.envs.environment_variables)
-    assert p.argv[1:3] == ("-m", SERVER_MODULE) and importlib.util.find_spec(SERVER_MODULE)
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(list(p.argv[3:]))
+    argv = p.to_server_argv()
+    assert argv[1:3] == ("-m", SERVER_MODULE) and importlib.util.find_spec(SERVER_MODULE)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(list(argv[3:]))
     assert (args.model, args.host, args.port, args.dtype) == (str(tmp_path / "m"), "127.0.0.1", 8000, "float32")
     assert (args.tensor_parallel_size, args.max_model_len, args.block_size) == (2, 4096, 128)
-    assert args.max_num_seqs == int(p.argv[p.argv.index("--max-num-seqs") + 1]) and args.enforce_eager
+    assert args.max_num_seqs == p.engine.max_num_seqs and args.enforce_eager
 
 
 def _post_completion(port, model, prompt, timeout=120):

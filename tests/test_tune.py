@@ -36,8 +36,8 @@ def test_two_numa_nodes_add_a_per_node_ranks_candidate(llama8b):
     m = machine("ampere-altra", mem_gib=400)
     by = {c.label: c for c in tune.placements(m)}
     assert list(by) == ["all-160t", "reserve1-159t", "half-80t", "numa2-ranks", "vllm-auto"]
-    plans = {k: launch.plan(m, llama8b, c.profile) for k, c in by.items()}
-    assert plans["numa2-ranks"].ranks == 2 and "--tensor-parallel-size" in plans["numa2-ranks"].argv
+    plans = {k: launch.plan(m, llama8b, launch.EngineRequest(profile=c.profile)) for k, c in by.items()}
+    assert plans["numa2-ranks"].ranks == 2 and "--tensor-parallel-size" in plans["numa2-ranks"].to_server_argv()
     assert [len(hardware.parse_cpulist(b)) for b in plans["numa2-ranks"].bind_lists] == [79, 79]
     assert (plans["all-160t"].ranks, plans["all-160t"].threads_per_rank) == (1, 160)
     assert plans["reserve1-159t"].threads_per_rank == 159 and plans["half-80t"].threads_per_rank == 80
@@ -53,7 +53,7 @@ def test_one_node_machines_get_no_numa_candidate_and_sane_thread_counts(name, ll
     assert labels[:2] == [f"all-{cpus}t", f"reserve1-{cpus - 1}t"] and labels[-1] == "vllm-auto"
     assert any(lbl.startswith("half") for lbl in labels) == (cpus >= 16)
     for c in tune.placements(m):
-        threads = launch.plan(m, llama8b, c.profile).threads_per_rank
+        threads = launch.plan(m, llama8b, launch.EngineRequest(profile=c.profile)).threads_per_rank
         assert (threads is None) == (c.label == "vllm-auto")  # None: vLLM's auto binding decides
         assert threads is None or 1 <= threads <= cpus
         if c.label.endswith("t"):
@@ -149,7 +149,7 @@ def _fake_run_plan(speeds, calls):
     """bench.run_plan stand-in: decode tok/s by label; a label mapped to None fails."""
 
     def run_plan(plan, facts, workload, *, label="", **kw):
-        calls.append((label, workload.batches, dict(plan.env), plan.argv))
+        calls.append((label, workload.batches, dict(plan.env), plan.to_server_argv()))
         if speeds[label.split(" b")[0]] is None:
             return [_rec(label, t.batch, error="engine exited with code 1") for t in workload.tests()]
         s = speeds[label.split(" b")[0]]
@@ -304,7 +304,8 @@ def test_real_sweep_writes_a_profile_that_serve_and_bench_apply(real_sweep, tiny
     bind = "0-1" if prof.reserve == 0 else "0"
     assert f"export VLLM_CPU_OMP_THREADS_BIND={bind}" in snippet
     live = hardware.detect(probe_runtime=False)
-    _, plan = bench.plan_for(str(tiny_llama), live, bench.Workload((16,), (8,), (1,), 1), prof)
-    kw = plan.engine_kwargs()
+    request = launch.EngineRequest(profile=prof)
+    _, plan = bench.engine_for(live, str(tiny_llama), request, bench.Workload((16,), (8,), (1,), 1))
+    kw = plan.to_llm_kwargs()
     assert kw["max_num_seqs"] == prof.max_num_seqs and kw["enforce_eager"] is True
     assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == bind

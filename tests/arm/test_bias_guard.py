@@ -25,7 +25,7 @@ def test_plan_picks_fp32_on_arm_and_fp32_is_correct_there(kernel_inputs, arm_res
     """The layer ran in both dtypes in the lane's one emulated kernel process (conftest.arm_results)."""
     facts = read_checkpoint(kernel_inputs["biased_g32"])
     assert facts.is_w4a8_groupwise and facts.quantized_linear_bias
-    plan = launch.plan(hardware.from_dump(str(GRAVITON4)), facts, kv_cache_gib=1)
+    plan = launch.plan(hardware.from_dump(str(GRAVITON4)), facts, launch.EngineRequest(kv_cache_gib=1))
     assert plan.dtype == "float32", plan.reasons
     assert arm_results["probe"]["kleidiai"], arm_results["probe"]
     guarded, unguarded = arm_results["bias"][plan.dtype], arm_results["bias"]["bfloat16"]

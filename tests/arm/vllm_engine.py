@@ -7,7 +7,7 @@ JOB.json: {"prompt_ids": [int], "max_tokens": N, "logprobs": K, "max_model_len":
                        "despite_plan": run vLLM even where the plan refuses the checkpoint (a control)}]}
 
 For each model: plan = launch.plan(hardware.detect(), read_checkpoint(dir), ...), plan.env goes
-into os.environ, LLM(model=dir, **plan.engine_kwargs(), enforce_eager=True) (eager: compiling
+into os.environ, LLM(model=dir, **plan.to_llm_kwargs(), enforce_eager=True) (eager: compiling
 under emulation would take minutes), greedy generation with top-K logprobs, the classes vLLM put
 on the quantized layers, then vLLM's cleanup_dist_env_and_memory() before the next model.
 VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this process: importing vLLM costs
@@ -106,9 +106,8 @@ def main(job_path):
         try:
             t = time.time()
             try:
-                plan = launch.plan(
-                    machine, read_checkpoint(m["path"]), max_model_len=job["max_model_len"], kv_cache_gib=1
-                )
+                request = launch.EngineRequest(max_model_len=job["max_model_len"], kv_cache_gib=1)
+                plan = launch.plan(machine, read_checkpoint(m["path"]), request)
             except PreflightError as e:  # the plan refused this checkpoint here
                 res["plan_refused"] = str(e)
                 if not m.get("despite_plan"):
@@ -119,7 +118,7 @@ def main(job_path):
                 kwargs = {"max_model_len": job["max_model_len"], "enforce_eager": True}
             else:
                 os.environ.update(plan.env)
-                kwargs = {**plan.engine_kwargs(), "enforce_eager": True}
+                kwargs = {**plan.to_llm_kwargs(), "enforce_eager": True}
                 res.update(plan_dtype=plan.dtype, plan_env=plan.env, plan_reasons=list(plan.reasons))
             if m.get("dtype"):
                 kwargs["dtype"] = m["dtype"]  # the control: deliberately not the plan's choice

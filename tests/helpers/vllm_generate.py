@@ -6,8 +6,8 @@ result goes to a file)
 JOB = {"prompts": [str],
        "runs": [{"label": str, "model": dir, "max_tokens": int,
                  "score": [[token ids]] | null, "score_from": label | null,
-                 "env": {arm_int4 launch plan's env (Plan.env)},
-                 "engine_kwargs": {LLM kwargs from the plan (Plan.engine_kwargs())}}]}
+                 "env": {arm_int4 launch plan's env (EngineSpec.env)},
+                 "engine_kwargs": {LLM kwargs from the plan (EngineSpec.to_llm_kwargs())}}]}
 OUT = {label: {"texts", "token_ids", "prompt_token_ids", "ranks"?, "linear", "layers", "log"?} | {"error"}}
 "layers": every Linear-like module vLLM built → {"scheme": its compressed-tensors scheme class or
 None (unquantized), "group_size": the scheme's (-1 channelwise)}.
