@@ -1,5 +1,5 @@
 """Layering gates: no module uses another module's private names, and the quantize library does not
-drag in the command layer or unrelated commands (docs/architecture.md, STYLE.md "Lessons").
+drag in the command layer or unrelated commands (docs/architecture.md).
 
 Run: .venv/bin/python -m pytest tests/test_layering.py -q   (~2 s, no torch/vLLM needed)
 
