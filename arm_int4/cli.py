@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, options
 from .errors import ArmInt4Error, BudgetNotMet, EnvironmentMissing, UsageError
 from .options import (
     BenchOptions,
@@ -100,14 +100,7 @@ def _cmd_serve(opts: ServeOptions) -> int:
 def _cmd_bench(opts: BenchOptions) -> int:
     from . import bench, hardware, models, report
 
-    workload = bench.Workload(
-        prompts=tuple(opts.prompt),
-        gens=tuple(opts.gen),
-        batches=tuple(opts.batch),
-        repetitions=opts.repetitions,
-        warmup=opts.warmup,
-        seed=opts.seed,
-    )
+    workload = options.workload(opts)
     report.check_targets(json_path=opts.json, csv_path=opts.csv, jsonl_path=opts.jsonl, plot_path=opts.plot)
     if opts.server:
         from . import bench_server
@@ -152,15 +145,9 @@ def _cmd_bench(opts: BenchOptions) -> int:
 
 
 def _cmd_tune(opts: TuneOptions) -> int:
-    from . import bench, hardware, models, report, tune
+    from . import hardware, models, report, tune
 
-    workload = bench.Workload(
-        prompts=tuple(opts.prompt),
-        gens=tuple(opts.gen),
-        batches=tuple(opts.batch),
-        repetitions=opts.repetitions,
-        warmup=opts.warmup,
-    )
+    workload = options.workload(opts)
     report.check_targets(json_path=opts.json)
     model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
     output = opts.output or tune.default_output(model_dir, opts.objective)

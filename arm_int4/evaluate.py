@@ -50,6 +50,7 @@ __all__ = [
     "perplexity",
     "quantization_label",
     "score_windows",
+    "run_scorer",
     "scoring_spec",
     "check_env",
     "read_config",
@@ -260,6 +261,17 @@ def scoring_spec(model_dir: Union[str, Path], *, max_model_len: int, request=Non
     return facts, launch.plan(machine, facts, job, can_bind=runner.can_set_affinity())
 
 
+def run_scorer(worker: str, job: dict, plan, *, said: str, failed: str, log=None, progress=None) -> tuple:
+    """Run a scoring worker (perplexity, lmeval) from its spec: `said` (+ dtype, log) as progress,
+    -> (result, WorkerRun); RunError starting with `failed` and naming the kept log otherwise."""
+    from . import runner
+
+    if progress:
+        progress(f"{said}, dtype {plan.dtype}" + (f" (log: {log})" if log else ""))
+    run = runner.run_worker(worker, job, plan=plan, log=log)
+    return run.check(failed), run
+
+
 def score_windows(
     model_dir: Union[str, Path],
     windows: Sequence[Window],
@@ -275,7 +287,6 @@ def score_windows(
     result plus `linear_kernels` (from vLLM's log) and `dtype` (what the plan chose).
 
     vLLM's log goes to `log` (default: a temporary file, removed on success, named on failure)."""
-    from . import runner
 
     check_env()
     model_dir = Path(model_dir)
@@ -289,13 +300,9 @@ def score_windows(
         "score_from": [w.score_from for w in windows],
         "return_token_logprobs": return_token_logprobs,
     }
-    if progress:
-        progress(
-            f"scoring {len(windows)} windows of {model_dir} with vLLM, dtype {plan.dtype}"
-            + (f" (log: {log})" if log else "")
-        )
-    run = runner.run_worker("perplexity", job, plan=plan, log=log)
-    result = run.check(f"vLLM could not score {model_dir}")
+    said = f"scoring {len(windows)} windows of {model_dir} with vLLM"
+    failed = f"vLLM could not score {model_dir}"
+    result, run = run_scorer("perplexity", job, plan, said=said, failed=failed, log=log, progress=progress)
     result["linear_kernels"] = run.linear_kernels
     result["dtype"] = plan.dtype
     return result

@@ -6,7 +6,7 @@ No `from __future__ import annotations` in modules using these: argparse-datacla
 
 from dataclasses import field
 
-__all__ = ["opt", "positional"]
+__all__ = ["opt", "positional", "vllm_args"]
 
 
 def opt(default, help, **meta):
@@ -19,3 +19,8 @@ def opt(default, help, **meta):
 
 def positional(name, help, **meta):
     return field(metadata=dict(args=[name], help=help, **meta))
+
+
+def vllm_args(help):
+    """The words after `--` on a command that starts vLLM (cli.parse puts them here; argparse sees none)."""
+    return opt(None, help, args=["vllm_args"], nargs="*", type=str, metavar="VLLM_ARG")

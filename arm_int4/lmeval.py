@@ -109,7 +109,6 @@ def run_tasks(
     progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """lm-eval `tasks` on one model in a fresh vLLM engine: one flat record (plus per-sample data)."""
-    from . import runner
 
     if not (batch_size == "auto" or (str(batch_size).isdigit() and int(batch_size) > 0)):
         raise UsageError(f"--batch-size {batch_size!r}: 'auto' or a positive integer")
@@ -128,13 +127,9 @@ def run_tasks(
         "seed": seed,
         "batch_size": batch_size if batch_size == "auto" else int(batch_size),
     }
-    if progress:
-        progress(
-            f"lm-eval {','.join(tasks)} on {model_dir} through vLLM, dtype {plan.dtype}"
-            + (f" (log: {log})" if log else "")
-        )
-    run = runner.run_worker("lmeval", job, plan=plan, log=log)
-    result = run.check(f"lm-eval could not run {model_dir}")
+    said = f"lm-eval {','.join(tasks)} on {model_dir} through vLLM"
+    failed = f"lm-eval could not run {model_dir}"
+    result, _ = evaluate.run_scorer("lmeval", job, plan, said=said, failed=failed, log=log, progress=progress)
     dtype = plan.dtype
     return {
         "model": str(model_dir),

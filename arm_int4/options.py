@@ -12,7 +12,7 @@ from typing import List, Literal, Optional
 import argparse_dataclass
 
 from . import bench, evaluate, llamacpp, lmeval, tune  # light: their defaults only (no torch/vLLM at import)
-from .fields import opt, positional
+from .fields import opt, positional, vllm_args
 from .quantize.options import QuantizeOptions
 from .request import EngineRequest
 from .schemes import LEARNING_PATH_GROUP
@@ -30,6 +30,7 @@ __all__ = [
     "OptionsParser",
     "options_from_namespace",
     "engine_request",
+    "workload",
 ]
 
 # The request surface: every command that starts vLLM takes these options (where they apply), and
@@ -118,6 +119,19 @@ class OptionsParser(argparse_dataclass.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
 
+def workload(opts) -> bench.Workload:
+    """The Workload of bench's or tune's -p/-n/-b/-r/--warmup (and bench's --seed)."""
+    seed = {"seed": opts.seed} if hasattr(opts, "seed") else {}
+    return bench.Workload(
+        prompts=tuple(opts.prompt),
+        gens=tuple(opts.gen),
+        batches=tuple(opts.batch),
+        repetitions=opts.repetitions,
+        warmup=opts.warmup,
+        **seed,
+    )
+
+
 def engine_request(opts, *, offline: bool = True) -> EngineRequest:
     """The EngineRequest of a command's options (serve, bench, tune, eval): its profile file, the
     ranks/reserve/KV/length options it has, its dtype ("auto": the plan's), and the words after `--`,
@@ -143,13 +157,8 @@ class ServeOptions:
     model: str = positional(
         "model", "a local Hugging Face model dir (quantized or not), a hub id, or 'default'", metavar="MODEL"
     )
-    vllm_args: Optional[List[str]] = opt(
-        None,
-        "after --: passed to vLLM's server unchanged and last, so they win over the plan",
-        args=["vllm_args"],
-        nargs="*",
-        type=str,
-        metavar="VLLM_ARG",
+    vllm_args: Optional[List[str]] = vllm_args(
+        "after --: passed to vLLM's server unchanged and last, so they win over the plan"
     )
     profile: Optional[str] = opt(
         None, "a tuned profile (JSON from `arm-int4 tune`) overriding the plan's rules", metavar="FILE"
@@ -268,13 +277,8 @@ class EvalOptions:
         "(arm-int4 bench --json FILE, or the demo's demo-bench.json)",
         metavar="FILE.json",
     )
-    vllm_args: Optional[List[str]] = opt(
-        None,
-        "after --: engine args passed to vLLM unchanged in every engine, as for bench",
-        args=["vllm_args"],
-        nargs="*",
-        type=str,
-        metavar="VLLM_ARG",
+    vllm_args: Optional[List[str]] = vllm_args(
+        "after --: engine args passed to vLLM unchanged in every engine, as for bench"
     )
     profile: Optional[str] = opt(
         None,
@@ -300,13 +304,8 @@ class BenchOptions:
             metavar="MODEL",
         ),
     )
-    vllm_args: Optional[List[str]] = opt(
-        None,
-        "after --: engine args passed to vLLM unchanged and last (e.g. -- --enforce-eager)",
-        args=["vllm_args"],
-        nargs="*",
-        type=str,
-        metavar="VLLM_ARG",
+    vllm_args: Optional[List[str]] = vllm_args(
+        "after --: engine args passed to vLLM unchanged and last (e.g. -- --enforce-eager)"
     )
     prompt: List[int] = opt(
         list(bench.PROMPTS), "prompt lengths in tokens", args=["-p", "--prompt"], nargs="+", type=int, metavar="N"
@@ -363,13 +362,8 @@ class TuneOptions:
     model: str = positional(
         "model", "the model dir to tune for (quantized or not), a hub id, or 'default'", metavar="MODEL"
     )
-    vllm_args: Optional[List[str]] = opt(
-        None,
-        "after --: engine args passed to vLLM unchanged in every candidate (not written to the profile)",
-        args=["vllm_args"],
-        nargs="*",
-        type=str,
-        metavar="VLLM_ARG",
+    vllm_args: Optional[List[str]] = vllm_args(
+        "after --: engine args passed to vLLM unchanged in every candidate (not written to the profile)"
     )
     objective: Literal["decode", "throughput"] = opt(
         tune.OBJECTIVES[0],
