@@ -43,15 +43,21 @@ class CommandParser(OptionsParser, OneLineParser):
 
 
 def _cmd_info(opts: InfoOptions) -> int:
-    from . import hardware, verdict
+    from . import doctor, hardware, verdict
 
     machine = hardware.detect()
     w4a16 = verdict.w4a16_kernel(machine)
     choice = verdict.int4_verdict(machine, verdict.load_history(machine)) if machine.vllm_version else None
     if opts.json:
-        print(json.dumps({**machine.to_dict(), "int4_kernel_w4a16": w4a16, "int4_verdict": choice}, indent=2))
+        wheel = doctor.vllm_wheel(machine)
+        print(
+            json.dumps(
+                {**machine.to_dict(), "int4_kernel_w4a16": w4a16, "int4_verdict": choice, "vllm_wheel": wheel}, indent=2
+            )
+        )
     else:
         rows = [("INT4 kernel (W4A16)", w4a16 or "n/a (needs vLLM)"), ("W4A8 or W4A16", choice or "n/a (needs vLLM)")]
+        rows.append(("vLLM wheel", doctor.vllm_wheel(machine) or "not installed"))
         print(hardware.format_table(machine, rows))
     return 0
 

