@@ -17,6 +17,7 @@ from .options import (
     BenchOptions,
     BuildOptions,
     DemoOptions,
+    DoctorOptions,
     EvalOptions,
     InfoOptions,
     LearningPathOptions,
@@ -43,17 +44,38 @@ class CommandParser(OptionsParser, OneLineParser):
 
 
 def _cmd_info(opts: InfoOptions) -> int:
-    from . import hardware, verdict
+    from . import doctor, hardware, verdict
 
     machine = hardware.detect()
     w4a16 = verdict.w4a16_kernel(machine)
     choice = verdict.int4_verdict(machine, verdict.load_history(machine)) if machine.vllm_version else None
     if opts.json:
-        print(json.dumps({**machine.to_dict(), "int4_kernel_w4a16": w4a16, "int4_verdict": choice}, indent=2))
+        wheel = doctor.vllm_wheel(machine)
+        print(
+            json.dumps(
+                {**machine.to_dict(), "int4_kernel_w4a16": w4a16, "int4_verdict": choice, "vllm_wheel": wheel}, indent=2
+            )
+        )
     else:
         rows = [("INT4 kernel (W4A16)", w4a16 or "n/a (needs vLLM)"), ("W4A8 or W4A16", choice or "n/a (needs vLLM)")]
+        rows.append(("vLLM wheel", doctor.vllm_wheel(machine) or "not installed"))
         print(hardware.format_table(machine, rows))
     return 0
+
+
+def _cmd_doctor(opts: DoctorOptions) -> int:
+    from . import doctor, hardware
+
+    findings = doctor.run_all(hardware.detect(), opts.model)
+    if opts.json:
+        print(json.dumps([f.to_dict() for f in findings], indent=2))
+    else:
+        for f in findings:
+            print(
+                f"{f.status.upper():4}  {f.check}: {f.detail}"
+                + (f"\n      fix: {f.fix}" if f.fix and f.status != "ok" else "")
+            )
+    return 1 if any(f.status == "fail" for f in findings) else 0
 
 
 def _cmd_quantize(opts: QuantizeOptions) -> int:
@@ -313,6 +335,14 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "the whole flow on the embedded default model (SmolLM2-135M): prepare, quantize, perplexity, bench, "
         "summary table + PNG",
         "examples:\n  arm-int4 demo\n  arm-int4 demo --quick --output /tmp/demo",
+    ),
+    "doctor": (
+        DoctorOptions,
+        _cmd_doctor,
+        "check this machine for what serving INT4 needs (system packages, vLLM wheel vs CPU, OpenMP, "
+        "tcmalloc, huge pages, cgroup, compile cache; with --model its plan, disk, hub token); exit 1 if blocked",
+        "examples:\n  arm-int4 doctor\n  arm-int4 doctor --model ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise\n"
+        "  arm-int4 doctor --model meta-llama/Llama-3.1-8B-Instruct --json",
     ),
     "eval": (
         EvalOptions,

@@ -21,6 +21,7 @@ __all__ = [
     "BenchOptions",
     "BuildOptions",
     "DemoOptions",
+    "DoctorOptions",
     "EvalOptions",
     "InfoOptions",
     "LearningPathOptions",
@@ -41,6 +42,17 @@ _REQUEST_FIELDS = ("ranks", "reserve", "kv_cache_gib", "max_model_len", "host", 
 @dataclass
 class InfoOptions:
     json: bool = opt(False, "print the machine facts as JSON instead of a table")
+
+
+@dataclass
+class DoctorOptions:
+    model: Optional[str] = opt(
+        None,
+        "also check a model: a local directory (serve plan: KV cache vs the NUMA node's memory; free disk for "
+        "its INT4 output) or a hub id (the token gated models need)",
+        metavar="MODEL",
+    )
+    json: bool = opt(False, "print the findings as JSON instead of a table")
 
 
 @dataclass

