@@ -132,3 +132,22 @@ def test_pack_int4_equals_compressed_tensors(shape):
     ours = qmath.pack_int4(q)
     assert ours.dtype == torch.int32 and torch.equal(ours, pack_to_int32(q, 4))
     assert torch.equal(unpack_from_int32(ours, 4, torch.Size(shape)), q)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "weight"])
+def test_mse_value_table_equals_the_step_by_step_path(precision, monkeypatch):
+    """The table search (wide channelwise bf16 rows: each distinct value's terms once, gathered back)
+    gives the loop's scales: on a down_proj-wide row, and forced onto narrow rows with zero rows,
+    exact zeros and outliers (the small/large split's edge cases)."""
+    w = _weight((6, 14336), torch.bfloat16, 7, "outliers")
+    assert qmath._uses_table(qmath.grouped(w, None))
+    q, s = qmath.quantize_weight(w, None, "mse", precision)
+    rq, rs = _reference(w, None, "mse", precision)
+    assert torch.equal(s, rs) and torch.equal(q, rq)
+    monkeypatch.setattr(qmath, "_TABLE_MIN_COLS", 32)
+    for i, shape in enumerate(SHAPES[:6]):
+        w = _weight(shape, torch.bfloat16, 300 + i, "outliers" if i % 2 else "normal")
+        assert qmath._uses_table(qmath.grouped(w, None))
+        q, s = qmath.quantize_weight(w, None, "mse", precision)
+        rq, rs = _reference(w, None, "mse", precision)
+        assert torch.equal(s, rs) and torch.equal(q, rq), shape
