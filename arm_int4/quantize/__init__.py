@@ -210,7 +210,7 @@ def _perplexity(model_dir: Path, tokens: int) -> dict:
 def quantize(opts: QuantizeOptions) -> QuantResult:
     scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
     engine = _engine(opts)
-    if opts.jobs < 1:
+    if opts.jobs is not None and opts.jobs < 1:
         raise UsageError(f"--jobs {opts.jobs}: give 1 or more (tensors quantized at once)")
     if opts.dataset and opts.algorithm != "gptq":
         raise UsageError("--dataset is used only by --algorithm gptq (rtn is data-free)")
