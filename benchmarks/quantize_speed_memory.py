@@ -2,12 +2,13 @@
 """Quantizer benchmark: the learning path's flow vs `arm-int4 quantize` (stream engine) vs the I/O floor.
 
 Run: .venv/bin/python benchmarks/quantize_speed_memory.py [--shapes 200m 1b] [--methods minmax mse]
-     [--jobs 2] [--repeat 3] [--out docs/benchmarks-quantize.json]
+     [--jobs 2] [--repeat 3] [--observer-precision fp32|weight] [--out docs/benchmarks-quantize.json]
 Per random Llama (arm_int4.synthetic, bf16 on disk) and observer, channelwise:
 (a) learning path: load in transformers, cast to fp32, llmcompressor oneshot, save
     (arm_int4/workers/llmc_worker.py with cast_fp32, in the quantization environment);
-(b) stream: `python -m arm_int4 quantize MODEL --method M --observer-precision fp32 --jobs N` (the
-    learning path's precision: same int values and scales as (a));
+(b) stream: `python -m arm_int4 quantize MODEL --method M --observer-precision P --jobs N` (P fp32 by
+    default, the learning path's precision: same int values and scales as (a); weight: the default
+    of `arm-int4 quantize`);
 (c) floor: read every input shard and write a file of the stream output's size (plain Python
     readinto/write in 16 MiB blocks, no torch), once per shape: the least any quantizer must do.
 Each runs as its own process, one after the other; wall time (process start to exit, imports
@@ -102,7 +103,7 @@ def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
-def bench_shape(shape: str, methods, jobs: int, repeat: int) -> dict:
+def bench_shape(shape: str, methods, jobs: int, repeat: int, precision: str = "fp32") -> dict:
     model = cache_home() / "bench-models" / f"random-llama-{shape}"
     if not (model / "config.json").exists():
         subprocess.run(
@@ -155,7 +156,7 @@ def bench_shape(shape: str, methods, jobs: int, repeat: int) -> dict:
                             "--method",
                             method,
                             "--observer-precision",
-                            "fp32",
+                            precision,
                             "--jobs",
                             str(jobs),
                             "--output",
@@ -212,6 +213,12 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["200m", "1b"], choices=sorted(SHAPES))
     ap.add_argument("--methods", nargs="+", default=["minmax", "mse"])
     ap.add_argument("--jobs", type=int, default=2, help="stream engine --jobs")
+    ap.add_argument(
+        "--observer-precision",
+        default="fp32",
+        choices=("fp32", "weight"),
+        help="stream engine's: fp32 (the learning path's scales, bit for bit) or weight (arm-int4 quantize's default)",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="runs of the stream engine and of the floor (medians)")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks-quantize.json"))
     a = ap.parse_args()
@@ -220,9 +227,10 @@ def main():
         "cpus": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "jobs": a.jobs,
+        "observer_precision": a.observer_precision,
         "command": "benchmarks/quantize_speed_memory.py " + " ".join(sys.argv[1:]),
         "repeat": a.repeat,
-        "shapes": [bench_shape(s, a.methods, a.jobs, a.repeat) for s in a.shapes],
+        "shapes": [bench_shape(s, a.methods, a.jobs, a.repeat, a.observer_precision) for s in a.shapes],
     }
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -132,3 +132,52 @@ def test_pack_int4_equals_compressed_tensors(shape):
     ours = qmath.pack_int4(q)
     assert ours.dtype == torch.int32 and torch.equal(ours, pack_to_int32(q, 4))
     assert torch.equal(unpack_from_int32(ours, 4, torch.Size(shape)), q)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "weight"])
+def test_mse_value_table_equals_the_step_by_step_path(precision, monkeypatch):
+    """The table search (wide channelwise bf16 rows: each distinct value's terms once, gathered back)
+    gives the loop's scales: on a down_proj-wide row, and forced onto narrow rows with zero rows,
+    exact zeros and outliers (the small/large split's edge cases)."""
+    w = _weight((6, 14336), torch.bfloat16, 7, "outliers")
+    assert qmath._uses_table(qmath.grouped(w, None))
+    q, s = qmath.quantize_weight(w, None, "mse", precision)
+    rq, rs = _reference(w, None, "mse", precision)
+    assert torch.equal(s, rs) and torch.equal(q, rq)
+    monkeypatch.setattr(qmath, "_TABLE_MIN_COLS", 32)
+    for i, shape in enumerate(SHAPES[:6]):
+        w = _weight(shape, torch.bfloat16, 300 + i, "outliers" if i % 2 else "normal")
+        assert qmath._uses_table(qmath.grouped(w, None))
+        q, s = qmath.quantize_weight(w, None, "mse", precision)
+        rq, rs = _reference(w, None, "mse", precision)
+        assert torch.equal(s, rs) and torch.equal(q, rq), shape
+
+
+def test_mse_bounded_search_equals_the_step_by_step_path(monkeypatch):
+    """fp32 math on channelwise bf16 rows (the learning path's): comparisons decided from error
+    bounds, the overlapping rows summed the loop's way. Same scales as the loop on wide rows, with
+    the bounds forced wide (every row summed) and forced onto narrow rows; and the bounds decide
+    most rows (≈1% overlap on these, measured; a quarter would mean the bounds are not working)."""
+    summed = []
+    errors = qmath._errors
+    monkeypatch.setattr(qmath, "_errors", lambda x, *a: summed.append(x.shape[0]) or errors(x, *a))
+    for i, shape in enumerate([(96, 4096), (8, 14336)]):
+        w = _weight(shape, torch.bfloat16, 400 + i, "outliers" if i else "normal")
+        assert qmath._uses_bounds(qmath.grouped(w, None), torch.float32)
+        q, s = qmath.quantize_weight(w, None, "mse", "fp32")
+        rq, rs = _reference(w, None, "mse", "fp32")
+        assert torch.equal(s, rs) and torch.equal(q, rq), shape
+    assert sum(summed) < (96 + 8) / 4
+    monkeypatch.setattr(qmath, "_gamma", lambda k: 0.5)  # every interval overlaps: rows summed
+    w = _weight((16, 4096), torch.bfloat16, 402, "outliers")
+    summed.clear()
+    q, s = qmath.quantize_weight(w, None, "mse", "fp32")
+    # all but row 0, all zeros: its errors are 0 with 0 width, decided exactly
+    assert sum(summed) == 15 and torch.equal(s, _reference(w, None, "mse", "fp32")[1])
+    monkeypatch.undo()
+    monkeypatch.setattr(qmath, "_BOUNDS_MIN_COLS", 32)
+    for i, shape in enumerate(SHAPES[:6]):
+        w = _weight(shape, torch.bfloat16, 410 + i, "outliers" if i % 2 else "normal")
+        q, s = qmath.quantize_weight(w, None, "mse", "fp32")
+        rq, rs = _reference(w, None, "mse", "fp32")
+        assert torch.equal(s, rs) and torch.equal(q, rq), shape

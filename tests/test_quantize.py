@@ -2,6 +2,8 @@
 pre-flight refusals, atomic output, and verification."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +332,61 @@ def test_bad_input_is_one_line(argv, needles, tiny_llama, stream_outputs, tmp_pa
     assert _leftovers(tmp_path) == []
 
 
+def _broken_copy(tiny_llama: Path, dst: Path, damage: str) -> Path:
+    """A copy of the tiny model with one real defect: no weights, a cut-short shard (an interrupted
+    download), a shard that is not safetensors, or a shard its index lists but that is missing."""
+    shutil.copytree(tiny_llama, dst)
+    shard = next(dst.glob("*.safetensors"))
+    if damage == "no-weights":
+        shard.unlink()
+    elif damage == "truncated":
+        os.truncate(shard, shard.stat().st_size // 2)
+    elif damage == "garbage":
+        shard.write_bytes(b"<html>404 Not Found</html>" * 10)
+    elif damage == "missing-shard":
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "damage,needles",
+    [
+        ("no-weights", ["no weights", "*.safetensors"]),
+        ("truncated", ["truncated", "download it again"]),
+        ("garbage", ["unreadable safetensors shard"]),
+        ("missing-shard", ["model-00002-of-00002.safetensors", "missing"]),
+    ],
+)
+def test_broken_model_dir_is_one_line(damage, needles, tiny_llama, tmp_path):
+    model = _broken_copy(tiny_llama, tmp_path / "models" / "m", damage)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_cli("quantize", model, cwd=work)
+    _assert_one_line_refusal(r, *needles)
+    assert _leftovers(work) == []
+
+
+def test_too_little_disk_is_refused_before_writing(tiny_llama, tmp_path):
+    """A real 1 MiB filesystem (tmpfs in a private mount namespace) as the output's disk: refused
+    before anything is written, in one line naming both sizes."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)])
+    if probe.returncode != 0:
+        pytest.skip("unprivileged user+mount namespaces are disabled here")
+    out = mnt / "out"
+    script = f'mount -t tmpfs -o size=1m tmpfs {mnt} && "$@"; rc=$?; ls -A {mnt} >&2; exit $rc'
+    argv = [sys.executable, "-m", "arm_int4", "quantize", str(tiny_llama), "--output", str(out)]
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *argv], capture_output=True, text=True)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr  # `ls -A` of the mount printed nothing
+    assert "not enough free space" in lines[0] and "MiB free" in lines[0] and "--output" in lines[0], lines[0]
+
+
 def test_group_size_must_divide_every_layer_of_the_real_model(smollm2, tmp_path):
     """SmolLM2's hidden size 576 is divisible by 32 and 64, not 128."""
     r = run_cli("quantize", smollm2, "--scheme", "groupwise", "--groupsize", "128", cwd=tmp_path)
@@ -366,7 +423,7 @@ def _wait_for_tmp(parent: Path, proc, timeout=240):
     raise AssertionError("quantization never started writing")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "sigkill"])
 def test_interrupted_run_leaves_nothing_behind(sig, smollm2, tmp_path):
     out = tmp_path / "out"
     # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
@@ -383,8 +440,9 @@ def test_interrupted_run_leaves_nothing_behind(sig, smollm2, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert not out.exists()
-    if sig == signal.SIGINT:
+    if sig != signal.SIGKILL:
         assert _leftovers(tmp_path) == []  # cleaned on the way out
+        assert proc.communicate()[1].strip().splitlines()[-1].endswith("interrupted")
     else:
         assert tmp.exists()  # SIGKILL cannot be caught; the next run removes it
         r = run_cli("quantize", smollm2, "--output", out, "--method", "minmax")  # the same target again

@@ -174,3 +174,24 @@ def test_verify_written_catches_what_a_reader_would(tiny_llama, tmp_path):
         f.truncate(shard.stat().st_size - 1)
     with pytest.raises(VerifyError, match="bytes on disk"):
         verify_written(out, plan, stats)
+
+
+def test_default_jobs_follow_the_cpus_the_process_may_use():
+    """--jobs' default: the affinity (here pinned to one CPU in a child process) ∩ the cgroup's
+    cpuset, capped by its quota; unpinned, every CPU of the affinity unless a cgroup quota is lower."""
+    import os
+    import subprocess
+    import sys
+
+    from arm_int4.quantize.stream import usable_cpus
+    from arm_int4.sysfs import cgroup_cpu
+
+    quota = cgroup_cpu("/")[1]
+    mine = len(os.sched_getaffinity(0))
+    assert usable_cpus() == (min(mine, max(1, int(quota))) if quota else mine)
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from arm_int4.quantize.stream import usable_cpus; print(usable_cpus())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

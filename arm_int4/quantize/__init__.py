@@ -7,6 +7,7 @@ next run. An existing output is replaced only with --overwrite.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -16,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BudgetNotMet, UsageError
+from ..errors import ArmInt4Error, BudgetNotMet, UsageError
 from ..models import cache_home, resolve
 from ..schemes import MixedScheme, Scheme, output_dir_name
 from ..workers.worker_io import peak_rss_bytes
 from .moe import MOE_IGNORE, is_moe_config
 from .options import QuantizeOptions
-from .preflight import check_output, plan_quantization, read_source_checkpoint
+from .preflight import check_free_space, check_output, plan_quantization, read_source_checkpoint
 from .verify import VerifyReport, verify_dir, verify_written
 
 BUDGET_BASE = Scheme("w4a8", "channelwise", None, "mse")  # --budget plans from it (no group-size check)
@@ -210,7 +211,7 @@ def _perplexity(model_dir: Path, tokens: int) -> dict:
 def quantize(opts: QuantizeOptions) -> QuantResult:
     scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
     engine = _engine(opts)
-    if opts.jobs < 1:
+    if opts.jobs is not None and opts.jobs < 1:
         raise UsageError(f"--jobs {opts.jobs}: give 1 or more (tensors quantized at once)")
     if opts.dataset and opts.algorithm != "gptq":
         raise UsageError("--dataset is used only by --algorithm gptq (rtn is data-free)")
@@ -228,6 +229,10 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
     ignore = list(opts.ignore) + (MOE_IGNORE if is_moe_config(ck.config) else [])  # both engines
     plan = plan_quantization(ck, scheme, ignore, require_safetensors=engine == "stream")
     _remove_stale(out)
+    if engine == "stream":  # --budget writes one try at a time, each at most the base scheme's size… or BF16's
+        from .stream import output_bytes
+
+        check_free_space(out, ck.nbytes if opts.budget is not None else output_bytes(plan, opts.observer_precision))
     if opts.budget is not None:
         return _quantize_budget(opts, opts.budget, plan, model_dir, out)
 
@@ -273,6 +278,13 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
         if out.exists():  # --overwrite was given (checked above)
             os.rename(out, old)
         os.rename(tmp, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # the disk filled up after the check (another writer): nothing kept
+            raise ArmInt4Error(
+                f"no space left on the disk of {out.parent} while writing {out.name}; nothing was kept: "
+                "free some space or pass --output DIR on another disk"
+            ) from e
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -54,7 +54,12 @@ class QuantizeOptions:
         "bf16 scales) or fp32 (the learning path's: it casts the model to fp32 first; same int values "
         "and fp32 scales as its script); unquantized tensors keep their dtype either way",
     )
-    jobs: int = opt(2, "tensors quantized at once by the stream engine (threads; each holds one tensor)", metavar="N")
+    jobs: Optional[int] = opt(
+        None,
+        "tensors quantized at once by the stream engine (threads; each holds one tensor; default: the CPUs "
+        "this process may use: affinity, cgroup cpuset and CPU quota)",
+        metavar="N",
+    )
     engine: Optional[str] = opt(
         None,
         "stream: tensor by tensor, low memory (default for rtn); llmcompressor: the reference "

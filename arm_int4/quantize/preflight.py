@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ __all__ = [
     "named_linear_layers",
     "plan_quantization",
     "check_output",
+    "check_free_space",
     "NAMED_LINEAR_ARCHITECTURES",
 ]
 
@@ -80,14 +82,40 @@ def read_source_checkpoint(path: str | Path) -> Checkpoint:
     config = json.loads(cfg_file.read_text())
     index = p / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PreflightError(f"{index}: unreadable ({e.__class__.__name__}: {e}): download the model again") from e
     else:
         files = sorted(f.name for f in p.glob("*.safetensors"))
+    if not files:
+        from .stream import WEIGHT_SUFFIXES
+
+        if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in p.iterdir()):
+            raise PreflightError(
+                f"{p}: no weights (no *.safetensors, *.bin…): MODEL must hold the model's weight files, "
+                "e.g. `huggingface-cli download ID --local-dir DIR`"
+            )
     ck = Checkpoint(p, config)
     for name in files:
-        with ShardReader(p / name) as r:
-            ck.shards[name] = r.tensors
+        ck.shards[name] = _read_shard_header(p / name)
     return ck
+
+
+def _read_shard_header(f: Path) -> dict[str, TensorInfo]:
+    """One shard's tensors, refused in one line when the file is missing, unreadable, not
+    safetensors, or shorter than its header says (an interrupted download)."""
+    try:
+        with ShardReader(f) as r:
+            size, need = f.stat().st_size, r.data_start + max((t.end for t in r.tensors.values()), default=0)
+            tensors = r.tensors
+    except FileNotFoundError as e:
+        raise PreflightError(f"{f}: missing (listed in the model's index): download the model again") from e
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:  # ValueError: JSON, UTF-8
+        raise PreflightError(f"{f}: unreadable safetensors shard ({e.__class__.__name__}: {e})") from e
+    if size < need:
+        raise PreflightError(f"{f}: truncated ({size} bytes, its header needs {need}): download it again")
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -277,3 +305,21 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise PreflightError(f"output {out} already exists: pass --overwrite to replace it, or --output DIR")
     if not out.parent.exists():
         raise PreflightError(f"output parent directory {out.parent} does not exist")
+
+
+FREE_SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files, and the filesystem's own rounding
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse before writing when the output's filesystem has less free space than the output needs."""
+    import shutil
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    free = shutil.disk_usage(out.parent).free
+    if free < need + FREE_SPACE_MARGIN:
+        raise PreflightError(
+            f"not enough free space for {out}: the output needs {size(need)} (+ {size(FREE_SPACE_MARGIN)} "
+            f"margin), {out.parent} has {size(free)} free: free some space or pass --output DIR on another disk"
+        )

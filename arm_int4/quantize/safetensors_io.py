@@ -91,6 +91,9 @@ class ShardReader:
         self.path = Path(path)
         self._f = open(self.path, "rb")  # noqa: SIM115 (held by the reader; closed by close()/__exit__)
         (n,) = struct.unpack("<Q", self._f.read(8))
+        if n > os.fstat(self._f.fileno()).st_size - 8:
+            self._f.close()
+            raise ValueError(f"header length {n} is past the end of the file: cut short, or not a safetensors file")
         header = json.loads(self._f.read(n))
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n

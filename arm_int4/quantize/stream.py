@@ -37,6 +37,8 @@ __all__ = [
     "copy_side_files",
     "output_specs",
     "WEIGHT_SUFFIXES",
+    "usable_cpus",
+    "output_bytes",
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
@@ -116,6 +118,11 @@ def output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan, precision: str
     return specs
 
 
+def output_bytes(plan: QuantPlan, precision: str) -> int:
+    """Bytes of tensor data the stream engine will write for plan (headers and side files not counted)."""
+    return sum(t.nbytes for ts in plan.checkpoint.shards.values() for t in output_specs(ts, plan, precision))
+
+
 def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer, generation config, chat template, licence…: every top-level non-weight file."""
     for f in src.iterdir():
@@ -189,6 +196,23 @@ def uses_numpy(plan: QuantPlan) -> bool:
     return all(p.observer == "minmax" for p in plan.scheme.parts)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may keep busy: its affinity ∩ its cgroup's cpuset, capped by the cgroup's
+    CPU quota (cpu.max, or cfs_quota_us on v1; floored: a thread past the quota is throttled each
+    period). A 64-core box uses 64; a container given 4 of them, 4."""
+    import math
+    import os
+
+    from ..sysfs import cgroup_cpu, parse_cpulist
+
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    _, quota, cpuset = cgroup_cpu("/")
+    if cpuset:
+        cpus &= set(parse_cpulist(cpuset)) or cpus
+    n = max(1, len(cpus))
+    return min(n, max(1, math.floor(quota))) if quota else n
+
+
 _scratch = threading.local()  # per job thread: buffers reused from tensor to tensor
 
 
@@ -257,8 +281,13 @@ def _quantize_one(
         bar.update(info.nbytes)
 
 
-def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: bool = True) -> StreamStats:
-    """Write the quantized checkpoint into dst (an empty dir)."""
+def run_stream(
+    plan: QuantPlan, dst: Path, precision: str, jobs: int | None = None, progress: bool = True
+) -> StreamStats:
+    """Write the quantized checkpoint into dst (an empty dir). jobs: tensors at once (default: one
+    per usable CPU); torch's intra-op threads are the usable CPUs shared among the jobs."""
+    cpus = usable_cpus()
+    jobs = cpus if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     t_start = time.perf_counter()
@@ -279,7 +308,7 @@ def run_stream(plan: QuantPlan, dst: Path, precision: str, jobs: int, progress: 
         import torch
 
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // jobs))  # jobs × intra-op threads ≤ the cores torch would use
+        torch.set_num_threads(max(1, cpus // jobs))  # jobs × intra-op threads ≤ the CPUs we may use
     readers, writers, weight_map = [], [], {}
     try:
         tasks = []
