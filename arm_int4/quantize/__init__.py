@@ -208,7 +208,35 @@ def _perplexity(model_dir: Path, tokens: int) -> dict:
     return evaluate.perplexity(model_dir, evaluate.load_text(evaluate.DEFAULT_TEXT), num_tokens=tokens, progress=_log)
 
 
+def _quantize_rotated(opts: QuantizeOptions) -> QuantResult:
+    """--rotate: MODEL rotated (quantize/rotate.py) into a temp dir beside the output, then quantized as usual."""
+    from dataclasses import replace
+
+    from .rotate import rotate_checkpoint
+
+    scheme = (
+        BUDGET_BASE
+        if opts.budget is not None
+        else Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
+    )
+    model_dir = resolve(opts.model, progress=_log)
+    out = output_path(opts, scheme, model_dir)
+    if not opts.output:
+        out = out.with_name(out.name + "-rot")
+    check_output(out, opts.overwrite)
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.arm-int4-rot-{os.getpid()}"
+    try:
+        rotation = rotate_checkpoint(model_dir, tmp, progress=_log)
+        _log(f"rotated {model_dir} (R1 {rotation.r1}, R2 {rotation.r2}, seed {rotation.seed})")
+        return quantize(replace(opts, model=str(tmp), output=str(out), rotate=False))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def quantize(opts: QuantizeOptions) -> QuantResult:
+    if opts.rotate:
+        return _quantize_rotated(opts)
     scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
     engine = _engine(opts)
     if opts.jobs is not None and opts.jobs < 1:

@@ -90,6 +90,12 @@ class QuantizeOptions:
     keep_best: bool = opt(
         False, "with --budget: when no choice meets the budget through vLLM, keep the closest (still exits 1)"
     )
+    rotate: bool = opt(
+        False,
+        "before quantizing, rotate the residual stream and each head's values with randomized Hadamard "
+        "matrices fused into the weights (QuaRot/SpinQuant R1+R2: exact in float, fewer outliers for INT4; "
+        "Llama/Mistral/Qwen2; tied embeddings are untied: +1 embedding matrix); output name gets -rot",
+    )
     verify_only: bool = opt(False, "only check MODEL (a quantized dir) against its quantization_config")
     eval: bool = opt(
         False,
