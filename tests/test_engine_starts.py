@@ -24,6 +24,9 @@ TOOL_RUNS = {
     "workload.py": "git rev-parse / status (the commit in bench records)",
     "cli.py": "bash scripts/build_vllm_cpu.sh (arm-int4 build)",
     "llamacpp.py": "llama.cpp's convert_hf_to_gguf.py (GGUF conversion, no vLLM)",
+    "syspkgs.py": "ldconfig -p and `python -c` import probes (set-up's system package check, before any venv)",
+    "doctor.py": "`python -c` probes that import llguidance/xgrammar or a worker's imports and print "
+    "/proc/self/maps (doctor's structured-output and OpenMP checks; no engine is started)",
 }
 
 
