@@ -91,12 +91,15 @@ git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cp --parents -t "$rootfs/ro
 in_rootfs() {  # $1 = a shell command run in the root file system as its root user, from /root/arm-int4
     in_arm_ns "mount --rbind /proc '$rootfs/proc' && mount --rbind /sys '$rootfs/sys' && mount --rbind /dev '$rootfs/dev' && chroot '$rootfs' /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive bash -c 'cd /root/arm-int4 && $1'"
 }
+setup_in_rootfs() {  # $1 = log file; runs README command 1's set-up there, sets rc and t0
+    t0=$SECONDS
+    set +e
+    in_rootfs scripts/setup.sh >"$1" 2>&1
+    rc=$?
+    set -e
+}
 log "scripts/setup.sh on the clean root file system"
-t0=$SECONDS
-set +e
-in_rootfs scripts/setup.sh >"$dir/setup-1.log" 2>&1
-rc=$?
-set -e
+setup_in_rootfs "$dir/setup-1.log"
 log "  exit $rc after $((SECONDS - t0)) s:"
 sed 's/^/  | /' "$dir/setup-1.log" >&2
 if ! { [ "$rc" = 1 ] && grep -q '^missing ' "$dir/setup-1.log" && grep -q '(nothing was created)$' "$dir/setup-1.log"; }; then
@@ -113,11 +116,7 @@ log "installing: $install"
 t0=$SECONDS
 in_rootfs "$install" >"$dir/install.log" 2>&1 || die "the install command failed: $dir/install.log"
 log "  $((SECONDS - t0)) s; scripts/setup.sh again"
-t0=$SECONDS
-set +e
-in_rootfs scripts/setup.sh >"$dir/setup-2.log" 2>&1
-rc=$?
-set -e
+setup_in_rootfs "$dir/setup-2.log"
 log "  exit $rc after $((SECONDS - t0)) s; its last lines:"
 tail -n 5 "$dir/setup-2.log" | sed 's/^/  | /' >&2
 exit "$rc"
