@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import ModelError
+from .hub import repo_of_snapshot
 from .schemes import MixedScheme, Scheme, scheme_from_config
 
 __all__ = ["CheckpointFacts", "read_checkpoint", "weights_in_memory", "kv_bytes_per_token", "FLOAT_BYTES"]
@@ -26,7 +27,7 @@ class CheckpointFacts:
     """What a checkpoint says about itself (config.json + safetensors headers, never its name)."""
 
     path: str
-    name: str  # served model name: the directory's basename
+    name: str  # served model name: org/name for a hub cache snapshot, else the directory's basename
     model_type: Optional[str] = None
     quant_method: Optional[str] = None
     scheme: Optional[Union[Scheme, MixedScheme]] = None  # ours (compressed-tensors W4A8/W4A16), else None
@@ -75,8 +76,11 @@ def _safetensors_headers(path: str) -> dict:
     return tensors
 
 
-def read_checkpoint(path) -> CheckpointFacts:
-    """Facts from DIR/config.json and the safetensors headers (ModelError when unreadable)."""
+def read_checkpoint(path, *, weights_total: Optional[int] = None) -> CheckpointFacts:
+    """Facts from DIR/config.json and the safetensors headers (ModelError when unreadable).
+    weights_total: the weights are not here (a hub id planned before its download, hub.py); their
+    bytes as the hub reports them stand in for the headers: float parameters in the config's dtype
+    for an unquantized model, kept as stored (`other_bytes`) for a quantized one."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     try:
@@ -91,7 +95,7 @@ def read_checkpoint(path) -> CheckpointFacts:
     heads = text.get("num_attention_heads")
     head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
     experts = [text.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")]
-    tensors = _safetensors_headers(path)
+    tensors = _safetensors_headers(path) if weights_total is None else {}
     names = set(tensors)
     quantized = {n.rsplit(".", 1)[0] for n in names if n.endswith((".weight_scale", ".weight_packed"))}
     q_values = f_values = f_bytes = other = 0
@@ -110,12 +114,17 @@ def read_checkpoint(path) -> CheckpointFacts:
             f_bytes += t.nbytes
         else:
             other += t.nbytes
+    dtype = text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype")
+    if weights_total is not None and qcfg:
+        other = weights_total
+    elif weights_total is not None:
+        f_bytes, f_values = weights_total, weights_total // FLOAT_BYTES.get(str(dtype), 2)
     biased = any(n.endswith(".bias") and n[:-5] in quantized for n in names)
     if not tensors and qcfg:  # no safetensors to look into: the config's bias switches speak
         biased = bool(text.get("attention_bias") or text.get("mlp_bias"))
     return CheckpointFacts(
         path=path,
-        name=os.path.basename(os.path.abspath(path)),
+        name=repo_of_snapshot(path) or os.path.basename(os.path.abspath(path)),
         model_type=cfg.get("model_type"),
         quant_method=qcfg.get("quant_method"),
         scheme=scheme_from_config(qcfg) if qcfg else None,
@@ -127,12 +136,14 @@ def read_checkpoint(path) -> CheckpointFacts:
         head_dim=head_dim,
         kv_lora_rank=text.get("kv_lora_rank"),
         max_position_embeddings=text.get("max_position_embeddings"),
-        config_dtype=text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype"),
+        config_dtype=dtype,
         quantized_values=q_values,
         float_values=f_values,
         float_bytes=f_bytes,
         other_bytes=other,
-        sources=("config.json",) + (("safetensors headers",) if tensors else ()),
+        sources=("config.json",)
+        + (("safetensors headers",) if tensors else ())
+        + (("weights' total size from the hub",) if weights_total is not None else ()),
     )
 
 

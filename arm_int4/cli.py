@@ -85,6 +85,11 @@ def _cmd_quantize(opts: QuantizeOptions) -> int:
         report = quantize.verify_dir(opts.model)
         print(report.summary())
         return 0
+    if opts.dry_run:
+        preview = quantize.dry_run(opts)
+        print(preview.summary(), flush=True)
+        preview.check_disk()  # after the plan is shown: the one line says what does not fit
+        return 0
     try:
         result = quantize.quantize(opts)
     except BudgetNotMet as exc:  # --keep-best kept a checkpoint over budget: show it, then the one line
@@ -101,18 +106,28 @@ def _cmd_quantize(opts: QuantizeOptions) -> int:
 
 
 def _cmd_serve(opts: ServeOptions) -> int:
-    from . import hardware, launch, models, runner
+    from . import hardware, hub, launch, models, runner
 
     request = engine_request(opts, offline=False)
-    model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
-    plan = launch.plan(
-        hardware.detect(probe_runtime=False),
-        launch.read_checkpoint(model_dir),
-        request,
-        can_bind=runner.can_set_affinity(),
-    )
+    if opts.machine_dump and not opts.dry_run:
+        raise UsageError(
+            f"--machine-dump {opts.machine_dump}: a recorded machine can only be planned for: add --dry-run"
+        )
+    machine = hardware.from_dump(opts.machine_dump) if opts.machine_dump else hardware.detect(probe_runtime=False)
+    say = lambda m: print(m, file=sys.stderr)
+    remote = hub.metadata(opts.model, progress=say) if opts.dry_run and hub.is_hub_id(opts.model) else None
+    if remote is not None:  # planned from config.json and the index: the weights are not downloaded
+        facts = launch.read_checkpoint(remote.snapshot, weights_total=remote.weight_bytes)
+    else:
+        facts = launch.read_checkpoint(models.resolve(opts.model, progress=say))
+    can_bind = True if opts.machine_dump else runner.can_set_affinity()  # a recorded machine: the target's own
+    plan = launch.plan(machine, facts, request, can_bind=can_bind)
     if opts.dry_run:
-        print(plan.format())
+        if remote is not None:
+            print("\n".join(f"# {line}" for line in remote.describe("`arm-int4 serve` without --dry-run")))
+        print(plan.format(), flush=True)
+        if remote is not None:
+            hub.check_disk(remote.repo_id, [remote.download_need()])  # after the plan: one line if short
         return 0
     runner.check_port(opts.host, opts.port)
     print(plan.format(), file=sys.stderr, flush=True)
@@ -374,6 +389,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "# the vLLM INT4 page's flow, offline calibration\n"
         "  arm-int4 quantize ./model --algorithm gptq --dataset calib.jsonl --output ./model-gptq\n"
         "  arm-int4 quantize default --budget 10     # a scheme per layer, within 10% perplexity (vLLM-checked)\n"
+        "  arm-int4 quantize meta-llama/Llama-3.1-8B-Instruct --dry-run   # layers, output, memory, disk; no download\n"
         "  arm-int4 quantize --verify-only ./model-w4a8dyn-mse-channelwise",
     ),
     "tune": (
@@ -393,6 +409,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "examples:\n"
         "  arm-int4 serve ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise\n"
         "  arm-int4 serve default --dry-run                  # print the plan as a shell snippet\n"
+        "  arm-int4 serve meta-llama/Llama-3.1-8B-Instruct --dry-run   # from config.json + index, no download\n"
+        "  arm-int4 serve ORG/NAME --dry-run --machine-dump tests/fixtures/machines/graviton4   # plan for that box\n"
         "  arm-int4 serve --port 8001 --kv-cache-gib 4 ./model -- --enforce-eager\n"
         "  arm-int4 serve --profile graviton4.json ./model",
     ),

@@ -12,6 +12,9 @@ __all__ = [
     "KernelMissing",
     "MoeNeedsArm",
     "DtypeRefused",
+    "GatedModel",
+    "HubUnreachable",
+    "NotEnoughDisk",
 ]
 
 
@@ -29,6 +32,14 @@ class UsageError(ArmInt4Error):
 
 class ModelError(ArmInt4Error):
     """MODEL could not be resolved or read (missing dir, hub id offline, unreadable config)."""
+
+
+class GatedModel(ModelError):
+    """A gated hub repo: its licence must be accepted on the hub and a token set on this machine."""
+
+
+class HubUnreachable(ModelError):
+    """The hub cannot be asked (no connection, or HF_HUB_OFFLINE) and the files are not cached."""
 
 
 class PreflightError(ArmInt4Error):
@@ -56,6 +67,10 @@ class MoeNeedsArm(PreflightError):
 
 class DtypeRefused(PreflightError):
     """An explicit activation dtype that vLLM 0.32 runs wrongly (or crashes on) with this checkpoint here."""
+
+
+class NotEnoughDisk(PreflightError):
+    """A download or an output would not fit the free space of its filesystem."""
 
 
 class EnvironmentMissing(ArmInt4Error):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 from .errors import ModelError
+from .hub import HUB_ID
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -39,7 +39,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PROVENANCE_NOTE = (
     "baseline = SmolLM2-135M-Instruct Q4_1 GGUF dequantized to BF16 (not the original BF16 weights)"
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def cache_home() -> Path:
@@ -141,24 +140,13 @@ def resolve(model: str, progress=print) -> Path:
         return p
     if p.exists():
         raise ModelError(f"{p} is a file: MODEL must be a Hugging Face model directory, a hub id or 'default'")
-    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+    if model.startswith((".", "/", "~")) or not HUB_ID.match(model):
         raise ModelError(f"model directory {model} not found (and it is not a hub id like org/name)")
-    return _from_hub(model)
+    return _from_hub(model, progress)
 
 
-def _from_hub(repo_id: str) -> Path:
-    """Real hub loading (huggingface_hub cache); offline it fails fast with one line."""
-    from huggingface_hub import snapshot_download
+def _from_hub(repo_id: str, progress) -> Path:
+    """The hub model's files in huggingface_hub's cache, after hub.py checked the disk for them."""
+    from . import hub
 
-    try:
-        path = snapshot_download(
-            repo_id,
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.py"],
-        )
-    except Exception as exc:  # huggingface_hub raises many types; all mean "not available here"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"cannot get hub model {repo_id}: {reason[:160]} — if this machine is offline, download it "
-            "elsewhere and pass the local directory"
-        ) from None
-    return Path(path)
+    return hub.download(hub.metadata(repo_id, progress=progress), progress=progress)

@@ -197,7 +197,17 @@ class ServeOptions:
         "node); default: one per NUMA node (vLLM's --tensor-parallel-size)",
         metavar="N",
     )
-    dry_run: bool = opt(False, "print the plan as a shell snippet (export lines + command) and exit")
+    dry_run: bool = opt(
+        False,
+        "print the plan as a shell snippet (export lines + command) and exit; a hub id is planned from its "
+        "config.json and safetensors index, no weights downloaded (exit 1 if the download would not fit the disk)",
+    )
+    machine_dump: Optional[str] = opt(
+        None,
+        "plan for a recorded machine instead of this one (only with --dry-run): a folder holding cpuinfo or "
+        "lscpu.txt, and meminfo for its memory (tests/fixtures/machines has some)",
+        metavar="DIR",
+    )
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import hub
 from ..errors import ArmInt4Error, BudgetNotMet, UsageError
 from ..models import cache_home, resolve
 from ..schemes import MixedScheme, Scheme, output_dir_name
@@ -24,11 +25,12 @@ from ..workers.worker_io import peak_rss_bytes
 from .moe import MOE_IGNORE, is_moe_config
 from .options import QuantizeOptions
 from .preflight import check_free_space, check_output, plan_quantization, read_source_checkpoint
+from .preview import QuantPreview, preview
 from .verify import VerifyReport, verify_dir, verify_written
 
 BUDGET_BASE = Scheme("w4a8", "channelwise", None, "mse")  # --budget plans from it (no group-size check)
 
-__all__ = ["QuantResult", "quantize", "verify_dir", "output_path"]
+__all__ = ["QuantResult", "quantize", "verify_dir", "output_path", "dry_run"]
 
 
 @dataclass
@@ -47,7 +49,9 @@ class QuantResult:
     @property
     def rss_bound_bytes(self) -> int | None:
         """The stream engine's memory goal: 2 × the largest tensor + 1 GiB, per job."""
-        return self.stream.jobs * (2 * self.stream.largest_tensor + 2**30) if self.stream else None
+        from .stream import memory_bound
+
+        return memory_bound(self.stream.jobs, self.stream.largest_tensor) if self.stream else None
 
     def summary(self) -> str:
         mib = 2**20
@@ -234,9 +238,8 @@ def _quantize_rotated(opts: QuantizeOptions) -> QuantResult:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def quantize(opts: QuantizeOptions) -> QuantResult:
-    if opts.rotate:
-        return _quantize_rotated(opts)
+def _scheme_and_engine(opts: QuantizeOptions) -> tuple[Scheme, str]:
+    """The options checked (one line each) and read into the scheme and the engine that runs it."""
     scheme = Scheme.from_options(opts.preset, opts.scheme, opts.method, opts.groupsize)
     engine = _engine(opts)
     if opts.jobs is not None and opts.jobs < 1:
@@ -248,7 +251,43 @@ def quantize(opts: QuantizeOptions) -> QuantResult:
     if opts.budget is not None:
         _check_budget_options(opts, opts.budget, engine)
         scheme = BUDGET_BASE
-    model_dir = resolve(opts.model, progress=_log)
+    return scheme, engine
+
+
+def dry_run(opts: QuantizeOptions) -> QuantPreview:
+    """What `quantize` would read, write and hold (a hub id: from its config.json and index only)."""
+    from .stream import usable_cpus
+
+    scheme, engine = _scheme_and_engine(opts)
+    remote = hub.metadata(opts.model, progress=_log) if hub.is_hub_id(opts.model) else None
+    model_dir = None if remote else resolve(opts.model, progress=_log)
+    return preview(
+        opts.model,
+        scheme,
+        engine,
+        ignore=list(opts.ignore),
+        output=output_path(opts, scheme, model_dir or Path(opts.model)),
+        jobs=opts.jobs or usable_cpus(),
+        precision=opts.observer_precision,
+        model_dir=model_dir,
+        hub=remote,
+    )
+
+
+def _hub_source(opts: QuantizeOptions) -> Path:
+    """A hub id downloaded after the disk was checked for the download and the output together."""
+    pv = dry_run(opts)
+    assert pv.hub is not None
+    check_output(pv.output, opts.overwrite)  # before a 16 GB download, not after it
+    written = pv.source_bytes if opts.budget is not None else pv.output_bytes  # --budget: up to BF16's size
+    return hub.download(pv.hub, also=[pv.output_need(written)], progress=_log)
+
+
+def quantize(opts: QuantizeOptions) -> QuantResult:
+    if opts.rotate:
+        return _quantize_rotated(opts)
+    scheme, engine = _scheme_and_engine(opts)
+    model_dir = _hub_source(opts) if hub.is_hub_id(opts.model) else resolve(opts.model, progress=_log)
     out = output_path(opts, scheme, model_dir)
     check_output(out, opts.overwrite)
     ck = read_source_checkpoint(model_dir)

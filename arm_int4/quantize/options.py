@@ -96,6 +96,11 @@ class QuantizeOptions:
         "matrices fused into the weights (QuaRot/SpinQuant R1+R2: exact in float, fewer outliers for INT4; "
         "Llama/Mistral/Qwen2; tied embeddings are untied: +1 embedding matrix); output name gets -rot",
     )
+    dry_run: bool = opt(
+        False,
+        "print the plan (layers, output size, memory, disk: download + output, free space) and exit; a hub id "
+        "is planned from its config.json and safetensors index, no weights downloaded; exit 1 if the disk is short",
+    )
     verify_only: bool = opt(False, "only check MODEL (a quantized dir) against its quantization_config")
     eval: bool = opt(
         False,

@@ -29,6 +29,7 @@ __all__ = [
     "plan_quantization",
     "check_output",
     "check_free_space",
+    "checkpoint_from_index",
     "NAMED_LINEAR_ARCHITECTURES",
 ]
 
@@ -143,6 +144,67 @@ class ModelLayers:
 NAMED_LINEAR_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight")
+
+
+_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def _named_shape(name: str, cfg: dict) -> tuple[int, ...] | None:
+    """The shape of a dense family's tensor from config.json (transformers' modeling_{llama,mistral,
+    qwen2,qwen3}.py), None for a name these families do not have."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or h // heads
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (vocab, h)
+    if name == "model.norm.weight":
+        return (h,)
+    m = re.fullmatch(r"model\.layers\.\d+\.((?:self_attn|mlp)\.\w+|\w+)\.(weight|bias)", name)
+    if not m:
+        return None
+    part, kind = m.groups()
+    rows = {
+        "self_attn.q_proj": heads * hd,
+        "self_attn.k_proj": kv * hd,
+        "self_attn.v_proj": kv * hd,
+        "self_attn.o_proj": h,
+        "mlp.gate_proj": inter,
+        "mlp.up_proj": inter,
+        "mlp.down_proj": h,
+    }
+    cols = {"self_attn.o_proj": heads * hd, "mlp.down_proj": inter}
+    if part in rows:
+        return (rows[part], cols.get(part, h)) if kind == "weight" else (rows[part],)
+    if part in ("input_layernorm", "post_attention_layernorm") and kind == "weight":
+        return (h,)
+    if part in ("self_attn.q_norm", "self_attn.k_norm") and kind == "weight":
+        return (hd,)
+    return None
+
+
+def checkpoint_from_index(path: Path, config: dict, weight_map: dict, total_size: int | None) -> Checkpoint | None:
+    """A Checkpoint whose headers come from the index's tensor names and config.json's shapes, for a
+    model whose weights are not here (a hub id planned before its download). Only for the dense
+    families in NAMED_LINEAR_ARCHITECTURES, and only when the bytes add up to the index's total_size;
+    None otherwise (the caller estimates instead)."""
+    if (config.get("architectures") or [None])[0] not in NAMED_LINEAR_ARCHITECTURES or is_moe_config(config):
+        return None
+    dtype = _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")))
+    if dtype is None:
+        return None
+    ck, offsets = Checkpoint(path, config), dict[str, int]()
+    try:
+        for name, shard in weight_map.items():
+            shape = _named_shape(name, config)
+            if shape is None:
+                return None
+            begin = offsets.get(shard, 0)
+            info = TensorInfo(name, dtype, shape, begin, begin + TensorInfo(name, dtype, shape).nbytes)
+            ck.shards.setdefault(shard, {})[name] = info
+            offsets[shard] = info.end
+    except (KeyError, TypeError, ZeroDivisionError):  # a config without the fields these families have
+        return None
+    return ck if total_size is None or ck.nbytes == total_size else None
 
 
 def _ignored(name: str, ignore: list[str]) -> bool:

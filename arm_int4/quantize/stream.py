@@ -39,6 +39,7 @@ __all__ = [
     "WEIGHT_SUFFIXES",
     "usable_cpus",
     "output_bytes",
+    "memory_bound",
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
@@ -121,6 +122,12 @@ def output_specs(tensors: dict[str, TensorInfo], plan: QuantPlan, precision: str
 def output_bytes(plan: QuantPlan, precision: str) -> int:
     """Bytes of tensor data the stream engine will write for plan (headers and side files not counted)."""
     return sum(t.nbytes for ts in plan.checkpoint.shards.values() for t in output_specs(ts, plan, precision))
+
+
+def memory_bound(jobs: int, largest_tensor: int) -> int:
+    """The stream engine's memory goal: per job, the largest tensor twice (read + its quantized
+    temporaries) and 1 GiB (docs/benchmarks.md measured peaks far under it)."""
+    return jobs * (2 * largest_tensor + 2**30)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
