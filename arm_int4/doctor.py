@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
-from . import syspkgs
-from .errors import ArmInt4Error
+from . import hub, syspkgs
+from .errors import ArmInt4Error, NotEnoughDisk
 from .hardware import Machine
+from .quantize.preview import OUTPUT_FRACTION_ESTIMATE
 
 __all__ = [
     "Finding",
@@ -36,6 +38,7 @@ __all__ = [
     "transparent_hugepages",
     "cgroup",
     "model_plan",
+    "hub_model",
     "disk",
     "hub_token",
     "compile_cache",
@@ -292,13 +295,14 @@ def cgroup(machine: Machine) -> Finding:
     return Finding("cgroup", "ok", detail)
 
 
-def model_plan(machine: Machine, model_dir: str) -> Finding:
-    """The serve plan for a local checkpoint: KV cache against the NUMA node's memory, bf16, cgroup."""
+def model_plan(machine: Machine, model_dir: str, weights_total: Optional[int] = None) -> Finding:
+    """The serve plan for a checkpoint: KV cache against the NUMA node's memory, bf16, cgroup.
+    weights_total: a hub model's config dir, its weights' size from the hub (not downloaded)."""
     from . import launch
     from .checkpoint import read_checkpoint
 
     try:
-        p = launch.plan(machine, read_checkpoint(model_dir))
+        p = launch.plan(machine, read_checkpoint(model_dir, weights_total=weights_total))
     except ArmInt4Error as exc:
         return Finding("serve plan", "fail", str(exc), "see the message; `arm-int4 serve --dry-run` shows the plan")
     kv = [w for w in p.reasons if "VLLM_CPU_KVCACHE_SPACE" in w]
@@ -317,9 +321,9 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-# An INT4 checkpoint of a bf16 model: 4 of 16 bits for Linear weights, embeddings/norms kept, so
-# about 30% of the source (the default SmolLM2: 270 MB -> 80 MB for channelwise W4A8 here).
-INT4_OUTPUT_FRACTION = 0.3
+# An INT4 checkpoint of a bf16 model, as a fraction of it: int4 values stored one per int8 byte
+# (half of BF16), embeddings and norms kept (measured: quantize/preview.py).
+INT4_OUTPUT_FRACTION = OUTPUT_FRACTION_ESTIMATE
 
 
 def disk(model_dir: str, out_dir: str) -> Finding:
@@ -353,6 +357,36 @@ def hub_token(model: str, env: Optional[dict] = None) -> Finding:
         f"no Hugging Face token: {model} downloads only if it is not gated (meta-llama/* and google/gemma-* are)",
         "accept the model's licence on huggingface.co, then `hf auth login` or export HF_TOKEN=...",
     )
+
+
+def hub_model(machine: Machine, model: str, out_dir: str) -> list[Finding]:
+    """A hub id, from config.json and the safetensors index only: can this machine get it (gated,
+    missing, offline), serve it (the plan), and hold the download and an INT4 output (disk)?"""
+    try:
+        remote = hub.metadata(model)
+    except ArmInt4Error as exc:  # the line names the cause and its fix
+        return [Finding("hub model", "fail", str(exc))]
+    found = [
+        Finding(
+            "hub model",
+            "ok",
+            f"{model} at {remote.commit[:12]}: {remote.weight_bytes / 1e9:.2f} GB of safetensors "
+            f"({remote.size_source}), {hub.size(remote.cached_bytes)} cached",
+        ),
+        model_plan(machine, str(remote.snapshot), weights_total=remote.weight_bytes),
+    ]
+    output = hub.DiskNeed(
+        "an INT4 output (estimate)", Path(out_dir).absolute(), int(remote.weight_bytes * INT4_OUTPUT_FRACTION)
+    )
+    needs = [remote.download_need(), output]
+    try:
+        hub.check_disk(model, needs)
+    except NotEnoughDisk as exc:
+        return [*found, Finding("disk", "fail", str(exc))]
+    said = "; ".join(
+        f"{n.what} {hub.size(n.bytes)} in {n.where} ({hub.size(hub.free_bytes(n.where))} free)" for n in needs
+    )
+    return [*found, Finding("disk", "ok", said)]
 
 
 def compile_cache(cache_dir: str, installed: dict[str, float]) -> Finding:
@@ -408,6 +442,8 @@ def run_all(machine: Machine, model: Optional[str] = None, python: str = sys.exe
         findings.append(Finding("model", "skip", "no --model: serve plan, disk and hub token not checked"))
     elif os.path.isdir(model):
         findings += [model_plan(machine, model), disk(model, os.getcwd())]
+    elif hub.is_hub_id(model):
+        findings += [hub_token(model), *hub_model(machine, model, os.getcwd())]
     else:
-        findings.append(hub_token(model))
+        findings.append(Finding("model", "fail", f"{model}: no such directory, and not a hub id (org/name)"))
     return findings

@@ -237,3 +237,44 @@ def test_shapes_from_config_match_a_real_checkpoints_headers(tiny_llama):
         n: t.shape for ts in real.shards.values() for n, t in ts.items()
     }
     assert checkpoint_from_index(tiny_llama, real.config, weight_map, real.nbytes + 2) is None  # must add up
+
+
+DOCTOR = (
+    "import json, sys\n"
+    "from arm_int4 import doctor, hardware\n"
+    "found = doctor.hub_model(hardware.from_dump(sys.argv[1]), sys.argv[2], sys.argv[3])\n"
+    "print(json.dumps([f.to_dict() for f in found]))\n"
+)
+
+
+def doctor_hub(env, machine, model, out_dir) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-c", DOCTOR, str(machine), model, str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, **env},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {f["check"]: f for f in json.loads(r.stdout)}
+
+
+def test_doctor_checks_a_hub_model_plan_and_disk_without_the_weights(env, graviton4, tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    index = {"metadata": {"total_size": 2 * free}, "weight_map": {"model.embed_tokens.weight": "model.safetensors"}}
+    repos = {
+        LLAMA_8B: repo_8b(),
+        "big/model": Repo(files={"config.json": CONFIG_8B, hub.INDEX: json.dumps(index).encode()}),
+        "gated/model": repo_8b(gated=True),
+    }
+    with FakeHub(repos) as fake:
+        e = {**env, "HF_ENDPOINT": fake.url}
+        ok = doctor_hub(e, graviton4, LLAMA_8B, tmp_path)
+        big = doctor_hub(e, graviton4, "big/model", tmp_path)
+        gated = doctor_hub(e, graviton4, "gated/model", tmp_path)
+        assert not [p for p in fake.paths() if p.endswith(".safetensors")], fake.requests
+    assert ok["hub model"]["status"] == "ok" and "16.06 GB of safetensors" in ok["hub model"]["detail"]
+    assert ok["serve plan"]["status"] == "ok" and "VLLM_CPU_KVCACHE_SPACE" in ok["serve plan"]["detail"]
+    assert ok["disk"]["status"] == "ok" and "download 14.96 GiB" in ok["disk"]["detail"]
+    assert big["disk"]["status"] == "fail" and "not enough disk for big/model" in big["disk"]["detail"]
+    assert gated["hub model"]["status"] == "fail" and "is a gated model" in gated["hub model"]["detail"]
