@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from fake_hub import COMMIT, FakeHub, Repo
+from fake_hub import COMMIT, FakeHub, Repo, llama_index
 
 from arm_int4 import hub
 from arm_int4.checkpoint import read_checkpoint
@@ -24,35 +24,6 @@ from arm_int4.checkpoint import read_checkpoint
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 CONFIG_8B = (REPO / "tests/fixtures/hub/llama-3.1-8b-instruct/config.json").read_bytes()
 TOTAL_8B = 16_060_522_496  # 8,030,261,248 parameters x 2 bytes (BF16), the real index's total_size
-
-
-def llama_index(config: dict, shards: int = 4) -> dict:
-    """model.safetensors.index.json for a Llama config: transformers' tensor names, split over
-    `shards` files in order (the split is ours, not Meta's)."""
-    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    tensors = [("model.embed_tokens.weight", v * h)]
-    for n in range(config["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        tensors += [
-            (p + "self_attn.q_proj.weight", h * h),
-            (p + "self_attn.k_proj.weight", kv * h),
-            (p + "self_attn.v_proj.weight", kv * h),
-            (p + "self_attn.o_proj.weight", h * h),
-            (p + "mlp.gate_proj.weight", i * h),
-            (p + "mlp.up_proj.weight", i * h),
-            (p + "mlp.down_proj.weight", h * i),
-            (p + "input_layernorm.weight", h),
-            (p + "post_attention_layernorm.weight", h),
-        ]
-    tensors += [("model.norm.weight", h), ("lm_head.weight", v * h)]
-    total = sum(n for _, n in tensors) * 2
-    weight_map, done = {}, 0
-    for name, n in tensors:
-        shard = min(done * shards // total, shards - 1) + 1
-        weight_map[name] = f"model-{shard:05d}-of-{shards:05d}.safetensors"
-        done += n * 2
-    return {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
 def repo_8b(**kw) -> Repo:
