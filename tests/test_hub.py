@@ -188,6 +188,14 @@ def test_a_hub_model_downloads_and_is_named_by_its_repo(env, tiny_llama, tmp_pat
     assert (tmp_path / "tiny-llama-w4a8dyn-minmax-channelwise" / "config.json").is_file()
     snapshot = tmp_path / "hf/hub/models--tiny-org--tiny-llama/snapshots" / COMMIT
     assert read_checkpoint(snapshot).name == "tiny-org/tiny-llama"
+    # offline afterwards (HF_HUB_OFFLINE, the hub gone): the cached copy serves both commands
+    offline = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": fake.url}
+    again = run_cli(
+        "quantize", "tiny-org/tiny-llama", "--method", "minmax", "--output", "again", cwd=tmp_path, env=offline
+    )
+    assert again.returncode == 0 and (tmp_path / "again" / "config.json").is_file(), again.stderr[-2000:]
+    plan = run_cli("serve", "tiny-org/tiny-llama", "--dry-run", cwd=tmp_path, env=offline)
+    assert plan.returncode == 0 and "--served-model-name tiny-org/tiny-llama" in plan.stdout, plan.stderr[-2000:]
 
 
 def test_repo_of_snapshot_reads_the_cache_layout_only(tmp_path):
