@@ -127,7 +127,8 @@ def run_plan(
     tests, name = workload.tests(), facts.name + (f" [{label}]" if label else "")
     tag = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", label) if label else ""  # "all-2t eager" -> "-all-2t-eager"
     log = Path(log_dir or tempfile.gettempdir()) / (
-        f"{'' if log_dir else 'arm-int4-bench-'}{facts.name}{tag}-{os.getpid()}-{time.time_ns()}.log"
+        f"{'' if log_dir else 'arm-int4-bench-'}{re.sub(r'[^A-Za-z0-9_.-]+', '-', facts.name)}{tag}"
+        f"-{os.getpid()}-{time.time_ns()}.log"  # a hub model's name is org/name: no "/" in a file name
     )
     job = {
         "model": facts.path,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import ModelError
-from .hub import repo_of_snapshot
+from .hub import model_name
 from .schemes import MixedScheme, Scheme, scheme_from_config
 
 __all__ = ["CheckpointFacts", "read_checkpoint", "weights_in_memory", "kv_bytes_per_token", "FLOAT_BYTES"]
@@ -124,7 +124,7 @@ def read_checkpoint(path, *, weights_total: Optional[int] = None) -> CheckpointF
         biased = bool(text.get("attention_bias") or text.get("mlp_bias"))
     return CheckpointFacts(
         path=path,
-        name=repo_of_snapshot(path) or os.path.basename(os.path.abspath(path)),
+        name=model_name(path),
         model_type=cfg.get("model_type"),
         quant_method=qcfg.get("quant_method"),
         scheme=scheme_from_config(qcfg) if qcfg else None,

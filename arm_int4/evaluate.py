@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+from . import hub
 from .errors import EnvironmentMissing, ModelError, UsageError
 from .schemes import scheme_from_config
 
@@ -349,7 +350,7 @@ def perplexity(
     computed = sum(len(w.ids) for w in windows)
     return {
         "model": str(model_dir),
-        "model_name": model_dir.name,
+        "model_name": hub.model_name(model_dir),  # org/name for a hub cache snapshot
         "quantization": quantization_label(cfg),
         "dtype": result["dtype"],
         "text": text.name,

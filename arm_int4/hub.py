@@ -32,6 +32,7 @@ __all__ = [
     "HubModel",
     "is_hub_id",
     "repo_of_snapshot",
+    "model_name",
     "metadata",
     "explain",
     "free_bytes",
@@ -65,6 +66,12 @@ def repo_of_snapshot(path) -> Optional[str]:
     if p.parent.name != "snapshots" or not repo_dir.startswith("models--") or "--" not in repo_dir[8:]:
         return None
     return repo_dir[len("models--") :].replace("--", "/", 1)
+
+
+def model_name(path) -> str:
+    """What a model directory is called in plans, records and file names: org/name for a hub cache
+    snapshot (not its commit hash), else the directory's own name."""
+    return repo_of_snapshot(path) or os.path.basename(os.path.abspath(os.fspath(path)))
 
 
 @dataclass(frozen=True)

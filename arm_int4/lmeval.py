@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from . import cloze, evaluate
+from . import cloze, evaluate, hub
 from .errors import UsageError
 
 __all__ = [
@@ -133,7 +133,7 @@ def run_tasks(
     dtype = plan.dtype
     return {
         "model": str(model_dir),
-        "model_name": model_dir.name,
+        "model_name": hub.model_name(model_dir),  # org/name for a hub cache snapshot
         "quantization": evaluate.quantization_label(cfg),
         "dtype": dtype,
         "tasks": list(tasks),

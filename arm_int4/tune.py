@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import __version__, bandwidth, bench, hardware, launch, placement
+from . import __version__, bandwidth, bench, hardware, hub, launch, placement
 from .errors import ArmInt4Error, HeadsDoNotSplit, UsageError
 from .workload import failed_records
 
@@ -179,7 +179,8 @@ def select(by_label: dict, objective: str, tpot_limit_ms: float = TPOT_LIMIT_MS)
 
 # ------------------------------------------------------------------------------- profile file
 def default_output(model_dir, objective: str) -> str:
-    return f"{os.path.basename(os.path.normpath(str(model_dir))) or 'model'}-{objective}.profile.json"
+    name = hub.model_name(os.path.normpath(str(model_dir))).rsplit("/", 1)[-1]  # a hub snapshot: its repo's name
+    return f"{name or 'model'}-{objective}.profile.json"
 
 
 def check_output(path: str, overwrite: bool) -> None:

@@ -202,6 +202,11 @@ def test_repo_of_snapshot_reads_the_cache_layout_only(tmp_path):
     assert hub.repo_of_snapshot(tmp_path / "models--a--b.c/snapshots" / COMMIT) == "a/b.c"
     assert hub.repo_of_snapshot(tmp_path / "a--b" / "snapshots" / COMMIT) is None
     assert hub.repo_of_snapshot(tmp_path / "models--a--b" / COMMIT) is None
+    snapshot = tmp_path / "hub/models--meta-llama--Llama-3.1-8B-Instruct/snapshots" / COMMIT
+    assert hub.model_name(snapshot) == LLAMA_8B and hub.model_name(tmp_path / "m-w4a8") == "m-w4a8"
+    from arm_int4.tune import default_output
+
+    assert default_output(snapshot, "decode") == "Llama-3.1-8B-Instruct-decode.profile.json"
 
 
 def test_shapes_from_config_match_a_real_checkpoints_headers(tiny_llama):
