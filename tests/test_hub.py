@@ -262,3 +262,16 @@ def test_doctor_checks_a_hub_model_plan_and_disk_without_the_weights(env, gravit
     assert ok["disk"]["status"] == "ok" and "download 14.96 GiB" in ok["disk"]["detail"]
     assert big["disk"]["status"] == "fail" and "not enough disk for big/model" in big["disk"]["detail"]
     assert gated["hub model"]["status"] == "fail" and "is a gated model" in gated["hub model"]["detail"]
+
+
+def test_dry_run_of_a_local_model_predicts_what_quantize_writes(tiny_llama, tmp_path):
+    """The plan's output size is the stream engine's own header arithmetic: equal to what it writes."""
+    from arm_int4 import quantize
+    from arm_int4.cli import command_options
+
+    argv = ["quantize", str(tiny_llama), "--method", "minmax", "--output", str(tmp_path / "out"), "--jobs", "1"]
+    planned = quantize.dry_run(command_options([*argv, "--dry-run"]))
+    written = quantize.quantize(command_options(argv))
+    assert planned.output_exact and planned.output_bytes == written.bytes_out
+    assert planned.layers == written.layers and planned.source_bytes == written.bytes_in
+    assert planned.hub is None and str(tmp_path / "out") in planned.summary()

@@ -258,6 +258,8 @@ def dry_run(opts: QuantizeOptions) -> QuantPreview:
     """What `quantize` would read, write and hold (a hub id: from its config.json and index only)."""
     from .stream import usable_cpus
 
+    if opts.rotate:  # its rotated copy of the source is another full-size write; not planned yet
+        raise UsageError("--dry-run does not plan --rotate yet: drop one of them")
     scheme, engine = _scheme_and_engine(opts)
     remote = hub.metadata(opts.model, progress=_log) if hub.is_hub_id(opts.model) else None
     model_dir = None if remote else resolve(opts.model, progress=_log)
