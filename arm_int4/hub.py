@@ -150,7 +150,7 @@ def metadata(repo_id: str, *, progress: Callable[[str], None] = lambda m: None) 
         raise
     except Exception as exc:  # huggingface_hub's error types are sorted by explain()
         raise explain(repo_id, exc) from None
-    progress(f"{repo_id}: config.json and weight sizes read from the hub (commit {commit[:12]}), no weights downloaded")
+    progress(f"{repo_id}: config.json and weight sizes read (commit {commit[:12]}), no weights downloaded")
     return HubModel(repo_id, commit, snapshot, int(total), files, source, _endpoint())
 
 
