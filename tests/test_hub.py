@@ -275,3 +275,28 @@ def test_dry_run_of_a_local_model_predicts_what_quantize_writes(tiny_llama, tmp_
     assert planned.output_exact and planned.output_bytes == written.bytes_out
     assert planned.layers == written.layers and planned.source_bytes == written.bytes_in
     assert planned.hub is None and str(tmp_path / "out") in planned.summary()
+
+
+def test_the_8b_plan_matches_the_8b_outputs_measured_on_x86():
+    """The plan's tensor bytes (config shapes + index names) against the four 8B-shaped outputs the
+    quantizer wrote (docs/benchmarks-quantize-8b.json, whole directories): equal but for the
+    safetensors headers, config and index, which the plan does not count (~60 kB; 100 kB allowed)."""
+    from arm_int4.quantize.preflight import checkpoint_from_index, plan_quantization
+    from arm_int4.quantize.stream import output_bytes
+    from arm_int4.schemes import Scheme
+
+    config = json.loads(CONFIG_8B)
+    index = llama_index(config)
+    ck = checkpoint_from_index(Path("."), config, index["weight_map"], TOTAL_8B)
+    assert ck is not None
+    recipes = {  # benchmarks/quantize_scale.py's recipe names
+        "cw-mse-lp": (Scheme("w4a8", "channelwise", None, "mse"), "fp32"),
+        "cw-minmax": (Scheme("w4a8", "channelwise", None, "minmax"), "weight"),
+        "g32-minmax": (Scheme("w4a8", "groupwise", 32, "minmax"), "weight"),
+        "g128-mse": (Scheme("w4a8", "groupwise", 128, "mse"), "weight"),
+    }
+    runs = json.loads((REPO / "docs/benchmarks-quantize-8b.json").read_text())["runs"]
+    for run in runs:
+        scheme, precision = recipes[run["recipe"]]
+        planned = output_bytes(plan_quantization(ck, scheme, ["lm_head"], require_safetensors=True), precision)
+        assert 0 < run["output_bytes"] - planned < 100_000, (run["recipe"], run["output_bytes"], planned)
