@@ -223,8 +223,9 @@ def explain(repo_id: str, exc: BaseException) -> ModelError:
                 f"accept its licence at {page} with that token's account (some need the owner's approval), then retry"
             )
         return GatedModel(
-            f"{repo_id} is a gated model: accept its licence at {page}, then set HF_TOKEN=hf_... "
-            "(a read token from your hub settings) or run `huggingface-cli login` on this machine, and retry"
+            f"{repo_id} is a gated model: accept its licence at {page}, then set HF_TOKEN=hf_... (a read token "
+            "from your hub settings) or run `hf auth login` (older huggingface_hub: `huggingface-cli login`) "
+            "on this machine, and retry"
         )
     if isinstance(exc, RepositoryNotFoundError):
         private = "" if _has_token() else " (a private repo also needs HF_TOKEN of an account that can read it)"
@@ -245,7 +246,7 @@ def explain(repo_id: str, exc: BaseException) -> ModelError:
         return HubUnreachable(
             f"cannot reach the Hugging Face hub at {endpoint} ({type(chain[-1]).__name__}) and {repo_id} is not in "
             "the local cache: check the network or proxy, or download it elsewhere "
-            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass DIR"
+            f"(`hf download {repo_id} --local-dir DIR`) and pass DIR"
         )
     http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
     if http is not None:

@@ -117,7 +117,7 @@ def test_a_gated_model_without_a_token_says_so_not_offline(env):
     with FakeHub({LLAMA_8B: repo_8b(gated=True)}) as fake:
         line = one_line(run_cli("serve", LLAMA_8B, "--dry-run", env={**env, "HF_ENDPOINT": fake.url}))
     assert "is a gated model: accept its licence at " + f"{fake.url}/{LLAMA_8B}" in line
-    assert "HF_TOKEN" in line and "huggingface-cli login" in line and "offline" not in line
+    assert "HF_TOKEN" in line and "`hf auth login`" in line and "offline" not in line
 
 
 def test_a_gated_model_with_a_token_it_does_not_accept(env, graviton4):

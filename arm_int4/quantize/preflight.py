@@ -95,7 +95,7 @@ def read_source_checkpoint(path: str | Path) -> Checkpoint:
         if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in p.iterdir()):
             raise PreflightError(
                 f"{p}: no weights (no *.safetensors, *.bin…): MODEL must hold the model's weight files, "
-                "e.g. `huggingface-cli download ID --local-dir DIR`"
+                "e.g. `hf download ID --local-dir DIR`"
             )
     ck = Checkpoint(p, config)
     for name in files:
