@@ -8,6 +8,7 @@ __all__ = [
     "EnvironmentMissing",
     "RunError",
     "BudgetNotMet",
+    "BudgetTooSlow",
     "HeadsDoNotSplit",
     "KernelMissing",
     "MoeNeedsArm",
@@ -56,6 +57,10 @@ class MoeNeedsArm(PreflightError):
 
 class DtypeRefused(PreflightError):
     """An explicit activation dtype that vLLM 0.32 runs wrongly (or crashes on) with this checkpoint here."""
+
+
+class BudgetTooSlow(PreflightError):
+    """`quantize --budget`: the per-layer sensitivity pass is estimated to take longer than the limit."""
 
 
 class EnvironmentMissing(ArmInt4Error):
