@@ -8,6 +8,7 @@ __all__ = [
     "EnvironmentMissing",
     "RunError",
     "BudgetNotMet",
+    "BudgetTooSlow",
     "HeadsDoNotSplit",
     "KernelMissing",
     "MoeNeedsArm",
@@ -71,6 +72,10 @@ class DtypeRefused(PreflightError):
 
 class NotEnoughDisk(PreflightError):
     """A download or an output would not fit the free space of its filesystem."""
+
+
+class BudgetTooSlow(PreflightError):
+    """`quantize --budget`: the per-layer sensitivity pass is estimated to take longer than the limit."""
 
 
 class EnvironmentMissing(ArmInt4Error):

@@ -321,3 +321,50 @@ def test_a_budget_vllm_misses_keeps_the_best_only_with_keep_best(trap, tmp_path)
     assert len(err) == 1 and err[0].endswith("nothing written: raise --budget, or --keep-best to keep it"), err
     assert min(_attempts(r.stderr)) > 1.0
     assert not (tmp_path / "not-kept").exists() and not list(tmp_path.glob(".not-kept.arm-int4-*"))
+
+
+@pytest.mark.parametrize("model", ["trained_llama", "trained_qwen2"])
+def test_replaying_from_each_layer_scores_as_the_whole_pass_does(model, request):
+    """A unit's candidates are scored from its own layer on (the layers before it see no quantized
+    weight): the options, KL included, are bit for bit those of whole forward passes, so the
+    choice --budget makes is unchanged while each pass costs (layers after L + head) / (all + head)."""
+    plan = _plan(request.getfixturevalue(model))
+    units = budget.fused_units(plan)
+    said: list[str] = []
+    fast = Sensitivity(plan, "weight", 64, said.append)
+    assert fast.replay is not None, said  # these decoders replay exactly (checked at load)
+    whole = Sensitivity(plan, "weight", 64, suffix=False)
+    assert whole.replay is None
+    assert fast.options(units) == whole.options(units)
+    # the estimate is printed before the pass, an ETA with every unit
+    assert any(
+        re.fullmatch(r"budget: per-layer sensitivity: \d+ units, \d+ scoring passes .*estimated \d+ s", s) for s in said
+    )
+    assert re.fullmatch(r"budget: sensitivity \d+/\d+ units \(\d+ s, ETA \d+ s\)", said[-1]), said[-1]
+    # a unit of the last layer is estimated cheaper than one of the first
+    first, last = fast.estimate(units)[1][0], fast.estimate(units)[1][-1]
+    assert last < first
+
+
+def test_a_sensitivity_pass_over_the_limit_stops_before_it_starts(trained_llama, tmp_path):
+    """The trained tiny Llama's pass is estimated at seconds: a limit of 0.0001 min (6 ms) refuses it
+    in one line naming the estimate and both knobs, before anything is measured or written."""
+    r = run_cli(
+        "quantize",
+        trained_llama,
+        "--budget",
+        "10",
+        "--budget-max-minutes",
+        "0.0001",
+        "--output",
+        tmp_path / "o",
+        env={"ARM_INT4_HOME": str(tmp_path / "home")},
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("arm-int4 quantize: error:")]
+    assert len(err) == 1, r.stderr
+    assert re.search(
+        r"would take about \d+ s here, more than --budget-max-minutes 0.0001; lower --budget-tokens", err[0]
+    )
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.arm-int4-*"))
+    assert not list((tmp_path / "home").glob("budget/*.json"))  # no half pass cached

@@ -127,6 +127,8 @@ def _check_budget_options(opts: QuantizeOptions, pct: float, engine: str) -> Non
         raise UsageError("--budget chooses among W4A8 round-to-nearest schemes: drop --engine/--algorithm/--preset")
     if opts.budget_tokens < 16:
         raise UsageError(f"--budget-tokens {opts.budget_tokens}: give 16 or more calibration tokens")
+    if not opts.budget_max_minutes > 0:
+        raise UsageError(f"--budget-max-minutes {opts.budget_max_minutes:g}: give a positive number of minutes")
     if opts.budget_eval_tokens < 64:
         raise UsageError(f"--budget-eval-tokens {opts.budget_eval_tokens}: give 64 or more evaluation tokens")
 
@@ -142,7 +144,7 @@ def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, o
     t0 = time.time()
     sens = Sensitivity(plan, opts.observer_precision, opts.budget_tokens, _log)
     units = budget.fused_units(plan)
-    options = sens.options(units, cache_home() / "budget")
+    options = sens.options(units, cache_home() / "budget", opts.budget_max_minutes)
     report = budget.BudgetReport(budget_pct=pct, source_bytes=plan.checkpoint.nbytes)
     limit = None  # calibration-KL nats the whole choice may cost; rescaled by what vLLM measures
     tries: list[Path] = []

@@ -77,9 +77,15 @@ class QuantizeOptions:
     )
     budget_tokens: int = opt(
         512,
-        "calibration tokens for --budget's per-layer sensitivity (its time grows with them: ~1 forward pass "
-        "per unit and candidate)",
+        "calibration tokens for --budget's per-layer sensitivity (its time grows with them: one pass per unit "
+        "and candidate, from the unit's layer to the LM head; the estimate is printed before it starts)",
         metavar="N",
+    )
+    budget_max_minutes: float = opt(
+        60.0,
+        "stop before --budget's per-layer sensitivity pass when its estimate exceeds this (a pass measured "
+        "before is reused from the cache at no cost)",
+        metavar="MIN",
     )
     budget_eval_tokens: int = opt(
         4096,  # = evaluate.NUM_TOKENS (not imported here: the library must not load the eval command)
