@@ -12,6 +12,7 @@ __all__ = [
     "KernelMissing",
     "MoeNeedsArm",
     "DtypeRefused",
+    "RayUnsupported",
 ]
 
 
@@ -56,6 +57,11 @@ class MoeNeedsArm(PreflightError):
 
 class DtypeRefused(PreflightError):
     """An explicit activation dtype that vLLM 0.32 runs wrongly (or crashes on) with this checkpoint here."""
+
+
+class RayUnsupported(PreflightError):
+    """`--distributed-executor-backend ray` (or `--data-parallel-backend ray`): vLLM 0.32's CPU platform has
+    no Ray device key, and v1/executor/ray_utils.py raises "current platform cpu does not support ray"."""
 
 
 class EnvironmentMissing(ArmInt4Error):
