@@ -105,16 +105,31 @@ def _cmd_serve(opts: ServeOptions) -> int:
 
     request = engine_request(opts, offline=False)
     model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
-    plan = launch.plan(
-        hardware.detect(probe_runtime=False),
-        launch.read_checkpoint(model_dir),
-        request,
-        can_bind=runner.can_set_affinity(),
-    )
+    machine, facts = hardware.detect(probe_runtime=False), launch.read_checkpoint(model_dir)
+    if opts.replicas is not None or opts.upstream:
+        from . import replicas
+
+        rs = replicas.plan_replicas(
+            machine,
+            facts,
+            request,
+            1 if opts.replicas is None else opts.replicas,
+            upstreams=tuple(opts.upstream or ()),
+            can_bind=runner.can_set_affinity(),
+        )
+        if opts.dry_run:
+            print(rs.format())
+            return 0
+        for port in (*rs.router.ports, *(s.port for s in rs.replicas)):
+            runner.check_port(rs.router.host if port in rs.router.ports else "127.0.0.1", port)
+        print(rs.format(), file=sys.stderr, flush=True)
+        return runner.serve_replicas(rs)
+    plan = launch.plan(machine, facts, request, can_bind=runner.can_set_affinity())
     if opts.dry_run:
         print(plan.format())
         return 0
-    runner.check_port(opts.host, opts.port)
+    if not plan.headless:  # a worker node listens on no HTTP port
+        runner.check_port(opts.host, opts.port)
     print(plan.format(), file=sys.stderr, flush=True)
     return runner.serve_foreground(plan)
 
@@ -394,7 +409,11 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 serve ./SmolLM2-135M-Instruct-w4a8dyn-mse-channelwise\n"
         "  arm-int4 serve default --dry-run                  # print the plan as a shell snippet\n"
         "  arm-int4 serve --port 8001 --kv-cache-gib 4 ./model -- --enforce-eager\n"
-        "  arm-int4 serve --profile graviton4.json ./model",
+        "  arm-int4 serve --profile graviton4.json ./model\n"
+        "  arm-int4 serve ./model --replicas 4 --dry-run      # 4 engines, one per CPU slice, behind vllm-router\n"
+        "  arm-int4 serve ./model --replicas 2 --upstream http://10.0.0.2:8000   # + an engine on another host\n"
+        "  arm-int4 serve ./model -- --data-parallel-size 2   # vLLM's own data parallel, one API server\n"
+        "  arm-int4 serve ./model -- -pp 2 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # node 0 of 2",
     ),
 }
 

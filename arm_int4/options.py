@@ -36,7 +36,7 @@ __all__ = [
 
 # The request surface: every command that starts vLLM takes these options (where they apply), and
 # engine_request() is the one place they become an EngineRequest.
-_REQUEST_FIELDS = ("ranks", "reserve", "kv_cache_gib", "max_model_len", "host", "port")
+_REQUEST_FIELDS = ("ranks", "reserve", "kv_cache_gib", "max_model_len", "cpus", "host", "port")
 
 
 @dataclass
@@ -128,6 +128,8 @@ class OptionsParser(argparse_dataclass.ArgumentParser):
                 kwargs["help"] += _describe_default(f)
             if "const" in f.metadata:
                 kwargs["const"] = f.metadata["const"]
+            if f.metadata.get("action") == "append":  # repeatable: None when never given
+                kwargs.update(action="append", default=None)
         return super().add_argument(*args, **kwargs)
 
 
@@ -197,7 +199,25 @@ class ServeOptions:
         "node); default: one per NUMA node (vLLM's --tensor-parallel-size)",
         metavar="N",
     )
-    dry_run: bool = opt(False, "print the plan as a shell snippet (export lines + command) and exit")
+    cpus: Optional[str] = opt(
+        None, "only these CPUs (a cpulist such as 0-15,32); with --replicas, split between them", metavar="LIST"
+    )
+    replicas: Optional[int] = opt(
+        None,
+        "N independent engines, each on its own slice of the CPUs and its NUMA node's memory, behind vllm-router "
+        "on --host/--port (engines on the next ports, 127.0.0.1 only)",
+        metavar="N",
+    )
+    upstream: Optional[List[str]] = opt(
+        None,
+        "a running engine elsewhere (base URL) that joins the router; repeatable; alone: a router only",
+        action="append",
+        type=str,
+        metavar="URL",
+    )
+    dry_run: bool = opt(
+        False, "print the plan as a shell snippet (export lines + command; every process's with --replicas) and exit"
+    )
 
 
 @dataclass
