@@ -454,6 +454,14 @@ def plan(
     per_engine = (tp or 1) * lay.pp if lay.distributed else placed.ranks  # max-num-seqs is per engine core
     mml, seqs, batched, block, limits_why = _limits(facts, request, sized, per_engine, kv_gib)
     eager, eager_why = _eager(request)
+    if lay.pp > 1 and (eager or request.vllm_kwargs.get("enforce_eager")):
+        # v1/worker/cpu_model_runner.py warming_up_model returns early in eager mode, so the later pipeline
+        # stages never allocate their intermediate-tensor buffer: AssertionError at the first request (seen here)
+        raise PreflightError(
+            f"--pipeline-parallel-size {lay.pp} with --enforce-eager: vLLM 0.32 on CPU fails the first request "
+            "(a later stage has no intermediate-tensor buffer without the compiled warm-up): drop --enforce-eager, "
+            "or use --tensor-parallel-size"
+        )
     engine = EngineArgs(dtype, tp or 1, mml, seqs, batched, block, eager)
     target = "VLLM_TARGET_DEVICE=cpu: picks vLLM's CPU platform even where a 'vllm' dist is also installed"
     decisions = [

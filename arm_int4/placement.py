@@ -204,7 +204,7 @@ def place(
     bind_lists = tuple(format_cpulist(c) for c in lists)
     env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind_lists)
     if tp is not None and tp != ranks:
-        scope = f"{ranks} workers (data/pipeline x {tp} tensor-parallel), each with its own CPUs"
+        scope = f"{ranks} worker(s) here of a data/pipeline x {tp}-way tensor-parallel engine, each with its own CPUs"
     elif ranks > len(per_node):
         # vLLM's own "auto" binding refuses this ("Not enough allowed NUMA nodes to bind threads of N
         # local CPUWorkers"); explicit per-rank lists work (tensor parallel on one socket).

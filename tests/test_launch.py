@@ -502,6 +502,7 @@ def test_each_node_of_a_multi_node_engine_gets_its_own_command(llama8b):
         (["-pp", "2", "--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2 is not below"),
         (["--node-rank", "1"], "without --nnodes"),
         (["-dp", "2", "--nnodes", "2", "--master-addr", "h"], "multi-node data parallel is not planned"),
+        (["-pp", "2", "--enforce-eager"], "with --enforce-eager: vLLM 0.32 on CPU fails the first request"),
     ):
         with pytest.raises(PreflightError, match=said):
             plan(m, llama8b, extra_args=words)
