@@ -105,7 +105,17 @@ def _cmd_serve(opts: ServeOptions) -> int:
 
     request = engine_request(opts, offline=False)
     model_dir = models.resolve(opts.model, progress=lambda m: print(m, file=sys.stderr))
-    machine, facts = hardware.detect(probe_runtime=False), launch.read_checkpoint(model_dir)
+    facts = launch.read_checkpoint(model_dir)
+    if opts.machine and not (opts.dry_run or opts.emit):
+        raise UsageError(f"--machine {opts.machine}: a recorded machine can only be planned for (--dry-run, --emit)")
+    machine = hardware.from_dump(opts.machine) if opts.machine else hardware.detect(probe_runtime=False)
+    if opts.emit:
+        from . import manifests, placement, replicas
+
+        count = opts.replicas or len(placement.cpu_sets(machine)) or 1  # one per NUMA node
+        rs = replicas.plan_replicas(machine, facts, request, count, upstreams=tuple(opts.upstream or ()))
+        print(manifests.render(opts.emit, rs, facts, machine.arch), end="")
+        return 0
     if opts.replicas is not None or opts.upstream:
         from . import replicas
 
@@ -413,7 +423,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 serve ./model --replicas 4 --dry-run      # 4 engines, one per CPU slice, behind vllm-router\n"
         "  arm-int4 serve ./model --replicas 2 --upstream http://10.0.0.2:8000   # + an engine on another host\n"
         "  arm-int4 serve ./model -- --data-parallel-size 2   # vLLM's own data parallel, one API server\n"
-        "  arm-int4 serve ./model -- -pp 2 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # node 0 of 2",
+        "  arm-int4 serve ./model -- -pp 2 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # node 0 of 2\n"
+        "  arm-int4 serve ./model --emit k8s --machine tests/fixtures/machines/graviton4 > model.yaml",
     ),
 }
 

@@ -11,7 +11,7 @@ from typing import List, Literal, Optional
 
 import argparse_dataclass
 
-from . import bench, evaluate, llamacpp, lmeval, tune  # light: their defaults only (no torch/vLLM at import)
+from . import bench, evaluate, llamacpp, lmeval, manifests, tune  # light: their defaults only (no torch/vLLM at import)
 from .fields import opt, positional, vllm_args
 from .quantize.options import QuantizeOptions
 from .request import EngineRequest
@@ -217,6 +217,19 @@ class ServeOptions:
     )
     dry_run: bool = opt(
         False, "print the plan as a shell snippet (export lines + command; every process's with --replicas) and exit"
+    )
+    emit: Optional[str] = opt(
+        None,
+        "print deployment files rendered from the plan and exit: k8s (a Deployment of one replica per NUMA node "
+        "unless --replicas, Guaranteed QoS, arm64 nodes, and a Service) or compose (replicas + vllm-router)",
+        choices=manifests.KINDS,
+        metavar="KIND",
+    )
+    machine: Optional[str] = opt(
+        None,
+        "plan for a recorded machine (a dump dir such as tests/fixtures/machines/graviton4) instead of this one; "
+        "with --dry-run or --emit",
+        metavar="DIR",
     )
 
 
