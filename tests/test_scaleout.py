@@ -234,3 +234,22 @@ def test_two_nodes_of_one_engine_over_loopback_match_a_single_engine(tiny_llama,
         _kill(nodes, trees)
     assert _port_free(port) and _port_free(master)
     print(f"\n2 nodes: ready in {ready:.0f} s, whole test {time.monotonic() - t0:.0f} s", file=sys.stderr)
+
+
+def test_node_and_dp_commands_parse_with_vllms_own_parser(tmp_path):
+    """Guards against vLLM renaming its flags: a headless node's and a DP engine's argv through vLLM's parser."""
+    from test_launch import machine, plan, write_checkpoint
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from arm_int4.launch import read_checkpoint
+
+    facts = read_checkpoint(write_checkpoint(tmp_path / "m", hidden=256, layers=2, heads=4, kv_heads=2, inter=512))
+    m = machine("graviton4", 64)
+    words = ["-pp", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29700"]
+    node = plan(m, facts, extra_args=words).to_server_argv()
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(list(node[2:]))
+    assert args.headless and (args.nnodes, args.node_rank, args.pipeline_parallel_size) == (2, 1, 2)
+    assert (args.master_addr, args.master_port) == ("10.0.0.1", 29700)
+    dp = plan(m, facts, extra_args=["--data-parallel-size", "2"]).to_server_argv()
+    assert make_arg_parser(FlexibleArgumentParser()).parse_args(list(dp[3:])).data_parallel_size == 2
