@@ -123,7 +123,7 @@ def _cmd_serve(opts: ServeOptions) -> int:
             machine,
             facts,
             request,
-            1 if opts.replicas is None else opts.replicas,
+            0 if opts.replicas is None else opts.replicas,  # --upstream alone: a router over them only
             upstreams=tuple(opts.upstream or ()),
             can_bind=runner.can_set_affinity(),
         )

@@ -84,6 +84,9 @@ def test_dry_run_prints_every_process(tmp_path):
     assert out.count("export VLLM_CPU_OMP_THREADS_BIND=") == 2 and out.count("--enforce-eager") == 2
     assert "# ---- replica 1 of 2: CPUs 0, http://127.0.0.1:8101" in out and "--port 8102" in out
     assert "-m vllm_router.launch_router" in out and "--worker-urls http://127.0.0.1:8101 http://127.0.0.1:8102" in out
+    alone = run_cli("serve", d, "--upstream", "http://10.0.0.2:8000", "--dry-run")
+    assert alone.returncode == 0 and "# ---- replica" not in alone.stdout
+    assert "--worker-urls http://10.0.0.2:8000 --policy" in alone.stdout.replace(" \\\n    ", " ")
     bad = run_cli("serve", d, "--replicas", "2", "--upstream", "nohost", "--dry-run")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
