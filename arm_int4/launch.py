@@ -1,9 +1,9 @@
 """Plan a vLLM CPU engine: `plan(machine, checkpoint, request) -> EngineSpec`.
 
 A command builds one `EngineRequest` from its options (arm_int4.request) and detects the `Machine`
-once; `plan` runs a short sequence of pure steps (refusals, dtype, placement, KV cache, limits), each
-returning its `Decision`s, and the `EngineSpec` holds the env, the typed engine arguments and those
-decisions. A spec renders one way per consumer: `to_server_argv()` for vLLM's OpenAI server,
+once; `plan` runs a short sequence of pure steps (refusals, parallel layout, dtype, placement, KV
+cache, limits), each returning its `Decision`s, and the `EngineSpec` holds the env, the typed engine
+arguments and those decisions. A spec renders one way per consumer: `to_server_argv()` for vLLM's OpenAI server,
 `to_llm_kwargs()` for offline engines (LLM(...)); nothing reads a rendered argv back.
 
 Pure: nothing here starts a process or imports vLLM/torch, so plans for recorded Arm machines
@@ -284,14 +284,15 @@ def _choose_dtype(machine: Machine, facts: CheckpointFacts, profile_dtype: Optio
     return "float32", (Decision("dtype", "float32", "rule", why),)
 
 
-def _placement(machine: Machine, facts: CheckpointFacts, request: EngineRequest, can_bind: bool, lay) -> Placement:
+def _placement(
+    machine: Machine, facts: CheckpointFacts, request: EngineRequest, can_bind: bool, lay: parallel.Layout
+) -> Placement:
     p = request.profile
     reserve = request.reserve if request.reserve is not None else p.reserve
+    ranks: Optional[int] = lay.tp  # None: the plan decides (one rank per NUMA node)
+    source, tp = lay.tp_source, None
     if lay.distributed:  # DP x PP x TP workers on this node, in vLLM's [DP, PP, TP] order of bind lists
-        ranks, source = lay.local_ranks(), "vllm args"
-    else:
-        ranks, source = lay.tp, lay.tp_source
-    tp = lay.tp if lay.distributed else None
+        ranks, source, tp = lay.local_ranks(), "vllm args", lay.tp
     return place(machine, facts, ranks=ranks, reserve=reserve, bind=p.bind, can_bind=can_bind, source=source, tp=tp)
 
 
