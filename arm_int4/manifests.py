@@ -13,6 +13,7 @@ Both are validated offline in tests (kubernetes-validate, check-jsonschema's bun
 cluster or Docker host ran them here. Pure: text out, nothing started.
 """
 
+import dataclasses
 import math
 import re
 
@@ -46,14 +47,10 @@ def replica_memory_gib(spec, facts: CheckpointFacts, arch: str) -> int:
 
 
 def _args(spec, model_path: str, host: str) -> list:
-    """The replica's server arguments (after the module), with the model path and host of the container."""
-    argv = list(spec.to_server_argv())
-    argv[argv.index("--model") + 1] = model_path
-    if "--host" in argv:
-        argv[argv.index("--host") + 1] = host
-    if "--port" in argv:
-        argv[argv.index("--port") + 1] = str(PORT)
-    return argv[3:]
+    """The replica's server arguments (after `python -m MODULE`) as the container runs them: the same spec
+    with the container's model path, host and port, rendered once."""
+    inside = dataclasses.replace(spec, model_dir=model_path, host=host, port=PORT)
+    return list(inside.to_server_argv()[3:])
 
 
 def kubernetes(rs: ReplicaSet, facts: CheckpointFacts, arch: str, image: str = IMAGE) -> list:
