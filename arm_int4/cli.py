@@ -109,9 +109,9 @@ def _cmd_serve(opts: ServeOptions) -> int:
     from . import hardware, hub, launch, models, runner
 
     request = engine_request(opts, offline=False)
-    if opts.machine_dump and not opts.dry_run:
+    if opts.machine_dump and not (opts.dry_run or opts.emit):
         raise UsageError(
-            f"--machine-dump {opts.machine_dump}: a recorded machine can only be planned for: add --dry-run"
+            f"--machine-dump {opts.machine_dump}: a recorded machine can only be planned for: add --dry-run or --emit"
         )
     machine = hardware.from_dump(opts.machine_dump) if opts.machine_dump else hardware.detect(probe_runtime=False)
     say = lambda m: print(m, file=sys.stderr)
@@ -121,6 +121,31 @@ def _cmd_serve(opts: ServeOptions) -> int:
     else:
         facts = launch.read_checkpoint(models.resolve(opts.model, progress=say))
     can_bind = True if opts.machine_dump else runner.can_set_affinity()  # a recorded machine: the target's own
+    if opts.emit:
+        from . import manifests, placement, replicas
+
+        count = opts.replicas or len(placement.cpu_sets(machine)) or 1  # one per NUMA node
+        rs = replicas.plan_replicas(machine, facts, request, count, upstreams=tuple(opts.upstream or ()))
+        print(manifests.render(opts.emit, rs, facts, machine.arch), end="")
+        return 0
+    if opts.replicas is not None or opts.upstream:
+        from . import replicas
+
+        rs = replicas.plan_replicas(
+            machine,
+            facts,
+            request,
+            0 if opts.replicas is None else opts.replicas,  # --upstream alone: a router over them only
+            upstreams=tuple(opts.upstream or ()),
+            can_bind=can_bind,
+        )
+        if opts.dry_run:
+            print(rs.format())
+            return 0
+        for port in (*rs.router.ports, *(s.port for s in rs.replicas)):
+            runner.check_port(rs.router.host if port in rs.router.ports else "127.0.0.1", port)
+        print(rs.format(), file=sys.stderr, flush=True)
+        return runner.serve_replicas(rs)
     plan = launch.plan(machine, facts, request, can_bind=can_bind)
     if opts.dry_run:
         if remote is not None:
@@ -129,7 +154,8 @@ def _cmd_serve(opts: ServeOptions) -> int:
         if remote is not None:
             hub.check_disk(remote.repo_id, [remote.download_need()])  # after the plan: one line if short
         return 0
-    runner.check_port(opts.host, opts.port)
+    if not plan.headless:  # a worker node listens on no HTTP port
+        runner.check_port(opts.host, opts.port)
     print(plan.format(), file=sys.stderr, flush=True)
     return runner.serve_foreground(plan)
 
@@ -412,7 +438,12 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 serve meta-llama/Llama-3.1-8B-Instruct --dry-run   # from config.json + index, no download\n"
         "  arm-int4 serve ORG/NAME --dry-run --machine-dump tests/fixtures/machines/graviton4   # plan for that box\n"
         "  arm-int4 serve --port 8001 --kv-cache-gib 4 ./model -- --enforce-eager\n"
-        "  arm-int4 serve --profile graviton4.json ./model",
+        "  arm-int4 serve --profile graviton4.json ./model\n"
+        "  arm-int4 serve ./model --replicas 4 --dry-run      # 4 engines, one per CPU slice, behind vllm-router\n"
+        "  arm-int4 serve ./model --replicas 2 --upstream http://10.0.0.2:8000   # + an engine on another host\n"
+        "  arm-int4 serve ./model -- --data-parallel-size 2   # vLLM's own data parallel, one API server\n"
+        "  arm-int4 serve ./model -- -pp 2 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # node 0 of 2\n"
+        "  arm-int4 serve ./model --emit k8s --machine-dump tests/fixtures/machines/graviton4 > model.yaml",
     ),
 }
 

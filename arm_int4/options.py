@@ -11,7 +11,7 @@ from typing import List, Literal, Optional
 
 import argparse_dataclass
 
-from . import bench, evaluate, llamacpp, lmeval, tune  # light: their defaults only (no torch/vLLM at import)
+from . import bench, evaluate, llamacpp, lmeval, manifests, tune  # light: their defaults only (no torch/vLLM at import)
 from .fields import opt, positional, vllm_args
 from .quantize.options import QuantizeOptions
 from .request import EngineRequest
@@ -36,7 +36,7 @@ __all__ = [
 
 # The request surface: every command that starts vLLM takes these options (where they apply), and
 # engine_request() is the one place they become an EngineRequest.
-_REQUEST_FIELDS = ("ranks", "reserve", "kv_cache_gib", "max_model_len", "host", "port")
+_REQUEST_FIELDS = ("ranks", "reserve", "kv_cache_gib", "max_model_len", "cpus", "host", "port")
 
 
 @dataclass
@@ -128,6 +128,8 @@ class OptionsParser(argparse_dataclass.ArgumentParser):
                 kwargs["help"] += _describe_default(f)
             if "const" in f.metadata:
                 kwargs["const"] = f.metadata["const"]
+            if f.metadata.get("action") == "append":  # repeatable: None when never given
+                kwargs.update(action="append", default=None)
         return super().add_argument(*args, **kwargs)
 
 
@@ -197,14 +199,38 @@ class ServeOptions:
         "node); default: one per NUMA node (vLLM's --tensor-parallel-size)",
         metavar="N",
     )
+    cpus: Optional[str] = opt(
+        None, "only these CPUs (a cpulist such as 0-15,32); with --replicas, split between them", metavar="LIST"
+    )
+    replicas: Optional[int] = opt(
+        None,
+        "N independent engines, each on its own slice of the CPUs and its NUMA node's memory, behind vllm-router "
+        "on --host/--port (engines on the next ports, 127.0.0.1 only)",
+        metavar="N",
+    )
+    upstream: Optional[List[str]] = opt(
+        None,
+        "a running engine elsewhere (base URL) that joins the router; repeatable; alone: a router only",
+        action="append",
+        type=str,
+        metavar="URL",
+    )
     dry_run: bool = opt(
         False,
-        "print the plan as a shell snippet (export lines + command) and exit; a hub id is planned from its "
-        "config.json and safetensors index, no weights downloaded (exit 1 if the download would not fit the disk)",
+        "print the plan as a shell snippet (export lines + command; every process's with --replicas) and exit; a "
+        "hub id is planned from its config.json and safetensors index, no weights downloaded (exit 1 if the "
+        "download would not fit the disk)",
+    )
+    emit: Optional[str] = opt(
+        None,
+        "print deployment files rendered from the plan and exit: k8s (a Deployment of one replica per NUMA node "
+        "unless --replicas, Guaranteed QoS, arm64 nodes, and a Service) or compose (replicas + vllm-router)",
+        choices=manifests.KINDS,
+        metavar="KIND",
     )
     machine_dump: Optional[str] = opt(
         None,
-        "plan for a recorded machine instead of this one (only with --dry-run): a folder holding cpuinfo or "
+        "plan for a recorded machine instead of this one (with --dry-run or --emit): a folder holding cpuinfo or "
         "lscpu.txt, and meminfo for its memory (tests/fixtures/machines has some)",
         metavar="DIR",
     )

@@ -6,6 +6,7 @@ utils/ompmultiprocessing.py) and sets OMP_NUM_THREADS per worker from each list'
 "auto" binding gives one rank per NUMA node and refuses more ("Not enough allowed NUMA nodes").
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,7 +15,7 @@ from .errors import HeadsDoNotSplit, PreflightError
 from .hardware import Machine, format_cpulist, parse_cpulist
 from .request import Decision
 
-__all__ = ["cpu_sets", "heads_split", "rank_lists", "place", "Placement"]
+__all__ = ["cpu_sets", "heads_split", "rank_lists", "place", "restrict", "Placement"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,34 @@ def cpu_sets(machine: Machine) -> list:
             allowed = set(parse_cpulist(limit))
             nodes = [n & allowed for n in nodes] if nodes else [allowed]
     return [sorted(n) for n in nodes if n]
+
+
+def restrict(machine: Machine, cpus: str, share: int = 1) -> Machine:
+    """The machine as one engine of several sees it: only `cpus` (a cpulist, within the usable ones), and
+    1/`share` of the memory of the NUMA node(s) those CPUs are on and of the CPU quota, so that engines
+    sharing a node each size their KV cache from their own part (serve --replicas, --cpus).
+    PreflightError when none of `cpus` is usable here."""
+    usable = {c for n in cpu_sets(machine) for c in n}
+    want = set(parse_cpulist(cpus))
+    mine = sorted(want & usable) if usable else sorted(want)
+    if not mine:
+        raise PreflightError(
+            f"--cpus {cpus}: none of them is usable here (usable: {format_cpulist(sorted(usable)) or 'unknown'})"
+        )
+    node_of = {cpu: node for node, cs in machine.numa_nodes for cpu in parse_cpulist(cs)}
+    nodes = {node_of[c] for c in mine if c in node_of}
+    node_memory = machine.node_memory
+    if node_memory and share > 1:
+        node_memory = tuple((n, t, a // share if n in nodes else a) for n, t, a in node_memory)
+    return dataclasses.replace(
+        machine,
+        affinity=format_cpulist(mine),
+        mem_available_bytes=machine.mem_available_bytes // share if machine.mem_available_bytes else None,
+        node_memory=node_memory,
+        cgroup_cpu_quota=machine.cgroup_cpu_quota / share if machine.cgroup_cpu_quota else None,
+        cgroup_mem_limit=machine.cgroup_mem_limit // share if machine.cgroup_mem_limit else None,
+        cgroup_mem_usage=machine.cgroup_mem_usage // share if machine.cgroup_mem_usage else None,
+    )
 
 
 def heads_split(facts: CheckpointFacts, ranks: int) -> bool:
@@ -77,10 +106,12 @@ def place(
     bind: Optional[str],
     can_bind: bool,
     source: str = "rule",
+    tp: Optional[int] = None,
 ) -> Placement:
     """The placement for `ranks` (None: one per NUMA node) with `reserve` CPUs kept out (None: vLLM's
     one per rank), `bind` "auto"/"nobind" (the profile's) or None (the plan binds). `source` says
-    where the rank count came from, for the decisions."""
+    where the rank count came from, for the decisions. tp: the tensor-parallel size when `ranks` counts
+    data/pipeline-parallel workers too (the heads must split over tp only); None: ranks are all TP."""
     env: dict = {}
     why: list = []
     ranks_wanted, bind_mode = ranks, bind
@@ -143,9 +174,10 @@ def place(
         )
         return Placement(ranks_wanted or 1, (), None, env, said("auto"))
     ranks = len(per_node) if ranks_wanted is None else ranks_wanted
-    if ranks > 1 and not heads_split(facts, ranks):
+    split = tp or ranks
+    if split > 1 and not heads_split(facts, split):
         if ranks_wanted:
-            raise HeadsDoNotSplit(facts.name, facts.num_heads, facts.num_kv_heads, ranks)
+            raise HeadsDoNotSplit(facts.name, facts.num_heads, facts.num_kv_heads, split)
         why.append(f"{facts.num_heads} attention heads do not split over {ranks} ranks: one rank spans all nodes")
         ranks = 1
     lists = rank_lists(per_node, ranks)
@@ -171,7 +203,9 @@ def place(
     lists = [c[: len(c) - k] if k else c for c, k in zip(lists, per_rank, strict=False)]
     bind_lists = tuple(format_cpulist(c) for c in lists)
     env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(bind_lists)
-    if ranks > len(per_node):
+    if tp is not None and tp != ranks:
+        scope = f"{ranks} worker(s) here of a data/pipeline x {tp}-way tensor-parallel engine, each with its own CPUs"
+    elif ranks > len(per_node):
         # vLLM's own "auto" binding refuses this ("Not enough allowed NUMA nodes to bind threads of N
         # local CPUWorkers"); explicit per-rank lists work (tensor parallel on one socket).
         scope = f"{ranks} tensor-parallel ranks on {len(per_node)} NUMA node(s), each with its own CPUs"

@@ -23,7 +23,15 @@ __all__ = ["Profile", "EngineRequest", "Decision", "parse_vllm_args", "SERVER_ON
 
 # vLLM server arguments an offline engine (LLM(...)) does not take: dropped from its keyword arguments.
 SERVER_ONLY = ("model", "host", "port", "served_model_name")
-_ALIASES = {"tp": "tensor_parallel_size"}  # vLLM's short spellings (engine/arg_utils.py)
+# vLLM's short spellings (engine/arg_utils.py)
+_ALIASES = {
+    "tp": "tensor_parallel_size",
+    "pp": "pipeline_parallel_size",
+    "dp": "data_parallel_size",
+    "dpl": "data_parallel_size_local",
+    "n": "nnodes",
+    "r": "node_rank",
+}
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,7 @@ class EngineRequest:
     max_num_batched_tokens: Optional[int] = None
     dtype: Optional[str] = None  # explicit: the plan's dtype guards refuse what would break
     enforce_eager: Optional[bool] = None
+    cpus: Optional[str] = None  # a cpulist: place the engine on these CPUs only (within the usable ones)
     host: str = "127.0.0.1"  # the server's; offline engines have none
     port: int = 8000
     vllm_args: tuple = ()  # opaque: last on the server's command line, unchanged
@@ -151,6 +160,8 @@ class EngineRequest:
             raise UsageError(f"--ranks {self.ranks} is out of range: use 1 or more tensor-parallel ranks")
         if self.dtype is not None and self.dtype not in FLOAT_BYTES:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of auto, {', '.join(FLOAT_BYTES)}")
+        if self.cpus is not None and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.cpus):
+            raise UsageError(f"--cpus {self.cpus!r} is not a CPU list: write it as 0-3,8 (ids, ranges, commas)")
         tp = self.vllm_kwargs.get("tensor_parallel_size")
         if tp is not None and (type(tp) is not int or tp < 1):
             raise UsageError(f"--tensor-parallel-size {tp!r} is not a whole number")

@@ -37,6 +37,7 @@ import psutil
 from . import workers
 from .errors import PreflightError, RunError, UsageError
 from .launch import EngineSpec
+from .replicas import ReplicaSet, RouterSpec
 
 __all__ = [
     "ENGINE_WORKERS",
@@ -46,6 +47,8 @@ __all__ = [
     "run_worker",
     "Server",
     "serve_foreground",
+    "serve_replicas",
+    "http_post",
     "check_port",
     "can_set_affinity",
     "process_env",
@@ -93,7 +96,7 @@ def can_set_affinity() -> bool:
     return True
 
 
-def process_env(plan: EngineSpec, base: Optional[dict] = None) -> dict:
+def process_env(plan: "EngineSpec | RouterSpec", base: Optional[dict] = None) -> dict:
     """The caller's environment with the plan's on top; an existing LD_PRELOAD is kept after ours."""
     env = dict(os.environ if base is None else base)
     for k, v in plan.env.items():
@@ -178,6 +181,17 @@ def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple:
         conn.close()
 
 
+def http_post(host: str, port: int, path: str, timeout: float = 5.0) -> tuple:
+    """(status, body) of an empty POST (the router's admin calls)."""
+    conn = http.client.HTTPConnection(_probe_host(host), port, timeout=timeout)
+    try:
+        conn.request("POST", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def _term_with_parent() -> None:
     """In the child before exec: SIGTERM it if we die, even by SIGKILL (Linux PR_SET_PDEATHSIG).
     The kernel ties this to the thread that forked: start servers from a long-lived thread."""
@@ -190,12 +204,18 @@ def _term_with_parent() -> None:
 
 
 class Server:
-    """One vLLM server process group. `with Server(plan, log=path) as s: s.wait_ready()`.
+    """One server process group: vLLM's OpenAI server from an EngineSpec, or vllm-router from a RouterSpec.
+    `with Server(plan, log=path) as s: s.wait_ready()`.
 
     log: a file path for stdout+stderr (bench), or None to inherit ours (serve)."""
 
     def __init__(
-        self, plan: EngineSpec, *, log: Optional[str] = None, env: Optional[dict] = None, reap_grace: float = 5.0
+        self,
+        plan: "EngineSpec | RouterSpec",
+        *,
+        log: Optional[str] = None,
+        env: Optional[dict] = None,
+        reap_grace: float = 5.0,
     ):
         self.plan, self.log = plan, log
         self.proc: Optional[subprocess.Popen] = None
@@ -232,9 +252,14 @@ class Server:
             raise RunError(f"cannot start {self.plan.python}: {exc.strerror}") from None
         return self
 
+    @property
+    def what(self) -> str:
+        return "vllm-router" if isinstance(self.plan, RouterSpec) else "vLLM"
+
     def ready(self) -> bool:
+        path = self.plan.health_path if isinstance(self.plan, RouterSpec) else "/health"
         try:
-            return http_get(self.plan.host, self.plan.port, "/health")[0] == 200
+            return http_get(self.plan.host, self.plan.port, path)[0] == 200
         except OSError:
             return False
 
@@ -244,7 +269,7 @@ class Server:
         while True:
             rc = self.process.poll()
             if rc is not None:
-                raise RunError(f"vLLM exited with code {rc} before it was ready{self._log_hint()}")
+                raise RunError(f"{self.what} exited with code {rc} before it was ready{self._log_hint()}")
             if self.ready():
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
@@ -447,6 +472,14 @@ def serve_foreground(plan: EngineSpec, *, ready_timeout: Optional[float] = None,
     try:
         server.start()
         t0, announced = time.monotonic(), False
+        if plan.headless:  # a node of rank > 0: workers only, no HTTP server to ask
+            announced = True
+            print(
+                f"arm-int4 serve: started as a worker node (pid {server.pid}): node 0's server answers once every "
+                "node has joined; Ctrl-C stops this node",
+                file=out,
+                flush=True,
+            )
         while server.process.poll() is None:
             if not announced and not got and server.ready():
                 announced = True
@@ -470,3 +503,125 @@ def serve_foreground(plan: EngineSpec, *, ready_timeout: Optional[float] = None,
     if rc:
         raise RunError(f"vLLM exited with code {rc} (its log is above)")
     return 0
+
+
+def _stop_all(servers: list) -> None:
+    """SIGTERM every server at once, then wait for each (Server.stop: grace, then SIGKILL its group)."""
+    for s in servers:
+        s.send_signal(signal.SIGTERM)
+    for s in servers:
+        s.stop()
+
+
+def _worker_health(router: RouterSpec) -> dict:
+    """{worker url: healthy} as the router sees it (GET /workers); {} when it does not answer."""
+    try:
+        status, body = http_get(router.host, router.port, "/workers")
+        return {w["url"]: bool(w["is_healthy"]) for w in json.loads(body)["workers"]} if status == 200 else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def serve_replicas(rs: ReplicaSet, *, ready_timeout: float = 900.0, out=None, poll: float = 0.5) -> int:
+    """Run a replica set until SIGINT/SIGTERM: every replica in its own process group, each ready (/health)
+    before vllm-router starts in front of them. A replica that exits is reported in one line, its group
+    reaped, and it is removed from the router (the others keep serving); a remote engine the router marks
+    unhealthy (or healthy again) is reported in one line. A signal stops the router and every replica
+    (a second one kills them); nothing is left behind. Returns 128+signal; RunError when a replica fails
+    before it is ready, the router exits, or no engine is left."""
+    out = out or sys.stderr
+    say = lambda m: print(f"arm-int4 serve: {m}", file=out, flush=True)
+    n = len(rs.replicas)
+    replicas = [Server(spec) for spec in rs.replicas]
+    router = Server(rs.router)
+    everyone = [router, *replicas]
+    got: list = []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        if len(got) == 1:
+            say(f"{signal.Signals(signum).name}: stopping vllm-router and {n} replica(s) (again to kill)")
+            for s in everyone:
+                s.send_signal(signum)
+        else:
+            for s in everyone:
+                if s.pid is not None:
+                    try:
+                        os.killpg(s.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    def name(k: int) -> str:
+        return f"replica {k + 1} of {n} ({rs.replicas[k].base_url}, CPUs {rs.cpus[k]})"
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        t0 = time.monotonic()
+        for s in replicas:
+            s.start()
+        pending = set(range(n))
+        while pending and not got:
+            for k in sorted(pending):
+                rc = replicas[k].process.poll()
+                if rc is not None:
+                    raise RunError(f"{name(k)} exited with code {rc} before it was ready (its log is above)")
+                if replicas[k].ready():
+                    pending.discard(k)
+                    say(f"{name(k)} ready in {time.monotonic() - t0:.0f} s")
+            if pending and time.monotonic() - t0 > ready_timeout:
+                raise RunError(f"{name(min(pending))} was not ready after {ready_timeout:.0f} s")
+            time.sleep(poll)
+        if not got:
+            router.start()
+        while not got and not router.ready():
+            rc = router.process.poll()
+            if rc is not None:
+                raise RunError(f"vllm-router exited with code {rc} before it was ready (its log is above)")
+            if time.monotonic() - t0 > ready_timeout:
+                raise RunError(f"vllm-router was not ready after {ready_timeout:.0f} s: are the --upstream URLs up?")
+            time.sleep(poll)
+        if not got:
+            model = repr(rs.replicas[0].served_model_name) if n else "of the upstreams"
+            remote = f" and {len(rs.upstreams)} remote engine(s)" if rs.upstreams else ""
+            say(
+                f"ready in {time.monotonic() - t0:.0f} s: {rs.router.base_url}/v1 (model {model}) through "
+                f"vllm-router over {n} replica(s){remote}; Ctrl-C stops all"
+            )
+        alive, seen, checked = set(range(n)), {u: True for u in rs.upstreams}, time.monotonic()
+        while not got:
+            rc = router.process.poll()
+            if rc is not None:
+                raise RunError(f"vllm-router exited with code {rc} (its log is above): stopping the replicas")
+            for k in sorted(alive):
+                rc = replicas[k].process.poll()
+                if rc is None:
+                    continue
+                alive.discard(k)
+                url = rs.replicas[k].base_url
+                try:
+                    removed = http_post(rs.router.host, rs.router.port, f"/remove_worker?url={url}")[0] == 200
+                except OSError:
+                    removed = False
+                left = f"{len(alive)} local replica(s)" + (f" and {len(rs.upstreams)} remote" if rs.upstreams else "")
+                say(
+                    f"{name(k)} exited with code {rc}: "
+                    + ("removed from the router" if removed else "the router drops it after its health checks")
+                    + f"; {left} serve on"
+                )
+                replicas[k].stop()  # its engine core and workers go with it
+            if not alive and not rs.upstreams and n:
+                raise RunError("every replica has exited: stopping vllm-router")
+            if rs.upstreams and time.monotonic() - checked > 5:
+                checked = time.monotonic()
+                health = _worker_health(rs.router)
+                for u in rs.upstreams:
+                    now = health.get(u.rstrip("/"), seen[u])
+                    if now != seen[u]:
+                        seen[u] = now
+                        say(f"remote engine {u} is {'healthy again' if now else 'unhealthy: the router skips it'}")
+            time.sleep(poll)
+    finally:
+        _stop_all(everyone)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return 128 + got[0]

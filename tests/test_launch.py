@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from arm_int4 import cli, hardware, launch
-from arm_int4.errors import PreflightError, UsageError
+from arm_int4.errors import PreflightError, RayUnsupported, UsageError
 from arm_int4.hardware import parse_cpulist
 from arm_int4.launch import EngineRequest, GiB, Profile, read_checkpoint
 
@@ -457,19 +457,65 @@ def test_four_ranks_on_two_nodes_split_each_node(llama8b):
     assert p.bind_lists == ("0-39", "40-79", "80-119", "120-159")
 
 
-def test_multi_host_pipeline_parallel_is_passed_to_vllm(llama8b):
-    """docs/serve.md: across hosts, vLLM's pipeline parallel over Ray; the plan binds the local ranks."""
-    p = plan(
-        machine("graviton4", 256),
-        llama8b,
-        ranks=2,
-        extra_args=["--pipeline-parallel-size", "2", "--distributed-executor-backend", "ray"],
-    )
-    a = p.to_server_argv()
-    assert (
-        a[a.index("--pipeline-parallel-size") + 1] == "2" and a[a.index("--distributed-executor-backend") + 1] == "ray"
-    )
-    assert a[a.index("--tensor-parallel-size") + 1] == "2" and p.bind_lists == ("0-30", "32-62")
+def test_ray_is_refused_in_one_typed_line(llama8b):
+    """vLLM 0.32's CPU platform has no Ray device key: ray_utils.py raises "current platform cpu does not
+    support ray" after the engine has begun to start. The plan refuses it first, in one line."""
+    for flag in ("--distributed-executor-backend", "--data-parallel-backend"):
+        with pytest.raises(RayUnsupported) as e:
+            plan(machine("graviton4", 256), llama8b, ranks=2, extra_args=["--pipeline-parallel-size", "2", flag, "ray"])
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{flag} ray: vLLM 0.32 on CPU refuses Ray")
+
+
+def test_data_parallel_binds_each_rank_and_sizes_kv_for_every_copy(llama8b):
+    """--data-parallel-size N: vLLM reads the bind lists in [DP, PP, TP] order (ompmultiprocessing.py); every
+    DP engine loads the whole model, so the KV budget counts N copies of the weights."""
+    m = machine("ampere-altra", 256)
+    p = plan(m, llama8b, extra_args=["--data-parallel-size", "2"])
+    assert p.bind_lists == ("0-78", "80-158") and p.engine.tensor_parallel_size == 1
+    argv = p.to_server_argv()
+    assert "--tensor-parallel-size" not in argv and argv[-2:] == ("--data-parallel-size", "2")
+    tp2 = plan(m, llama8b, ranks=2)  # the same two ranks as one TP engine: one copy of the weights
+    assert p.kv_cache_gib < tp2.kv_cache_gib
+    four = plan(m, llama8b, ranks=2, extra_args=["-dp", "2"])  # DP 2 x TP 2: four lists, DP-major
+    assert four.bind_lists == ("0-38", "40-78", "80-118", "120-158") and four.engine.tensor_parallel_size == 2
+    with pytest.raises(PreflightError, match="4 ranks do not fit 2 usable CPUs"):
+        plan(machine("x86-amd-epyc-this-box", 20), llama8b, extra_args=["-dp", "4"])
+
+
+def test_each_node_of_a_multi_node_engine_gets_its_own_command(llama8b):
+    """--nnodes/--node-rank/--master-addr (vLLM's mp executor): node 0 runs the API server, the others vLLM's
+    `serve --headless` through HEADLESS_ENTRY; each binds only its own ranks (world / nodes)."""
+    m = machine("graviton4", 256)
+    words = ["--pipeline-parallel-size", "2", "--nnodes", "2", "--master-addr", "10.0.0.1", "--master-port", "29700"]
+    head = plan(m, llama8b, ranks=2, extra_args=[*words, "--node-rank", "0"])
+    other = plan(m, llama8b, ranks=2, extra_args=[*words, "--node-rank", "1"])
+    assert head.bind_lists == other.bind_lists == ("0-30", "32-62")  # TP 2 on each node
+    assert head.to_server_argv()[1:3] == ("-m", launch.SERVER_MODULE) and "--headless" not in head.to_server_argv()
+    argv = other.to_server_argv()
+    assert argv[1] == str(launch.HEADLESS_ENTRY) and argv[4] == "--headless" and "--port" not in argv
+    assert head.env["VLLM_HOST_IP"] == "10.0.0.1" and "VLLM_HOST_IP" not in other.env  # vLLM finds node 1's own
+    loop = plan(m, llama8b, extra_args=["-pp", "2", "-n", "2", "-r", "1", "--master-addr", "127.0.0.1"])
+    assert loop.env["VLLM_HOST_IP"] == "127.0.0.1" and loop.bind_lists == ("0-62",)  # one PP stage here
+    for words, said in (
+        (["-pp", "2", "--nnodes", "2"], "needs --master-addr"),
+        (["-pp", "3", "--nnodes", "2", "--master-addr", "h"], "does not divide the 3 workers"),
+        (["-pp", "2", "--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2 is not below"),
+        (["--node-rank", "1"], "without --nnodes"),
+        (["-dp", "2", "--nnodes", "2", "--master-addr", "h"], "multi-node data parallel is not planned"),
+        (["-pp", "2", "--enforce-eager"], "with --enforce-eager: vLLM 0.32 on CPU fails the first request"),
+    ):
+        with pytest.raises(PreflightError, match=said):
+            plan(m, llama8b, extra_args=words)
+
+
+def test_cpus_restricts_the_engine_to_a_slice(llama8b):
+    m = machine("ampere-altra", 256)
+    p = plan(m, llama8b, cpus="80-119", reserve=0)
+    assert p.bind_lists == ("80-119",) and p.ranks == 1
+    with pytest.raises(PreflightError, match="--cpus 999: none of them is usable"):
+        plan(m, llama8b, cpus="999")
+    with pytest.raises(UsageError, match="is not a CPU list"):
+        plan(m, llama8b, cpus="0-a")
 
 
 def test_explicit_half_precision_is_refused_where_the_bias_guard_applies(tmp_path):

@@ -97,7 +97,8 @@ def test_no_function_parses_a_vllm_argv_back():
     assert _calls("parse_vllm_args") == {"request.py"}  # in EngineRequest.build
     assert _calls("build") == {"options.py"}  # options.engine_request, the command's edge
     # a server argv goes to the process that runs it (and to `serve --dry-run`'s snippet), nowhere else
-    assert _calls("to_server_argv") == {"runner.py", "launch.py"}
+    # replicas: the router's own; manifests: the container's command (the spec with the container's paths)
+    assert _calls("to_server_argv") == {"runner.py", "launch.py", "replicas.py", "manifests.py"}
     source = "\n".join(p.read_text(encoding="utf-8") for p in PKG.rglob("*.py"))
     for gone in ("def engine_kwargs", "def _extra_flags", "engine_plan(", "plan_for("):
         assert gone not in source

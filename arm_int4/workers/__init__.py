@@ -13,6 +13,9 @@ rewrite it while it runs, to report progress); `{"ok": true, ...}` or `{"ok": fa
 | lmeval_worker.py | serving env, lm-eval's vLLM backend | arm_int4.lmeval (eval tasks) |
 | llmc_worker.py | quantization env, llmcompressor | arm_int4.quantize.llmc |
 | llamacpp_worker.py | llama.cpp env | arm_int4.llamacpp (bench --vs-llamacpp) |
+
+serve_headless.py is not a job worker: it is the command of a multi-node engine's node of rank > 0
+(launch.HEADLESS_ENTRY, vLLM's own server arguments), run as a server by runner.Server.
 """
 
 from pathlib import Path
