@@ -24,11 +24,15 @@ any other machine, so Arm keeps Dynamic4bitLinearKernel with KleidiAI. Layers th
 names both kernels (arm_int4.kernels reads it).
 """
 
+import importlib.metadata
+import os
 import platform
 
-__all__ = ["KERNEL_NAME", "PREFILL_ROWS", "register", "quantize_rows"]
+from arm_int4.kernels import X86_W4A8_KERNEL as KERNEL_NAME
 
-KERNEL_NAME = "X86W4A8LinearKernel"
+__all__ = ["KERNEL_NAME", "ENTRY_POINT", "PREFILL_ROWS", "register", "plugin_active", "quantize_rows", "kernel_class"]
+
+ENTRY_POINT = "arm_int4_x86_w4a8"  # its name in pyproject.toml's vllm.general_plugins table
 # Rows at which groupwise switches from the int4-packed GEMV-like kernel to dequantize + bf16 GEMM.
 # Measured on a 2-core EPYC (AVX-512 BF16), 576×3072 and 1024×4096 g32: int4pack 11 ms vs
 # dequantize + GEMM 1.7 ms at M=128, 0.05 vs 0.3 ms (the dequantization alone) at M=1.
@@ -185,3 +189,19 @@ def register() -> None:
     cpu = _POSSIBLE_KERNELS.setdefault(PlatformEnum.CPU, [])
     if not any(k.__name__ == KERNEL_NAME for k in cpu):
         cpu.insert(0, cls)
+
+
+def plugin_active(arch: str, env=None) -> bool:
+    """Whether vLLM started in this environment would put X86W4A8LinearKernel first: x86_64, the entry
+    point installed (an environment installed before it existed lacks it: scripts/setup.sh
+    reinstalls), not filtered out by VLLM_PLUGINS, not disabled by VLLM_DISABLED_KERNELS."""
+    env = os.environ if env is None else env
+    if arch != "x86_64":
+        return False
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    if not any(ep.name == ENTRY_POINT and ep.value.startswith(f"{__name__}:") for ep in eps):
+        return False
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None and ENTRY_POINT not in [p.strip() for p in allowed.split(",")]:
+        return False
+    return KERNEL_NAME not in [k.strip() for k in env.get("VLLM_DISABLED_KERNELS", "").split(",")]
