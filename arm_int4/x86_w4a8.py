@@ -30,7 +30,17 @@ import platform
 
 from arm_int4.kernels import X86_W4A8_KERNEL as KERNEL_NAME
 
-__all__ = ["KERNEL_NAME", "ENTRY_POINT", "PREFILL_ROWS", "register", "plugin_active", "quantize_rows", "kernel_class"]
+__all__ = [
+    "KERNEL_NAME",
+    "ENTRY_POINT",
+    "PREFILL_ROWS",
+    "register",
+    "plugin_active",
+    "quantize_rows",
+    "linear_channelwise",
+    "linear_groupwise",
+    "kernel_class",
+]
 
 ENTRY_POINT = "arm_int4_x86_w4a8"  # its name in pyproject.toml's vllm.general_plugins table
 # Rows at which groupwise switches from the int4-packed GEMV-like kernel to dequantize + bf16 GEMM.
@@ -71,6 +81,79 @@ def _truncate_bf16(t):
     return (t.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
 
 
+def linear_channelwise(x, wt, colsum, scale, bias):
+    """x [M, K] float; wt int8 [K, N]; colsum int32 [N] (= wt.sum(0)); scale fp32 [N]; bias [N] or None.
+    Exact int32 sums, then the reference's fp32 steps; bf16 output truncated as its bf16 kernel does."""
+    import torch
+
+    q, zp, recip = quantize_rows(x)
+    acc = torch._int_mm(q, wt) - zp * colsum  # int32 [M, N]: Σ (q − zp)·w, exact
+    res = acc.float() * scale * recip
+    if bias is not None:
+        res = res + bias.float()
+    return _truncate_bf16(res) if x.dtype == torch.bfloat16 else res.to(x.dtype)
+
+
+def linear_groupwise(x, packed, scale_zeros, w_groups, group_scale, bias):
+    """x [M, K] float; packed: torch's int4-packed weight; scale_zeros bf16 [K/g, N, 2]; w_groups int8
+    [N, K/g, g]; group_scale bf16 [N, K/g, 1]; bias [N] or None."""
+    import torch
+
+    n, groups, g = w_groups.shape
+    q, zp, recip = quantize_rows(x)
+    a = (q.to(torch.int32) - zp).to(torch.bfloat16)  # exact: |q − zp| ≤ 255
+    if x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, g, scale_zeros)
+    elif x.dtype == torch.bfloat16:  # prefill: dequantize once per call (N·K), one bf16 GEMM over M rows
+        y = torch.nn.functional.linear(a, (w_groups * group_scale).view(n, groups * g))
+    else:  # float32/float16 models: fp32 weights (w · s is exact in fp32), fp32 GEMM
+        y = torch.nn.functional.linear(a.float(), (w_groups * group_scale.float()).view(n, groups * g))
+    res = y.float() * recip
+    if bias is not None:
+        res = res + bias.float()
+    return res.to(x.dtype)
+
+
+_ops = None
+
+
+def _custom_ops():
+    """The two linears as torch custom ops (arm_int4::w4a8_channelwise, arm_int4::w4a8_groupwise):
+    opaque to torch.compile, so vLLM's compiled graphs keep the row-count branch a runtime decision
+    and the reference's exact rounding steps are not rewritten by the compiler."""
+    global _ops
+    if _ops is None:
+        import torch
+
+        @torch.library.custom_op("arm_int4::w4a8_channelwise", mutates_args=())
+        def channelwise(
+            x: torch.Tensor, wt: torch.Tensor, colsum: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+        ) -> torch.Tensor:
+            return linear_channelwise(x, wt, colsum, scale, bias)
+
+        @channelwise.register_fake
+        def _(x, wt, colsum, scale, bias):
+            return x.new_empty((x.shape[0], wt.shape[1]))
+
+        @torch.library.custom_op("arm_int4::w4a8_groupwise", mutates_args=())
+        def groupwise(
+            x: torch.Tensor,
+            packed: torch.Tensor,
+            scale_zeros: torch.Tensor,
+            w_groups: torch.Tensor,
+            group_scale: torch.Tensor,
+            bias: torch.Tensor | None,
+        ) -> torch.Tensor:
+            return linear_groupwise(x, packed, scale_zeros, w_groups, group_scale, bias)
+
+        @groupwise.register_fake
+        def _(x, packed, scale_zeros, w_groups, group_scale, bias):
+            return x.new_empty((x.shape[0], w_groups.shape[0]))
+
+        _ops = (channelwise, groupwise)
+    return _ops
+
+
 def _kernel_class():
     import torch
     from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
@@ -81,8 +164,13 @@ def _kernel_class():
     from vllm.platforms import current_platform
     from vllm.scalar_type import scalar_types
 
+    channelwise_op, groupwise_op = _custom_ops()
+
     def _param(layer, name, t):
         replace_parameter(layer, name, torch.nn.Parameter(t, requires_grad=False))
+
+    def _new(layer, name, t):
+        layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
 
     class X86W4A8LinearKernel(MPLinearKernel):
         """W4A8 (int4 symmetric weights per channel or group, int8 dynamic per-token activations) on x86."""
@@ -115,52 +203,36 @@ def _kernel_class():
             if c.group_size == k:
                 wt = w.t().contiguous()  # int8 [K, N], what _int_mm takes
                 _param(layer, self.w_q_name, wt)
-                layer.x86_colsum = wt.sum(0, dtype=torch.int32)  # [N]: zero-point correction
-                layer.x86_scale = scales.float().view(-1).contiguous()  # [N]
+                _new(layer, "x86_colsum", wt.sum(0, dtype=torch.int32))  # [N]: zero-point correction
+                _new(layer, "x86_scale", scales.float().view(-1).contiguous())  # [N]
             else:
                 g = c.group_size
                 # the reference keeps group scales in bf16 (KleidiAI's groupwise layout), whatever the model dtype
                 s = scales.to(torch.bfloat16)  # [N, K // g]
-                layer.x86_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((w.int() + 8).contiguous(), 1)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((w.int() + 8).contiguous(), 1)
+                _new(layer, "x86_packed", packed)
                 # [K // g, N, 2]: scale, zero (0: symmetric); the kernel computes (w_u4 − 8) · scale + zero
-                layer.x86_scale_zeros = torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).contiguous()
-                layer.x86_group_scale = s.view(n, k // g, 1)  # for dequantization: [N, K // g, 1]
-                _param(layer, self.w_q_name, w.view(n, k // g, g))
+                _new(layer, "x86_scale_zeros", torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).contiguous())
+                _new(layer, "x86_group_scale", s.reshape(n, k // g, 1).contiguous())  # for prefill's dequantization
+                _param(layer, self.w_q_name, w.reshape(n, k // g, g))
             if self.w_q_name != "weight" and getattr(layer, "weight", None) is not None:
-                # vLLM registers the same tensor as "weight" too: drop it so the [N, K] copy is freed
+                # vLLM registers the same tensor as "weight" too: point it at the new one, the [N, K] copy is freed
                 _param(layer, "weight", getattr(layer, self.w_q_name).data)
             setattr(layer, self.w_s_name, None)
 
         def apply_weights(
             self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
         ) -> torch.Tensor:
+            # `bias` is what vLLM's linear passes (None where the caller adds it: skip_bias_add, tensor-
+            # parallel ranks > 0); Dynamic4bitLinearKernel packs layer.bias in instead, the same for TP=1.
             c = self.config
             k, n = c.partition_weight_shape
             x_2d = x.reshape(-1, k)
-            q, zp, recip = quantize_rows(x_2d)
+            w = getattr(layer, self.w_q_name)
             if c.group_size == k:
-                acc = torch._int_mm(q, getattr(layer, self.w_q_name))  # int32 [M, N], exact
-                acc = acc - zp * layer.x86_colsum
-                res = acc.float() * layer.x86_scale * recip
-                if bias is not None:
-                    res = res + bias.float()
-                out = _truncate_bf16(res) if x.dtype == torch.bfloat16 else res.to(x.dtype)
+                out = channelwise_op(x_2d, w, layer.x86_colsum, layer.x86_scale, bias)
             else:
-                a = (q.to(torch.int32) - zp).to(torch.bfloat16)  # exact: |q − zp| ≤ 255
-                if x.dtype == torch.bfloat16 and x_2d.shape[0] < PREFILL_ROWS:
-                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                        a, layer.x86_packed, c.group_size, layer.x86_scale_zeros
-                    )
-                elif x.dtype == torch.bfloat16:
-                    w_deq = (getattr(layer, self.w_q_name) * layer.x86_group_scale).view(n, k)  # bf16 [N, K]
-                    y = torch.nn.functional.linear(a, w_deq)
-                else:  # float32/float16 models: fp32 weights (w · s is exact in fp32), fp32 GEMM
-                    w_deq = (getattr(layer, self.w_q_name) * layer.x86_group_scale.float()).view(n, k)
-                    y = torch.nn.functional.linear(a.float(), w_deq)
-                res = y.float() * recip
-                if bias is not None:
-                    res = res + bias.float()
-                out = res.to(x.dtype)
+                out = groupwise_op(x_2d, layer.x86_packed, layer.x86_scale_zeros, w, layer.x86_group_scale, bias)
             return out.reshape(x.shape[:-1] + (n,))
 
     return X86W4A8LinearKernel
