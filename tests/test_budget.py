@@ -251,6 +251,7 @@ def test_summary_prints_the_map_size_and_vllm_perplexity(budgeted):
     text = budgeted["llama"].summary()
     assert re.search(r"qkv\s+[c863B]{2}\n", text) and re.search(r"down_proj\s+[c863B]{2}", text), text
     assert re.search(r"of tensors \(\d+% of [\d.]+ MiB\), perplexity through vLLM on opticks \(4096 tokens\)", text)
+    assert f"vLLM ran {w4a8_class()})" in text  # the kernel the checks ran on (x86: arm_int4's, where installed)
 
 
 def test_sensitivity_is_cached_per_model_and_settings(trained_llama, tmp_path):

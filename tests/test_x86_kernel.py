@@ -105,6 +105,28 @@ def test_random_layers_match_the_reference(dtype, with_bias):
                     assert rel <= (GROUP_TOL if dt == torch.bfloat16 else 1e-5), (case, rel)
 
 
+@needs_x86
+@pytest.mark.requires_vllm
+@pytest.mark.slow  # inductor compiles two graphs: 2 min on the shared 2-core box
+def test_compiled_graphs_keep_the_row_branch_and_the_exact_math():
+    """vLLM compiles the model with shape guards off (one graph for every batch size): the linears are
+    custom ops, so a graph traced at one row count still takes the other path at runtime, and the
+    reference's exact rounding steps are not rewritten by inductor. Compiled == eager, bit for bit."""
+    kernel = x86_w4a8.kernel_class()
+    gen = torch.Generator().manual_seed(2)
+    k, n = 256, 384
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
+    for group in (k, 32):
+        scale = (torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).bfloat16()
+        layer = _layer(w, scale, None)
+        lin = kernel(_config(k, n, group, torch.bfloat16), "weight_packed", "weight_scale")
+        lin.process_weights_after_loading(layer)
+        compiled = torch.compile(lambda x, lin=lin, layer=layer: lin.apply_weights(layer, x * 2.0), dynamic=True)
+        for m in (64, 1, 3):  # traced at 64 (prefill path), then decode-sized batches
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            assert torch.equal(compiled(x), lin.apply_weights(layer, x * 2.0)), (group, m)
+
+
 def test_activation_quantization_rounds_like_the_reference():
     """The reference rounds values with std::round (half away from zero), the zero point with lrintf
     (half to even), and divides 255 / range in fp32; torch's `scalar / tensor` multiplies by a
