@@ -252,7 +252,10 @@ def _generate(runs: list[dict], tmp_path: Path, env: dict) -> dict:
     out = json.loads(res.read_text())
     for chunk in p.stdout.split(MARK)[1:]:
         label, _, text = chunk.partition("\n")
-        out[label]["log"] = text
+        if label in out:  # the last marker is "(end)"
+            out[label]["log"] = text
+    for label, v in out.items():
+        assert "error" not in v, f"{label}: {v['error']}\n" + v.get("log", "")[-3000:]
     out["(whole log)"] = p.stdout + p.stderr
     return out
 
