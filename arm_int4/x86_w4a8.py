@@ -40,6 +40,7 @@ __all__ = [
     "linear_channelwise",
     "linear_groupwise",
     "quantize_centered",
+    "group_gemm",
     "fused",
     "kernel_class",
 ]
@@ -115,13 +116,33 @@ def _dequantize(w_groups, group_scale):
     return (w_groups * group_scale).view(n, groups * g)
 
 
+def _staged(fn):
+    """Inside vLLM's torch.compile trace: `fn` itself, inlined into the model's graph and fused there by
+    inductor at no per-call cost. Eager (enforce_eager, tests): `fused(fn)`."""
+    import torch
+
+    return fn if torch.compiler.is_compiling() else fused(fn)
+
+
 def linear_channelwise(x, wt, colsum, scale, bias):
     """x [M, K] float; wt int8 [K, N]; colsum int32 [N] (= wt.sum(0)); scale fp32 [N]; bias [N] or None."""
     import torch
 
-    q, zp, recip = fused(quantize_rows)(x)
+    q, zp, recip = _staged(quantize_rows)(x)
     acc = torch._int_mm(q, wt)  # int32 [M, N], exact (oneDNN, VNNI)
-    return fused(_channelwise_out)(acc, zp, colsum, scale, recip, bias, x.dtype)
+    return _staged(_channelwise_out)(acc, zp, colsum, scale, recip, bias, x.dtype)
+
+
+def group_gemm(a, packed, scale_zeros, w_groups, group_scale, bf16: bool):
+    """a: (q − zp) as bf16 [M, K]; -> Σ_g scale_g · Σ_k∈g a·w, [M, N] (bf16 for a bf16 model, else fp32)."""
+    import torch
+
+    if bf16 and a.shape[0] < PREFILL_ROWS:  # decode: int4-packed weights, fp32 sums, bf16 out
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, w_groups.shape[2], scale_zeros)
+    if bf16:  # prefill: dequantize once per call (N·K), one bf16 GEMM over M rows
+        return torch.nn.functional.linear(a, fused(_dequantize)(w_groups, group_scale))
+    # float32/float16 models: fp32 weights (w · s is exact in fp32), fp32 GEMM
+    return torch.nn.functional.linear(a.float(), fused(_dequantize)(w_groups, group_scale.float()))
 
 
 def linear_groupwise(x, packed, scale_zeros, w_groups, group_scale, bias):
@@ -129,14 +150,9 @@ def linear_groupwise(x, packed, scale_zeros, w_groups, group_scale, bias):
     [N, K/g, g]; group_scale bf16 [N, K/g, 1]; bias [N] or None."""
     import torch
 
-    a, recip = fused(quantize_centered)(x)
-    if x.dtype == torch.bfloat16 and x.shape[0] < PREFILL_ROWS:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, w_groups.shape[2], scale_zeros)
-    elif x.dtype == torch.bfloat16:  # prefill: dequantize once per call (N·K), one bf16 GEMM over M rows
-        y = torch.nn.functional.linear(a, fused(_dequantize)(w_groups, group_scale))
-    else:  # float32/float16 models: fp32 weights (w · s is exact in fp32), fp32 GEMM
-        y = torch.nn.functional.linear(a.float(), fused(_dequantize)(w_groups, group_scale.float()))
-    return fused(_groupwise_out)(y, recip, bias, x.dtype)
+    a, recip = _staged(quantize_centered)(x)
+    y = _custom_op()(a, packed, scale_zeros, w_groups, group_scale, x.dtype == torch.bfloat16)
+    return _staged(_groupwise_out)(y, recip, bias, x.dtype)
 
 
 _compiled: dict = {}
@@ -171,44 +187,34 @@ def fused(fn):
     return run
 
 
-_ops = None
+_op = None
 
 
-def _custom_ops():
-    """The two linears as torch custom ops (arm_int4::w4a8_channelwise, arm_int4::w4a8_groupwise):
-    opaque to torch.compile, so vLLM's compiled graphs keep the row-count branch a runtime decision
-    and the reference's exact rounding steps are not rewritten by the compiler."""
-    global _ops
-    if _ops is None:
+def _custom_op():
+    """group_gemm as the torch custom op arm_int4::w4a8_group_gemm: opaque to torch.compile, so the
+    row-count branch stays a runtime decision in vLLM's compiled graph (which it compiles once for
+    every batch size, shape guards off)."""
+    global _op
+    if _op is None:
         import torch
 
-        @torch.library.custom_op("arm_int4::w4a8_channelwise", mutates_args=())
-        def channelwise(
-            x: torch.Tensor, wt: torch.Tensor, colsum: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-        ) -> torch.Tensor:
-            return linear_channelwise(x, wt, colsum, scale, bias)
-
-        @channelwise.register_fake
-        def _(x, wt, colsum, scale, bias):
-            return x.new_empty((x.shape[0], wt.shape[1]))
-
-        @torch.library.custom_op("arm_int4::w4a8_groupwise", mutates_args=())
-        def groupwise(
-            x: torch.Tensor,
+        @torch.library.custom_op("arm_int4::w4a8_group_gemm", mutates_args=())
+        def op(
+            a: torch.Tensor,
             packed: torch.Tensor,
             scale_zeros: torch.Tensor,
             w_groups: torch.Tensor,
             group_scale: torch.Tensor,
-            bias: torch.Tensor | None,
+            bf16: bool,
         ) -> torch.Tensor:
-            return linear_groupwise(x, packed, scale_zeros, w_groups, group_scale, bias)
+            return group_gemm(a, packed, scale_zeros, w_groups, group_scale, bf16)
 
-        @groupwise.register_fake
-        def _(x, packed, scale_zeros, w_groups, group_scale, bias):
-            return x.new_empty((x.shape[0], w_groups.shape[0]))
+        @op.register_fake
+        def _(a, packed, scale_zeros, w_groups, group_scale, bf16):
+            return a.new_empty((a.shape[0], w_groups.shape[0]), dtype=torch.bfloat16 if bf16 else torch.float32)
 
-        _ops = (channelwise, groupwise)
-    return _ops
+        _op = op
+    return _op
 
 
 def _kernel_class():
@@ -220,8 +226,6 @@ def _kernel_class():
     from vllm.model_executor.layers.quantization.utils import replace_parameter
     from vllm.platforms import current_platform
     from vllm.scalar_type import scalar_types
-
-    channelwise_op, groupwise_op = _custom_ops()
 
     def _param(layer, name, t):
         replace_parameter(layer, name, torch.nn.Parameter(t, requires_grad=False))
@@ -287,9 +291,9 @@ def _kernel_class():
             x_2d = x.reshape(-1, k)
             w = getattr(layer, self.w_q_name)
             if c.group_size == k:
-                out = channelwise_op(x_2d, w, layer.x86_colsum, layer.x86_scale, bias)
+                out = linear_channelwise(x_2d, w, layer.x86_colsum, layer.x86_scale, bias)
             else:
-                out = groupwise_op(x_2d, layer.x86_packed, layer.x86_scale_zeros, w, layer.x86_group_scale, bias)
+                out = linear_groupwise(x_2d, layer.x86_packed, layer.x86_scale_zeros, w, layer.x86_group_scale, bias)
             return out.reshape(x.shape[:-1] + (n,))
 
     return X86W4A8LinearKernel
