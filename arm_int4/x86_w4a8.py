@@ -227,6 +227,8 @@ def _kernel_class():
     from vllm.platforms import current_platform
     from vllm.scalar_type import scalar_types
 
+    _custom_op()  # defined now: torch.library cannot define an op while dynamo traces the model
+
     def _param(layer, name, t):
         replace_parameter(layer, name, torch.nn.Parameter(t, requires_grad=False))
 
