@@ -190,7 +190,9 @@ def run_plan(
             rec.error = f"{(e or {}).get('error') or 'not run: ' + (failure or 'no result')} (vLLM log: {log})"
         else:
             rec.peak_rss_bytes = e["peak_rss_bytes"]
-            rec.bytes_per_step = bytes_per_step(facts, dtype, machine.arch, t.batch, t.prompt + t.gen / 2)
+            rec.bytes_per_step = bytes_per_step(
+                facts, dtype, machine.arch, t.batch, t.prompt + t.gen / 2, kernel=rec.int4_kernel
+            )
             fill_record(rec, e["reps"], rec.bytes_per_step, bandwidth_gbs)
         records.append(rec)
     if any(r.error for r in records):

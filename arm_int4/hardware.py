@@ -13,7 +13,7 @@ import platform
 import re
 from typing import Any, Optional
 
-from arm_int4 import sysfs
+from arm_int4 import sysfs, x86_w4a8
 from arm_int4.errors import EnvironmentMissing, UsageError
 from arm_int4.kernels import Kernel
 from arm_int4.sysfs import format_cpulist, parse_cpulist
@@ -287,16 +287,22 @@ def _flatten_lscpu_json(data) -> dict[str, str]:
 
 
 def select_int4_kernel(
-    arch: str, *, vllm_installed: bool, torch_has_dyn_quant_op: bool | None, kleidiai: bool | None
+    arch: str,
+    *,
+    vllm_installed: bool,
+    torch_has_dyn_quant_op: bool | None,
+    kleidiai: bool | None,
+    x86_plugin: bool = False,
 ) -> str | None:
-    """The linear kernel vLLM uses for W4A8 on CPU. Mirrors vLLM 0.32
-    kernels/linear/mixed_precision/dynamic_4bit.py `can_implement`: any CPU platform; on Arm it
-    also needs torch.ops.aten._dyn_quant_matmul_4bit (and fp32/bf16/fp16 activations, and a group
-    size dividing in_features - properties of the checkpoint, not the machine)."""
+    """The linear kernel vLLM uses for W4A8 on CPU. On x86_64 with arm_int4's plugin active
+    (x86_w4a8.plugin_active) its X86W4A8LinearKernel, else vLLM 0.32's Dynamic4bitLinearKernel,
+    mirroring its `can_implement` (kernels/linear/mixed_precision/dynamic_4bit.py): any CPU platform;
+    on Arm it also needs torch.ops.aten._dyn_quant_matmul_4bit (and fp32/bf16/fp16 activations, and
+    a group size dividing in_features - properties of the checkpoint, not the machine)."""
     if not vllm_installed:
         return None
     if arch == "x86_64":
-        return Kernel.W4A8_X86_FALLBACK.display
+        return (Kernel.W4A8_X86 if x86_plugin else Kernel.W4A8_X86_FALLBACK).display
     if arch != "aarch64":
         return None
     if torch_has_dyn_quant_op is False:
@@ -351,6 +357,7 @@ def _runtime(arch: str, probe_torch: bool) -> tuple[dict, list[str]]:
         vllm_installed=info["vllm_version"] is not None,
         torch_has_dyn_quant_op=has_op,
         kleidiai=info["torch_kleidiai"],
+        x86_plugin=x86_w4a8.plugin_active(arch),
     )
     return info, notes
 

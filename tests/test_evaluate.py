@@ -11,6 +11,7 @@ import math
 import random
 
 import pytest
+from conftest import w4a8_class
 
 from arm_int4 import evaluate as ev
 from arm_int4.errors import UsageError
@@ -259,7 +260,7 @@ def test_w4a8_perplexity_differs_from_bf16_and_runs_the_int4_kernel(smol_w4a8_ro
     # finer scheme (groupwise g32: 1.32 on 2048 tokens, docs/accuracy.md) falls outside.
     assert 42.5 < base["ppl"] < 45.1, base["ppl"]
     assert 2.48 < w4["ratio"] < 3.03, w4["ratio"]
-    assert "Dynamic4bitLinearKernel" in w4["linear_kernels"] and base["linear_kernels"] == []
+    assert w4["linear_kernels"] == [w4a8_class()] and base["linear_kernels"] == []
     table = ev.format_table(smol_w4a8_rows).splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 3 and "w4a8 minmax-channelwise" in table[3]
     assert any(line.startswith("note: baseline = SmolLM2") for line in table)  # the dequantized-GGUF caveat

@@ -14,8 +14,9 @@ import re
 
 import pytest
 
-from arm_int4 import hardware
+from arm_int4 import hardware, x86_w4a8
 from arm_int4.errors import EnvironmentMissing, UsageError
+from arm_int4.kernels import Kernel
 
 MACHINES = pathlib.Path(__file__).parent / "fixtures" / "machines"
 FIXTURES = sorted(p.name for p in MACHINES.iterdir() if (p / "expected.json").exists())
@@ -128,6 +129,13 @@ def test_int4_kernel_rule_mirrors_vllm_can_implement():
     assert "reference path" in sel("aarch64", vllm_installed=True, torch_has_dyn_quant_op=True, kleidiai=False)
     assert sel("aarch64", vllm_installed=True, torch_has_dyn_quant_op=False, kleidiai=False).startswith("none")
     assert "x86 reference fallback" in sel("x86_64", vllm_installed=True, torch_has_dyn_quant_op=None, kleidiai=None)
+    # arm_int4's plugin (x86_w4a8.register) puts its kernel ahead of vLLM's on x86 only
+    assert sel("x86_64", vllm_installed=True, torch_has_dyn_quant_op=True, kleidiai=False, x86_plugin=True) == (
+        Kernel.W4A8_X86.display
+    )
+    assert sel("aarch64", vllm_installed=True, torch_has_dyn_quant_op=True, kleidiai=True, x86_plugin=True) == (
+        "Dynamic4bitLinearKernel (KleidiAI)"
+    )
     assert sel("x86_64", vllm_installed=False, torch_has_dyn_quant_op=True, kleidiai=False) is None
 
 
@@ -158,7 +166,8 @@ def test_this_machine_live():
 def test_this_machine_live_with_runtime_probe():
     """The probe against the packages themselves: torch's version as torch reports it, vLLM's from
     whichever distribution is installed, and the INT4 kernel this architecture gets from vLLM 0.32
-    (x86: the Dynamic4bitLinearKernel reference fallback; aarch64: KleidiAI when torch has it).
+    (x86: arm_int4's X86W4A8LinearKernel where its entry point is installed, else the
+    Dynamic4bitLinearKernel reference fallback; aarch64: KleidiAI when torch has it).
     With neither installed, every runtime field must say so (None), not guess."""
     import importlib.metadata
 
@@ -175,6 +184,8 @@ def test_this_machine_live_with_runtime_probe():
     assert m.vllm_version == (versions[0] if versions else None)
     if m.vllm_version is None:
         assert m.int4_kernel is None
+    elif m.arch == "x86_64" and x86_w4a8.plugin_active(m.arch):  # this environment has arm_int4's entry point
+        assert m.int4_kernel == Kernel.W4A8_X86.display
     elif m.arch == "x86_64":
         assert m.int4_kernel.startswith("Dynamic4bitLinearKernel (x86 reference fallback")
     elif torch is not None and torch.backends.kleidiai.is_available():

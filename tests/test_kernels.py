@@ -41,3 +41,25 @@ def test_labels_say_what_ran_and_where():
     amx = dataclasses.replace(x86, features=x86.features + ("amx_tile",))
     assert kernels.describe(["CPUWNA16LinearKernel"], amx, "bfloat16") == "CPUWNA16LinearKernel (amx ISA)"
     assert kernels.describe(["CPUWNA16LinearKernel"], arm, "bfloat16") == "CPUWNA16LinearKernel (vec ISA)"
+
+
+X86_LOG = """\
+(EngineCore pid=9120) INFO 12-06 02:31:07 [__init__.py:923] Using X86W4A8LinearKernel for mixed-precision linear
+(EngineCore pid=9120) INFO 12-06 02:31:07 [compressed_tensors_w4a8_int.py:105] Using X86W4A8LinearKernel for \
+CompressedTensorsW4A8Int
+"""
+
+
+def test_arm_int4_x86_kernel_is_named_and_a_split_model_says_so():
+    """arm_int4's x86 kernel (x86_w4a8.py) by name; a model some of whose layers it refused (vLLM's
+    log then names both kernels) is labelled as partly on the reference fallback."""
+    x86 = machine("x86-amd-epyc-this-box", 16)
+    ran = runner.linear_kernels(X86_LOG)
+    assert ran == ["X86W4A8LinearKernel"]
+    label = kernels.describe(ran, x86, "bfloat16")
+    assert label == kernels.Kernel.W4A8_X86.display and label.startswith("X86W4A8LinearKernel (arm_int4's x86 kernel")
+    assert not kernels.is_x86_fallback(label) and kernels.Kernel.of(label).is_x86
+    split = kernels.describe(runner.linear_kernels(X86_LOG + W4A8_LOG), x86, "bfloat16")
+    assert split == kernels.Kernel.W4A8_X86_PARTLY.display and kernels.is_x86_fallback(split)
+    assert kernels.Kernel.W4A8_X86_PARTLY.class_name == "X86W4A8LinearKernel"
+    assert not kernels.Kernel.W4A8_KLEIDIAI.is_x86

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LEARNING_PATH_CONFIGS, LEARNING_PATH_IDS, REPO, run_cli
+from conftest import LEARNING_PATH_CONFIGS, LEARNING_PATH_IDS, REPO, run_cli, w4a8_class
 from helpers.vllm_generate import MARK
 from safetensors import safe_open
 
@@ -543,7 +543,7 @@ def w4a8_in_vllm(stream_outputs, smollm2, smollm2_int4, tmp_path_factory) -> dic
     return vllm_generate(runs, tmp_path_factory.mktemp("vllm-w4a8"))
 
 
-W4A8_KERNEL = {"scheme": "CompressedTensorsW4A8Int", "kernel": "Dynamic4bitLinearKernel"}
+W4A8_KERNEL = {"scheme": "CompressedTensorsW4A8Int", "kernel": w4a8_class()}
 
 
 @pytest.mark.requires_vllm
@@ -551,7 +551,7 @@ W4A8_KERNEL = {"scheme": "CompressedTensorsW4A8Int", "kernel": "Dynamic4bitLinea
 def test_every_output_loads_in_vllm_on_the_int4_kernel(name, w4a8_in_vllm):
     # vLLM logs its kernel choice once per process (a class-level set): in the whole log; the class
     # on each loaded model is read from the model itself
-    assert "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int" in w4a8_in_vllm["(whole log)"]
+    assert f"Using {w4a8_class()} for CompressedTensorsW4A8Int" in w4a8_in_vllm["(whole log)"]
     result = w4a8_in_vllm[name]
     assert {k: result["linear"][k] for k in W4A8_KERNEL} == W4A8_KERNEL, result["linear"]
     assert all(len(ids) == 8 for ids in result["token_ids"])  # random weights: no EOS expected

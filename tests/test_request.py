@@ -120,4 +120,9 @@ def test_refusals_are_types_and_kernels_a_small_enum(tmp_path):
     assert e.value.ranks == 3 and "do not split over 3" in str(e.value)
     assert Kernel.of("Dynamic4bitLinearKernel (KleidiAI)") is Kernel.W4A8_KLEIDIAI
     assert Kernel.of(Kernel.W4A8_X86_FALLBACK.display).is_x86_fallback and Kernel.of("dense (bfloat16)") is None
-    assert {k.class_name for k in Kernel} == {"Dynamic4bitLinearKernel", "CPUWNA16LinearKernel", None}
+    assert {k.class_name for k in Kernel} == {
+        "Dynamic4bitLinearKernel",
+        "X86W4A8LinearKernel",
+        "CPUWNA16LinearKernel",
+        None,
+    }

@@ -9,7 +9,7 @@ from conftest import run_cli
 from test_launch import machine
 from test_report import rec
 
-from arm_int4 import hardware, kernels, verdict
+from arm_int4 import hardware, kernels, verdict, x86_w4a8
 
 
 def _record(m, quantization, decode, *, model="m", time="2026-12-02T10:00:00+00:00", **kw):
@@ -55,7 +55,11 @@ def test_verdict_is_measured_when_a_pair_exists_else_expected(machines, tmp_path
         "W4A8: the only"
     )
     assert verdict.w4a16_kernel(avx512) == "CPUWNA16LinearKernel (vec ISA)"
-    assert verdict.int4_verdict(avx512, []).startswith("W4A16 expected faster (not measured here)")
+    fallback = dataclasses.replace(avx512, int4_kernel=kernels.Kernel.W4A8_X86_FALLBACK.display)
+    assert verdict.int4_verdict(fallback, []).startswith("W4A16 expected faster (not measured here)")
+    # arm_int4's x86 W4A8 kernel: no expectation either way until both are measured
+    ours = dataclasses.replace(avx512, int4_kernel=kernels.Kernel.W4A8_X86.display)
+    assert verdict.int4_verdict(ours, []).startswith("not measured here: W4A8 runs arm_int4's X86W4A8LinearKernel")
     hist = [
         # one bench run (records share its start time), checkpoints named as quantize names them
         _record(avx512, "w4a8 minmax-groupwise-g32", 20.0, model="m-w4a8dyn-minmax-groupwise-g32"),
@@ -76,8 +80,11 @@ def test_info_names_both_int4_paths_for_this_cpu(tmp_path):
     r = run_cli("info", "--json", env={"ARM_INT4_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    runs = kernels.w4a16_runs(hardware.detect(probe_runtime=False))
+    m = hardware.detect(probe_runtime=False)
+    runs = kernels.w4a16_runs(m)
     assert info["int4_kernel_w4a16"].startswith(kernels.W4A16_KERNEL if runs else "none: ")
-    assert info["int4_verdict"].startswith("W4A16 expected" if runs else "W4A8: the only")
+    ours = x86_w4a8.plugin_active(m.arch)  # this environment has arm_int4's entry point: W4A8 is not the fallback
+    expected = ("not measured here" if ours else "W4A16 expected") if runs else "W4A8: the only"
+    assert info["int4_verdict"].startswith(expected)
     table = run_cli("info", env={"ARM_INT4_HOME": str(tmp_path)}).stdout
     assert "INT4 kernel (W4A16)" in table and "W4A8 or W4A16" in table

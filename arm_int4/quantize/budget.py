@@ -290,7 +290,8 @@ class Attempt:
             f"({100 * self.verified.nbytes / report.source_bytes:.0f}% of {report.source_bytes / 2**20:.1f} MiB), "
             f"perplexity through vLLM on {self.record['text']} "
             f"({self.record['scored_tokens']} tokens): {b['ppl']:.3f} → {self.record['ppl']:.3f} "
-            f"({self.increase_pct:+.1f}%, budget {report.budget_pct:g}%)"
+            f"({self.increase_pct:+.1f}%, budget {report.budget_pct:g}%; "
+            f"vLLM ran {', '.join(self.record.get('linear_kernels') or []) or 'no INT4 kernel'})"
         )
 
 
