@@ -157,6 +157,10 @@ def test_selected_only_on_x86_and_for_layouts_it_computes(monkeypatch):
     from vllm.platforms import PlatformEnum
 
     cpu = _POSSIBLE_KERNELS[PlatformEnum.CPU]
+    saved = list(cpu)
+    # the list as vLLM ships it: a vLLM start earlier in this process (pytest runs many) has loaded the
+    # general plugins, ours included, into this same list
+    cpu[:] = [k for k in cpu if k.__name__ != x86_w4a8.KERNEL_NAME]
     before = list(cpu)
     try:
         monkeypatch.setattr(x86_w4a8.platform, "machine", lambda: "aarch64")
@@ -176,7 +180,7 @@ def test_selected_only_on_x86_and_for_layouts_it_computes(monkeypatch):
         monkeypatch.setattr(x86_w4a8.platform, "machine", lambda: "aarch64")
         assert pick(576, 1536, 576) == "Dynamic4bitLinearKernel"  # can_implement re-checks the machine
     finally:
-        cpu[:] = before
+        cpu[:] = saved
 
 
 def _real_layers(model: Path, limit: int = 12):
