@@ -170,26 +170,25 @@ def _probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple:
+def _http(method: str, host: str, port: int, path: str, timeout: float) -> tuple:
     """(status, body) with http.client: no proxy variables apply to a local server."""
     conn = http.client.HTTPConnection(_probe_host(host), port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple:
+    """(status, body) of a GET."""
+    return _http("GET", host, port, path, timeout)
 
 
 def http_post(host: str, port: int, path: str, timeout: float = 5.0) -> tuple:
     """(status, body) of an empty POST (the router's admin calls)."""
-    conn = http.client.HTTPConnection(_probe_host(host), port, timeout=timeout)
-    try:
-        conn.request("POST", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return _http("POST", host, port, path, timeout)
 
 
 def _term_with_parent() -> None:

@@ -15,6 +15,7 @@ the pass starts its time is estimated from the replay's own per-layer times.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -288,28 +289,24 @@ class _Replay:
             return int(m.group(1))
         return len(self.layers) if module_name.removesuffix(".weight") == "lm_head" else 0
 
+    @contextlib.contextmanager
     def recording(self):
-        import contextlib
+        """While open, each layer's (args, kwargs) and the final norm's input are recorded."""
+        self.inputs = []
 
-        @contextlib.contextmanager
-        def rec():
-            self.inputs = []
+        def pre(module, args, kwargs):
+            self.inputs.append((args, dict(kwargs)))
 
-            def pre(module, args, kwargs):
-                self.inputs.append((args, dict(kwargs)))
+        def final(module, args):
+            self.final = args[0]
 
-            def final(module, args):
-                self.final = args[0]
-
-            hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in self.layers]
-            hooks.append(self.norm.register_forward_pre_hook(final))
-            try:
-                yield
-            finally:
-                for h in hooks:
-                    h.remove()
-
-        return rec()
+        hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in self.layers]
+        hooks.append(self.norm.register_forward_pre_hook(final))
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
     def run(self, start: int, timed: bool = False):
         """Logits [1, tokens, vocab] from layer `start` on (len(layers): the norm and head only)."""
