@@ -21,6 +21,9 @@
 #
 # Host packages installed when missing (apt-get): debootstrap, qemu-user-static.
 set -euo pipefail
+# One { ... } block: bash parses it whole before running it, so editing this file during an
+# hour-long run cannot change the run.
+{
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 continue=
@@ -109,14 +112,95 @@ fi
 log "ok: setup.sh stopped before creating anything, naming each missing package"
 [ -n "$continue" ] || exit 0
 
-# 4. What setup.sh said to install, as it said it, then setup.sh again.
+# 4. What setup.sh said to install, as it said it.
 install=$(sed -n 's/^all at once: //p' "$dir/setup-1.log")
 [ -n "$install" ] || install=$(sed -n 's/^missing .*; fix: //p' "$dir/setup-1.log" | head -n 1)
 log "installing: $install"
 t0=$SECONDS
 in_rootfs "$install" >"$dir/install.log" 2>&1 || die "the install command failed: $dir/install.log"
-log "  $((SECONDS - t0)) s; scripts/setup.sh again"
-setup_in_rootfs "$dir/setup-2.log"
+log "  $((SECONDS - t0)) s"
+
+# 5. The substitutions (see the top of this file).
+log "substitutions: this network's CA certificates, a recorded Arm /proc/cpuinfo, the torch+cpu stand-in"
+cas=(/usr/local/share/ca-certificates/*.crt)
+if [ -e "${cas[0]}" ]; then
+    mkdir -p "$rootfs/usr/local/share/ca-certificates"
+    cp "${cas[@]}" "$rootfs/usr/local/share/ca-certificates/"
+    in_rootfs update-ca-certificates >"$dir/ca.log" 2>&1 || die "update-ca-certificates failed: $dir/ca.log"
+fi
+"$repo/scripts/arm_emulation.sh" >/dev/null || die "scripts/arm_emulation.sh failed (it provides the CUDA stubs and the recorded cpuinfo)"
+arm=${ARM_INT4_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/arm-int4}/arm64
+cp "$arm/rootfs/proc/cpuinfo" "$dir/cpuinfo"
+standin=$rootfs/root/torch-standin
+if [ ! -f "$standin/simple/torch/index.html" ]; then
+    rm -rf "$standin" && mkdir -p "$standin"
+    wheel=$arm/wheels/torch-2.13.0-cp311-cp311-manylinux_2_28_aarch64.whl
+    [ -f "$wheel" ] || die "no torch 2.13.0 aarch64 wheel at $wheel"
+    python3 "$repo/scripts/torch_cpu_standin.py" "$wheel" "$arm/site/_cuda_stubs" "$arm/vllm/libsbgemm_shim.so" "$standin" >/dev/null \
+        || die "building the torch+cpu stand-in failed"
+fi
+
+# 6. README command 1's set-up again, to the end, then a new user's first commands.
+in_rootfs_arm() {  # in_rootfs, with the recorded cpuinfo over /proc/cpuinfo and the stand-in index
+    in_arm_ns "mount --rbind /proc '$rootfs/proc' && mount --bind '$dir/cpuinfo' '$rootfs/proc/cpuinfo' && mount --rbind /sys '$rootfs/sys' && mount --rbind /dev '$rootfs/dev' && chroot '$rootfs' /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin ARM_INT4_TORCH_INDEX=file:///root/torch-standin/simple bash -c 'cd /root/arm-int4 && $1'"
+}
+log "scripts/setup.sh again"
+t0=$SECONDS
+set +e
+in_rootfs_arm scripts/setup.sh >"$dir/setup-2.log" 2>&1
+rc=$?
+set -e
 log "  exit $rc after $((SECONDS - t0)) s; its last lines:"
 tail -n 5 "$dir/setup-2.log" | sed 's/^/  | /' >&2
+[ "$rc" = 0 ] || exit "$rc"
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sed "s/@PORT@/$port/g" >"$rootfs/root/lane.sh" <<'EOF'
+#!/bin/bash
+# Written by scripts/fresh_box.sh: a new user's first commands, each timed.
+set -uo pipefail
+step() { local t0=$SECONDS rc; echo "=== $*"; "$@"; rc=$?; echo "=== exit $rc after $((SECONDS - t0)) s: $*"; return $rc; }
+cd /root/arm-int4
+step .venv/bin/arm-int4 info || exit 1
+rm -rf /root/default-g32
+step .venv/bin/arm-int4 quantize default --scheme groupwise --output /root/default-g32 || exit 1
+t0=$SECONDS
+echo "=== .venv/bin/arm-int4 serve /root/default-g32 --port @PORT@"
+.venv/bin/arm-int4 serve /root/default-g32 --port @PORT@ &
+server=$!
+up=
+for _ in $(seq 720); do  # 2 h at most
+    if python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:@PORT@/health", timeout=5)' 2>/dev/null; then up=1; break; fi
+    kill -0 $server 2>/dev/null || break
+    sleep 10
+done
+if [ -z "$up" ]; then echo "=== the server did not come up after $((SECONDS - t0)) s"; kill -INT $server; wait $server; exit 1; fi
+echo "=== server up after $((SECONDS - t0)) s"
+t1=$SECONDS
+python3 - <<'PY'
+import json, urllib.request
+models = json.load(urllib.request.urlopen("http://127.0.0.1:@PORT@/v1/models", timeout=60))
+name = models["data"][0]["id"]
+body = {"model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}
+req = urllib.request.Request("http://127.0.0.1:@PORT@/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+ans = json.load(urllib.request.urlopen(req, timeout=1800))
+print("answer:", json.dumps(ans["choices"][0]["message"]["content"]), "model:", name, "usage:", ans["usage"])
+PY
+rc=$?
+echo "=== chat completion: exit $rc after $((SECONDS - t1)) s"
+kill -INT $server; wait $server
+echo "=== server stopped; serve step $((SECONDS - t0)) s in all"
+[ $rc = 0 ] || exit 1
+step .venv/bin/arm-int4 bench /root/default-g32 -p 16 -n 8 -b 1 -r 1 --warmup 0 || exit 1
+EOF
+chmod +x "$rootfs/root/lane.sh"
+log "a new user's first commands (info, quantize, serve + one chat completion, bench): $dir/lane.log"
+t0=$SECONDS
+set +e
+in_rootfs_arm /root/lane.sh >"$dir/lane.log" 2>&1
+rc=$?
+set -e
+log "  exit $rc after $((SECONDS - t0)) s; the steps:"
+grep -E '^(=== |answer:)' "$dir/lane.log" | sed 's/^/  | /' >&2
 exit "$rc"
+}

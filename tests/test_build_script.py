@@ -92,6 +92,7 @@ def test_shellcheck_clean():
         REPO / "build" / "vllm-0.32.0.conf",
         REPO / "scripts" / "setup.sh",
         REPO / "scripts" / "arm_emulation.sh",
+        REPO / "scripts" / "fresh_box.sh",
         REPO / ".ci" / "run",
     ]
     r = subprocess.run(["shellcheck", "-x", *map(str, files)], capture_output=True, text=True, cwd=REPO)
