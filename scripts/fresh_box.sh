@@ -19,7 +19,7 @@
 # only PyTorch's CPU index has, out of reach here. Not done yet (docs/arm.md, "The fresh-box
 # lane"): a documented stand-in for that index, then info, quantize, serve and bench.
 #
-# Host packages installed when missing (apt-get): debootstrap, qemu-user-static.
+# Host packages installed when missing (apt-get): debootstrap, qemu-user-static, patchelf (the stand-in).
 set -euo pipefail
 # One { ... } block: bash parses it whole before running it, so editing this file during an
 # hour-long run cannot change the run.
@@ -36,7 +36,7 @@ log() { printf 'fresh_box: %s\n' "$*" >&2; }
 die() { printf 'fresh_box: error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (debootstrap's first stage creates device nodes)"
-for tool in debootstrap:debootstrap qemu-aarch64-static:qemu-user-static; do
+for tool in debootstrap:debootstrap qemu-aarch64-static:qemu-user-static patchelf:patchelf; do
     command -v "${tool%%:*}" >/dev/null || apt-get install -y -q "${tool#*:}" >&2 || die "apt-get install ${tool#*:} failed"
 done
 qemu=$(command -v qemu-aarch64-static)
@@ -101,6 +101,11 @@ setup_in_rootfs() {  # $1 = log file; runs README command 1's set-up there, sets
     rc=$?
     set -e
 }
+installed=$rootfs/.arm-int4-installed
+if [ -n "$continue" ] && [ -f "$installed" ]; then
+    # A resumed --continue run: the root file system is no longer clean, so steps 3-4 keep their logs
+    log "steps 3-4 done by an earlier run ($dir/setup-1.log, install.log; packages installed $(cat "$installed")): skipped; delete $dir to start over"
+else
 log "scripts/setup.sh on the clean root file system"
 setup_in_rootfs "$dir/setup-1.log"
 log "  exit $rc after $((SECONDS - t0)) s:"
@@ -119,6 +124,8 @@ log "installing: $install"
 t0=$SECONDS
 in_rootfs "$install" >"$dir/install.log" 2>&1 || die "the install command failed: $dir/install.log"
 log "  $((SECONDS - t0)) s"
+date -u +%FT%TZ >"$installed"
+fi
 
 # 5. The substitutions (see the top of this file).
 log "substitutions: this network's CA certificates, a recorded Arm /proc/cpuinfo, the torch+cpu stand-in"

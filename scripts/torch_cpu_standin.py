@@ -45,6 +45,8 @@ def main(wheel: str, stubs: str, shim: str, out: str) -> None:
     base = os.path.basename(wheel)
     if not base.startswith("torch-2.13.0-") or not base.endswith("_aarch64.whl"):
         sys.exit(f"torch_cpu_standin: {base} is not PyPI's torch 2.13.0 aarch64 wheel")
+    if shutil.which("patchelf") is None:
+        sys.exit("torch_cpu_standin: patchelf is missing: install it (apt-get install patchelf) and run again")
     work = tempfile.mkdtemp(prefix="torch-standin-", dir=out)
     try:
         with zipfile.ZipFile(wheel) as z:

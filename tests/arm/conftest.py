@@ -108,3 +108,31 @@ def host_results(host_python, kernel_inputs) -> dict:
     proc, data = run_json([host_python, KERNEL, *_kernel_args(kernel_inputs)])
     assert data is not None, "the host run failed: " + describe(proc)
     return data
+
+
+@pytest.fixture(scope="session")
+def engine_run(tiny_llama, tmp_path_factory, arm_python):
+    """The lane's main vLLM job (test_vllm_engine.py): every engine_models checkpoint in one emulated
+    process on qemu's default CPU model; (data, label -> result, label -> fp32 reference dir, prompt
+    ids). data["checkpoints"] maps each label to its checkpoint (test_neoverse_n1.py reruns one)."""
+    from transformers import AutoTokenizer
+
+    from . import engine_job as job
+    from . import engine_models as em
+
+    root = tmp_path_factory.mktemp("arm-engine")
+    job.seed_model_info_cache()
+    ckpts = em.build(root, tiny_llama)
+    ids = AutoTokenizer.from_pretrained(str(tiny_llama))(job.PROMPT)["input_ids"]
+    models = [{"label": k, "path": str(v), "dtype": None} for k, v in ckpts.items() if k not in job.W4A16]
+    models.append({"label": job.CONTROL, "path": str(ckpts["bias-g32"]), "dtype": "bfloat16"})
+    # float32 on the i8mm CPU, what test_neoverse_n1.py compares N1's run with
+    models.append({"label": "llama-channelwise-fp32", "path": str(ckpts["llama-channelwise"]), "dtype": "float32"})
+    # last: an engine that fails mid-forward must not disturb the others
+    models += [{"label": k, "path": str(ckpts[k]), "dtype": None, "despite_plan": True} for k in job.W4A16]
+    data, results = job.run(arm_python, root, ids, models)
+    data["checkpoints"] = {k: str(v) for k, v in ckpts.items()}
+    refs = {k: em.dequantized(p, root / f"ref-{k}") for k, p in ckpts.items() if k not in job.W4A16}
+    refs[job.CONTROL] = refs["bias-g32"]
+    refs["llama-channelwise-fp32"] = refs["llama-channelwise"]
+    return data, results, refs, ids

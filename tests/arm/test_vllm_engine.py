@@ -12,24 +12,12 @@ runs transformers in fp32 on the same weights dequantized (engine_models.py) and
 top-5 logprobs at each greedy step, teacher-forced on vLLM's tokens.
 """
 
-import json
-import math
-import os
-import subprocess
-import sys
-
 import pytest
 
 from . import engine_models as em
-from .arm_lane import ARM_DIR, describe, run_json
-from .vllm_engine import MARK
+from .engine_job import CONTROL, TOP_K, W4A16, scores
 
 pytestmark = pytest.mark.requires_aarch64
-DRIVER = ARM_DIR / "vllm_engine.py"
-PROMPT = "def main(argv):\n    return"
-MAX_TOKENS, TOP_K = 8, 5
-CONTROL = "bias-g32-bf16"
-W4A16 = [label for label, (_, opts) in em.MODELS.items() if opts.get("preset") == "w4a16"]
 # |vLLM logprob - fp32 reference logprob| over the top-5 of every step (natural-log units). What
 # separates them: the kernel's dynamic int8 quantization of activations (the "A8" of W4A8; the
 # reference keeps float activations) and, where the plan picks bf16, bf16 activations, norms,
@@ -37,69 +25,6 @@ W4A16 = [label for label, (_, opts) in em.MODELS.items() if opts.get("preset") =
 # fp32 (bias-g32) 0.002-0.008; bf16 (llama channelwise, g32, Qwen3-MoE) 0.03-0.11. Bounds ~3x
 # the worst seen. The control is the last test.
 TOLERANCE = {"float32": 0.03, "bfloat16": 0.3}
-
-
-def _seed_model_info_cache():
-    """vLLM inspects a model class in a subprocess (a second emulated vLLM import, ~2.5 min) unless
-    ~/.cache/vllm/modelinfos has it, keyed by the model file's hash. The x86 and aarch64 wheels ship
-    the same Python source, so the host fills that cache in ~15 s."""
-    code = (
-        "from vllm.model_executor.models.registry import ModelRegistry as R\n"
-        "for a in ('LlamaForCausalLM', 'Qwen3MoeForCausalLM'): assert R._try_inspect_model_cls(a), a"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def engine_run(tiny_llama, tmp_path_factory, arm_python):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("arm-engine")
-    _seed_model_info_cache()
-    ckpts = em.build(root, tiny_llama)
-    ids = AutoTokenizer.from_pretrained(str(tiny_llama))(PROMPT)["input_ids"]
-    models = [{"label": k, "path": str(v), "dtype": None} for k, v in ckpts.items() if k not in W4A16]
-    models.append({"label": CONTROL, "path": str(ckpts["bias-g32"]), "dtype": "bfloat16"})
-    # last: an engine that fails mid-forward must not disturb the others
-    models += [{"label": k, "path": str(ckpts[k]), "dtype": None, "despite_plan": True} for k in W4A16]
-    job = root / "job.json"
-    job.write_text(
-        json.dumps(
-            {"prompt_ids": ids, "max_tokens": MAX_TOKENS, "logprobs": TOP_K, "max_model_len": 256, "models": models}
-        )
-    )
-    proc, data = run_json([arm_python, DRIVER, job], timeout=1500)
-    assert data is not None, "the emulated vLLM engine run failed: " + describe(proc)
-    (root / "engine-run.json").write_text(json.dumps(data))  # kept with pytest's tmp dirs, for a look
-    results = {r["label"]: r for r in data["results"]}
-    # vLLM logs to stdout; vllm_engine.py prints a marker line before each model
-    for chunk in proc.stdout.split(MARK)[1:]:
-        label, _, text = chunk.partition("\n")
-        if label in results:
-            results[label]["log"] = text
-    refs = {label: em.dequantized(path, root / f"ref-{label}") for label, path in ckpts.items() if label not in W4A16}
-    refs[CONTROL] = refs["bias-g32"]
-    return data, results, refs, ids
-
-
-def _scores(res, ref_dir, prompt):
-    """Max |logprob difference| over vLLM's top-K per step, and the reference's margin at each
-    step between its best token and the token vLLM chose (0 where they agree)."""
-    ref = em.reference_logprobs(ref_dir, prompt, res["tokens"], TOP_K)
-    diffs, margins = [], []
-    for t, (step, tok) in enumerate(zip(res["logprobs"], res["tokens"], strict=False)):
-        row = ref["steps"][t]
-        diffs += [abs(lp - row[int(k)].item()) if math.isfinite(lp) else math.inf for k, lp in step.items()]
-        margins.append(row.max().item() - row[tok].item())
-    return max(diffs), max(margins), ref["greedy"]
 
 
 def test_engine_runs_on_emulated_arm_with_kleidiai(engine_run):
@@ -156,7 +81,7 @@ def test_plan_guards_bias_with_float32_inside_vllm(engine_run):
 def test_greedy_tokens_and_logprobs_match_float_reference(engine_run, label):
     _, results, refs, ids = engine_run
     res = results[label]
-    diff, margin, greedy = _scores(res, refs[label], ids)
+    diff, margin, greedy = scores(res, refs[label], ids)
     tol = TOLERANCE[res["plan_dtype"]]
     assert diff <= tol, f"{label}: top-{TOP_K} logprobs differ from fp32 by {diff:.3g} > {tol}"
     # greedy tokens: equal to the reference's own greedy run (measured: all 8, every model), or
@@ -175,5 +100,5 @@ def test_bf16_control_shows_the_defect_the_guard_avoids(engine_run):
     # guarded (fp32): the kernel adds the bias exactly up to x @ W (~1e-4) and activation rounding
     assert guarded["layer_dtype"] == "torch.float32" and guarded["max_abs"] < 0.01, guarded
     assert control["layer_dtype"] == "torch.bfloat16" and control["channels_off"] >= 1, control
-    diff, _, _ = _scores(results[CONTROL], refs[CONTROL], ids)
+    diff, _, _ = scores(results[CONTROL], refs[CONTROL], ids)
     assert diff > 0.1, f"bf16 control's logprobs differ from fp32 by only {diff:.3g}"  # the guarded run: <= 0.01
