@@ -106,11 +106,11 @@ TEXTS = {
     "opticks-heldout": replace(
         _OPTICKS,
         description="Newton's Opticks, Books II and III (characters 253,198-567,037 of opticks)",
-        role="held-out part: quantize --budget never scores its choices on it",
+        role="held-out part: quantize --budget never decides on it (it only reports it)",
         start=OPTICKS_BOOK_II,
     ),
 }
-DEFAULT_TEXT = "opticks-heldout"  # what `arm-int4 eval` scores: text no --budget search has seen
+DEFAULT_TEXT = "opticks-heldout"  # what `arm-int4 eval` scores: text no --budget search decides on
 SEARCH_TEXT = "opticks-search"  # what `quantize --budget`'s vLLM check decides on
 
 
@@ -126,11 +126,6 @@ class Text:
         if isinstance(text, Text):
             return text
         return cls(name, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
-
-    @property
-    def label(self) -> str:
-        """The name and, for a packaged part, what it is for: `opticks-heldout (held-out part: …)`."""
-        return f"{self.name} ({self.role})" if self.role else self.name
 
 
 def load_text(spec: str = DEFAULT_TEXT) -> Text:

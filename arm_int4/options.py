@@ -276,7 +276,7 @@ class EvalOptions:
     text: str = opt(
         evaluate.DEFAULT_TEXT,
         "text to score: 'opticks-heldout' (Books II-III of Newton's Opticks, shipped in arm_int4: text no "
-        "quantize --budget search scores), 'opticks-search' (front matter and Book I: what --budget fits on), "
+        "quantize --budget search decides on), 'opticks-search' (front matter and Book I: what --budget fits on), "
         "'opticks' (the whole book: figures before 2026-12-06), or a UTF-8 .txt file",
         metavar="NAME|FILE",
     )

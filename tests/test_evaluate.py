@@ -113,7 +113,7 @@ def test_the_search_and_held_out_parts_are_disjoint_and_cover_the_text(opticks):
     assert len({opticks.sha256, search.sha256, heldout.sha256}) == 3
     assert heldout.sha256 == hashlib.sha256(heldout.text.encode()).hexdigest()
     assert "held-out" in heldout.role and "quantize --budget" in heldout.role
-    assert "search" in search.role and heldout.label.startswith("opticks-heldout (held-out part")
+    assert "search" in search.role and heldout.role.startswith("held-out part")
     # the parts are checked against the same pin as the whole file
     for name in ("opticks-search", "opticks-heldout"):
         assert (ev.TEXTS[name].file, ev.TEXTS[name].sha256) == (ev.TEXTS["opticks"].file, ev.TEXTS["opticks"].sha256)
@@ -152,7 +152,7 @@ def test_eval_scores_the_held_out_part_by_default_and_says_so(tiny_llama, monkey
     assert [r["text_sha256"] for r in recs] == [t.sha256 for t in texts]
     assert "held-out" in recs[1]["text_role"] and "search" in recs[0]["text_role"]
     line = ev.format_table([recs[1]]).splitlines()[-1]
-    assert line.startswith("text opticks-heldout, held-out part: quantize --budget never scores"), line
+    assert line.startswith("text opticks-heldout, held-out part: quantize --budget never decides on it"), line
     r = run_cli("eval", "--help")
     assert "(default: opticks-heldout)" in " ".join(r.stdout.split()), r.stdout
 
