@@ -272,7 +272,7 @@ def test_summary_prints_the_map_size_and_vllm_perplexity(budgeted):
     assert float(m.group(2)) == pytest.approx(best.record["ppl"], abs=1e-3)
     assert float(m.group(5)) == pytest.approx(best.heldout["ppl"], abs=1e-3)
     assert float(m.group(6)) == pytest.approx(best.heldout_pct, abs=0.05)
-    assert text.rstrip().endswith(f"vLLM ran {w4a8_class()}")  # the kernel the checks ran on (x86: arm_int4's)
+    assert f"; vLLM ran {w4a8_class()}\n" in text  # the kernel the checks ran on (x86: arm_int4's, where installed)
 
 
 def test_sensitivity_is_cached_per_model_and_settings(trained_llama, tmp_path):
