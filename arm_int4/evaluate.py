@@ -100,13 +100,13 @@ TEXTS = {
     "opticks-search": replace(
         _OPTICKS,
         description="Newton's Opticks, front matter and Book I (characters 0-253,197 of opticks)",
-        role="search part: what quantize --budget fits on",
+        role="search part: what quantize --budget decides on",
         end=OPTICKS_BOOK_II,
     ),
     "opticks-heldout": replace(
         _OPTICKS,
         description="Newton's Opticks, Books II and III (characters 253,198-567,037 of opticks)",
-        role="held-out part: quantize --budget never decides on it (it only reports it)",
+        role="held-out part: what quantize --budget reports but never decides on",
         start=OPTICKS_BOOK_II,
     ),
 }

@@ -152,7 +152,9 @@ def test_eval_scores_the_held_out_part_by_default_and_says_so(tiny_llama, monkey
     assert [r["text_sha256"] for r in recs] == [t.sha256 for t in texts]
     assert "held-out" in recs[1]["text_role"] and "search" in recs[0]["text_role"]
     line = ev.format_table([recs[1]]).splitlines()[-1]
-    assert line.startswith("text opticks-heldout, held-out part: quantize --budget never decides on it"), line
+    assert line.startswith(
+        "text opticks-heldout, held-out part: what quantize --budget reports but never decides on ("
+    ), line
     r = run_cli("eval", "--help")
     assert "(default: opticks-heldout)" in " ".join(r.stdout.split()), r.stdout
 
