@@ -396,6 +396,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int], str, str]] = {
         "  arm-int4 eval ./m-cw --tasks my_task --include-path ./my_tasks\n"
         "  arm-int4 eval ./m-cw --profile m.json   # the engine `arm-int4 serve --profile m.json` runs\n"
         "  arm-int4 eval ./m-cw ./m-g32 --baseline ./m --num-tokens 2048 --format json\n"
+        "  arm-int4 eval ./m-budget10 --baseline default --text opticks-search   # the part --budget fitted on\n"
         "  arm-int4 eval default --text notes.txt --num-tokens 0",
     ),
     "info": (

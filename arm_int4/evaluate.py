@@ -26,7 +26,7 @@ import importlib.util
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -36,6 +36,7 @@ from .schemes import scheme_from_config
 
 __all__ = [
     "DEFAULT_TEXT",
+    "SEARCH_TEXT",
     "MAX_LEN",
     "NUM_TOKENS",
     "STRIDE",
@@ -49,6 +50,7 @@ __all__ = [
     "load_text",
     "model_fingerprint",
     "perplexity",
+    "perplexities",
     "quantization_label",
     "score_windows",
     "run_scorer",
@@ -69,23 +71,47 @@ MAX_LEN, STRIDE, NUM_TOKENS, DTYPE = 512, 256, 4096, "auto"
 @dataclass(frozen=True)
 class PackagedText:
     """A text file shipped inside arm_int4 (arm_int4/data, provenance in its SOURCE.md), pinned by
-    content hash so that two results on it are known to score the same bytes."""
+    content hash so that two results on it are known to score the same bytes; or a part of one:
+    characters [start, end) of the same pinned file (the file is never changed, so every figure
+    on record stays tied to its hash)."""
 
     file: str  # inside arm_int4/data
-    sha256: str
+    sha256: str  # of the whole file
     description: str
     licence: str
+    start: int = 0  # the part's first character (str index into the decoded file)
+    end: Optional[int] = None  # one past its last (None: the end of the file)
+    role: str = ""  # what the part is for, printed beside every figure scored on it
 
+
+_OPTICKS = PackagedText(
+    file="opticks.txt",  # copied byte for byte from libbacktrace's test data (see arm_int4/data/SOURCE.md)
+    sha256="d4a9ac22462b35e7821a4f2706c211093da678620a8f9997989ee7cf8d507bbd",
+    description="Isaac Newton, Opticks (4th ed., 1730): Project Gutenberg eBook #33504, 567 kB English prose",
+    licence="public domain (Project Gutenberg text, header and licence stripped by libbacktrace)",
+    role="the whole text (searched and held-out parts together: figures before 2026-12-06 are on it)",
+)
+# Where "THE\n\nSECOND BOOK\n\nOF\n\nOPTICKS" begins (character 253,198 = byte 253,288 of the file):
+# before it the front matter and Book I, from it Books II and III (tests/test_evaluate.py checks it).
+OPTICKS_BOOK_II = 253_198
 
 TEXTS = {
-    "opticks": PackagedText(
-        file="opticks.txt",  # copied byte for byte from libbacktrace's test data (see arm_int4/data/SOURCE.md)
-        sha256="d4a9ac22462b35e7821a4f2706c211093da678620a8f9997989ee7cf8d507bbd",
-        description="Isaac Newton, Opticks (4th ed., 1730): Project Gutenberg eBook #33504, 567 kB English prose",
-        licence="public domain (Project Gutenberg text, header and licence stripped by libbacktrace)",
+    "opticks": _OPTICKS,
+    "opticks-search": replace(
+        _OPTICKS,
+        description="Newton's Opticks, front matter and Book I (characters 0-253,197 of opticks)",
+        role="search part: what quantize --budget decides on",
+        end=OPTICKS_BOOK_II,
+    ),
+    "opticks-heldout": replace(
+        _OPTICKS,
+        description="Newton's Opticks, Books II and III (characters 253,198-567,037 of opticks)",
+        role="held-out part: what quantize --budget reports but never decides on",
+        start=OPTICKS_BOOK_II,
     ),
 }
-DEFAULT_TEXT = "opticks"
+DEFAULT_TEXT = "opticks-heldout"  # what `arm-int4 eval` scores: text no --budget search decides on
+SEARCH_TEXT = "opticks-search"  # what `quantize --budget`'s vLLM check decides on
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,7 @@ class Text:
     name: str  # a TEXTS key, a file path, or "<text>"
     text: str
     sha256: str  # of the UTF-8 bytes: two results are comparable only on the same text
+    role: str = ""  # a packaged text's role (TEXTS[name].role)
 
     @classmethod
     def of(cls, text: Union[str, Text], name: str = "<text>") -> Text:
@@ -102,7 +129,7 @@ class Text:
 
 
 def load_text(spec: str = DEFAULT_TEXT) -> Text:
-    """A packaged text by name (see TEXTS) or a UTF-8 text file by path."""
+    """A packaged text or part by name (see TEXTS; its sha256 is the part's) or a UTF-8 text file by path."""
     if spec in TEXTS:
         pt = TEXTS[spec]
         f = importlib.resources.files(__package__) / "data" / pt.file
@@ -118,7 +145,10 @@ def load_text(spec: str = DEFAULT_TEXT) -> Text:
                 f"{f} changed (sha256 {digest[:12]}…, expected {pt.sha256[:12]}…): results "
                 "would not compare with earlier ones; reinstall arm-int4 or pass a .txt file"
             )
-        return Text(spec, data.decode("utf-8"), digest)
+        if pt.start == 0 and pt.end is None:
+            return Text(spec, data.decode("utf-8"), digest, pt.role)
+        part = data.decode("utf-8")[pt.start : pt.end]
+        return Text(spec, part, hashlib.sha256(part.encode("utf-8")).hexdigest(), pt.role)
     p = Path(spec).expanduser()
     if not p.is_file():
         raise UsageError(f"text {spec!r} is neither a packaged text ({', '.join(TEXTS)}) nor a file")
@@ -283,9 +313,13 @@ def score_windows(
     log: Optional[Union[str, Path]] = None,
     progress: Optional[Callable[[str], None]] = None,
     plan=None,
+    groups: Optional[Sequence[int]] = None,
 ) -> dict:
     """Run the windows through a fresh vLLM engine planned by launch.plan (scoring_spec); the worker's
     result plus `linear_kernels` (from vLLM's log) and `dtype` (what the plan chose).
+
+    groups: window counts (summing to len(windows)) each scored by its own `generate` call and timed
+    apart (`group_seconds`); default one group.
 
     vLLM's log goes to `log` (default: a temporary file, removed on success, named on failure)."""
 
@@ -300,7 +334,10 @@ def score_windows(
         "windows": [list(w.ids) for w in windows],
         "score_from": [w.score_from for w in windows],
         "return_token_logprobs": return_token_logprobs,
+        "groups": list(groups) if groups else [len(windows)],
     }
+    if groups and sum(groups) != len(windows):
+        raise ValueError(f"groups {list(groups)} do not add up to the {len(windows)} windows")
     said = f"scoring {len(windows)} windows of {model_dir} with vLLM"
     failed = f"vLLM could not score {model_dir}"
     result, run = run_scorer("perplexity", job, plan, said=said, failed=failed, log=log, progress=progress)
@@ -335,42 +372,87 @@ def perplexity(
 
     num_tokens: score only the first N text tokens (None or 0: all). bos=False: no BOS prefix.
     request: the EngineRequest (None: the defaults), planned by scoring_spec on `machine`."""
+    return perplexities(
+        model_dir,
+        [text],
+        max_len=max_len,
+        stride=stride,
+        num_tokens=num_tokens,
+        bos=bos,
+        request=request,
+        machine=machine,
+        log=log,
+        progress=progress,
+    )[0]
+
+
+def perplexities(
+    model_dir: Union[str, Path],
+    texts: Sequence[Union[str, Text]],
+    *,
+    max_len: int = MAX_LEN,
+    stride: int = STRIDE,
+    num_tokens: Optional[int] = NUM_TOKENS,
+    bos: bool = True,
+    request=None,
+    machine=None,
+    log: Optional[Union[str, Path]] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list:
+    """perplexity() of each text, all in one vLLM engine (one start: `quantize --budget` scores its
+    search and held-out parts this way). One record per text, in order; each text's windows are one
+    `generate` call, timed on its own (`score_s`; the first call also carries the engine's first-step
+    warm-up: 2 s against 0.06 s for the same work on the tiny test model), and `load_s` is the shared
+    engine's."""
     model_dir = Path(model_dir)
-    text = Text.of(text)
+    scored = [Text.of(t) for t in texts]
     cfg = read_config(model_dir)
     limit = (cfg.get("text_config") or cfg).get("max_position_embeddings")
     if limit and max_len > limit:
         raise UsageError(f"--max-len {max_len} exceeds the model's max_position_embeddings ({limit})")
     # planned first: a checkpoint the plan refuses (e.g. W4A8 MoE off Arm) is refused before any work
     _, plan = scoring_spec(model_dir, max_model_len=max_len + 1, request=request, machine=machine)
-    ids, bos_id = tokenize(model_dir, text, num_tokens)
-    windows = sliding_windows(ids, max_len=max_len, stride=stride, bos_id=bos_id if bos else None)
-    result = score_windows(model_dir, windows, log=log, progress=progress, plan=plan)
-    nll, scored = sum(result["nll"]), sum(result["counts"])
-    computed = sum(len(w.ids) for w in windows)
-    return {
-        "model": str(model_dir),
-        "model_name": hub.model_name(model_dir),  # org/name for a hub cache snapshot
-        "quantization": quantization_label(cfg),
-        "dtype": result["dtype"],
-        "text": text.name,
-        "text_sha256": text.sha256,
-        "text_tokens": len(ids),
-        "scored_tokens": scored,
-        "windows": len(windows),
-        "max_len": max_len,
-        "stride": stride,
-        "bos_token_id": bos_id if bos else None,
-        "nll": nll / scored,  # mean negative log-likelihood per token, nats
-        "ppl": math.exp(nll / scored),
-        "load_s": result["load_seconds"],
-        "score_s": result["score_seconds"],
-        "tokens_per_s": computed / result["score_seconds"] if result["score_seconds"] else None,  # incl. overlap
-        "linear_kernels": result["linear_kernels"],
-        "vllm_version": result["vllm_version"],
-        "provenance": provenance_note(model_dir),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    tok = _tokenizer(model_dir)
+    parts = []  # (ids, windows) per text
+    for text in scored:
+        ids, bos_id = tokenize(model_dir, text, num_tokens, tokenizer=tok)
+        parts.append((ids, sliding_windows(ids, max_len=max_len, stride=stride, bos_id=bos_id if bos else None)))
+    windows = [w for _, ws in parts for w in ws]
+    result = score_windows(
+        model_dir, windows, log=log, progress=progress, plan=plan, groups=[len(ws) for _, ws in parts]
+    )
+    records, first = [], 0
+    for text, (ids, ws), seconds in zip(scored, parts, result["group_seconds"], strict=True):
+        nll, count = sum(result["nll"][first : first + len(ws)]), sum(result["counts"][first : first + len(ws)])
+        first += len(ws)
+        computed = sum(len(w.ids) for w in ws)
+        records.append(
+            {
+                "model": str(model_dir),
+                "model_name": hub.model_name(model_dir),  # org/name for a hub cache snapshot
+                "quantization": quantization_label(cfg),
+                "dtype": result["dtype"],
+                "text": text.name,
+                "text_role": text.role,  # a packaged part's purpose (search / held-out), "" otherwise
+                "text_sha256": text.sha256,
+                "text_tokens": len(ids),
+                "scored_tokens": count,
+                "windows": len(ws),
+                "max_len": max_len,
+                "stride": stride,
+                "bos_token_id": tok.bos_token_id if bos else None,
+                "nll": nll / count,  # mean negative log-likelihood per token, nats
+                "ppl": math.exp(nll / count),
+                "load_s": result["load_seconds"],  # the engine's, shared by every text scored in it
+                "score_s": seconds,
+                "tokens_per_s": computed / seconds if seconds else None,  # incl. overlap
+                "linear_kernels": result["linear_kernels"],
+                "vllm_version": result["vllm_version"],
+                "provenance": provenance_note(model_dir),
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+    return records
 
 
 def compare(
@@ -422,7 +504,9 @@ def format_table(rows: Sequence[dict]) -> str:
     r = rows[0] if rows else {}
     if r:
         out.append(
-            f"\ntext {r['text']} (sha256 {r['text_sha256'][:12]}…), first {r['text_tokens']} tokens, "
+            f"\ntext {r['text']}"
+            + (f", {r['text_role']}" if r.get("text_role") else "")
+            + f" (sha256 {r['text_sha256'][:12]}…), first {r['text_tokens']} tokens, "
             f"windows of {r['max_len']} tokens every {r['stride']}, BOS {r['bos_token_id']}, dtype {r['dtype']}"
         )
     for note in dict.fromkeys(x.get("provenance") for x in rows if x.get("provenance")):

@@ -275,7 +275,9 @@ class EvalOptions:
     )
     text: str = opt(
         evaluate.DEFAULT_TEXT,
-        "text to score: 'opticks' (Newton's Opticks, shipped in the serving environment) or a UTF-8 .txt file",
+        "text to score: 'opticks-heldout' (Books II-III of Newton's Opticks, shipped in arm_int4: text no "
+        "quantize --budget search decides on), 'opticks-search' (front matter and Book I: what --budget fits on), "
+        "'opticks' (the whole book: figures before 2026-12-06), or a UTF-8 .txt file",
         metavar="NAME|FILE",
     )
     num_tokens: int = opt(evaluate.NUM_TOKENS, "score the first N tokens of the text (0: all of it)", metavar="N")

@@ -3,9 +3,11 @@
 # Run: benchmarks/accuracy_front.sh OUT_DIR [TOKENS]     (~1 h on a 2-core x86 box; TOKENS default 1024)
 # Quantizes SmolLM2-135M-Instruct (the packaged default model) with: the learning path's two recipes
 # (channelwise mse, groupwise g32 minmax), GPTQ W4A8 g32 on the packaged calibration set, and
-# `--budget` 5 / 10 / 20 (a scheme per layer, each checked through vLLM on TOKENS tokens of the
-# evaluation text); then scores all of them and BF16 with `arm-int4 eval` on the same TOKENS tokens:
-# the table, the trade-off table (size, bits/weight, Pareto front) and the PNG, into OUT_DIR.
+# `--budget` 5 / 10 / 20 (a scheme per layer, each decided through vLLM on TOKENS tokens of the
+# search part, opticks-search, its summary also giving the held-out part's); then scores all of them
+# and BF16 with `arm-int4 eval` on TOKENS tokens of eval's default text, the held-out part
+# (opticks-heldout): the table, the trade-off table (size, bits/weight, Pareto front) and the PNG,
+# into OUT_DIR.
 set -euo pipefail
 out=${1:?usage: benchmarks/accuracy_front.sh OUT_DIR [TOKENS]}
 tokens=${2:-1024}

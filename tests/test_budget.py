@@ -24,8 +24,9 @@ from arm_int4.quantize.stream import run_stream
 from arm_int4.schemes import MixedScheme, scheme_from_config
 
 # The budget the vLLM tests ask for. On the trained tiny Llama, measured through vLLM on the
-# evaluation text (4096 tokens): BF16 130.65, every layer channelwise-mse 137.69 (+5.4%), every
-# layer g32 130.50 (-0.1%): 2% is missed by the smallest uniform scheme, and within reach.
+# search part of the packaged text (its first 4096 tokens: the whole text's first 4096): BF16
+# 130.65, every layer channelwise-mse 137.69 (+5.4%), every layer g32 130.50 (-0.1%): 2% is missed
+# by the smallest uniform scheme, and within reach.
 BUDGET = 2.0
 
 
@@ -184,13 +185,13 @@ def test_bad_budget_options_are_one_line(extra, needle, tiny_llama, tmp_path):
 def budgeted(trained_llama, trained_qwen2, tmp_path_factory) -> dict:
     """`quantize --budget 2` on the trained Llama and Qwen2 (each: its source's perplexity and every
     attempt's through vLLM), and the Llama with every layer channelwise-mse (the smallest uniform
-    scheme), measured the same way."""
+    scheme), measured the same way on the part the budget decides on."""
     root = tmp_path_factory.mktemp("budget")
     out = {}
     for name, model in (("llama", trained_llama), ("qwen2", trained_qwen2)):
         out[name] = quantize(QuantizeOptions(model=str(model), output=str(root / name), budget=BUDGET))
     cw = quantize(QuantizeOptions(model=str(trained_llama), output=str(root / "cw"), method="mse"))
-    out["cw"] = evaluate.perplexity(cw.output, evaluate.load_text(evaluate.DEFAULT_TEXT))
+    out["cw"] = evaluate.perplexity(cw.output, evaluate.load_text(evaluate.SEARCH_TEXT))
     return out
 
 
@@ -201,11 +202,17 @@ def test_budget_is_met_through_vllm(name, budgeted):
     rep = r.budget
     best = rep.best()
     assert Path(best.path) == r.output and (r.output / "config.json").is_file()
-    # measured through vLLM on the evaluation text, against the source measured the same way
-    assert rep.base["text"] == best.record["text"] == evaluate.DEFAULT_TEXT
+    # decided through vLLM on the search part, against the source measured the same way …
+    assert rep.base["text"] == best.record["text"] == evaluate.SEARCH_TEXT
     assert rep.base["scored_tokens"] == best.record["scored_tokens"] == evaluate.NUM_TOKENS
     increase = 100 * (best.record["ppl"] / rep.base["ppl"] - 1)
     assert increase == pytest.approx(best.increase_pct) and increase <= BUDGET, rep.summary()
+    # … and reported on the held-out part (what `arm-int4 eval` scores by default), in the same engine
+    assert rep.base_heldout["text"] == best.heldout["text"] == evaluate.DEFAULT_TEXT != evaluate.SEARCH_TEXT
+    assert rep.base_heldout["scored_tokens"] == best.heldout["scored_tokens"] == evaluate.NUM_TOKENS
+    assert best.heldout_pct == pytest.approx(100 * (best.heldout["ppl"] / rep.base_heldout["ppl"] - 1))
+    assert best.heldout["load_s"] == best.record["load_s"]  # one engine start scored both parts
+    assert rep.base_heldout["ppl"] != rep.base["ppl"]  # another text, another figure
     assert best.record["linear_kernels"] == [w4a8_class()], best.record["linear_kernels"]
     assert r.bytes_out < 0.75 * rep.source_bytes  # smaller than BF16 by more than a quarter (W4A8 = 1 byte/value)
     assert isinstance(r.scheme, MixedScheme) or r.scheme in budget.CANDIDATES
@@ -250,8 +257,22 @@ def test_mixed_checkpoints_load_and_generate_with_each_layers_scheme(budgeted, t
 def test_summary_prints_the_map_size_and_vllm_perplexity(budgeted):
     text = budgeted["llama"].summary()
     assert re.search(r"qkv\s+[c863B]{2}\n", text) and re.search(r"down_proj\s+[c863B]{2}", text), text
-    assert re.search(r"of tensors \(\d+% of [\d.]+ MiB\), perplexity through vLLM on opticks \(4096 tokens\)", text)
-    assert f"vLLM ran {w4a8_class()})" in text  # the kernel the checks ran on (x86: arm_int4's, where installed)
+    best = budgeted["llama"].budget.best()
+    # both parts, named, with the source's and the attempt's perplexity and the increase on each
+    num = r"([\d.]+) → ([\d.]+) \(([-+][\d.]+)%"
+    m = re.search(
+        r"of tensors \(\d+% of [\d.]+ MiB\), perplexity through vLLM on opticks-search \(searched, 4096 tokens\): "
+        + num
+        + r", budget 2%\); on opticks-heldout \(held out, 4096 tokens\): "
+        + num
+        + r"\); vLLM ran ",
+        text,
+    )
+    assert m, text
+    assert float(m.group(2)) == pytest.approx(best.record["ppl"], abs=1e-3)
+    assert float(m.group(5)) == pytest.approx(best.heldout["ppl"], abs=1e-3)
+    assert float(m.group(6)) == pytest.approx(best.heldout_pct, abs=0.05)
+    assert f"; vLLM ran {w4a8_class()}\n" in text  # the kernel the checks ran on (x86: arm_int4's, where installed)
 
 
 def test_sensitivity_is_cached_per_model_and_settings(trained_llama, tmp_path):
@@ -284,9 +305,10 @@ def test_a_budget_no_layer_fits_is_one_line_and_writes_nothing(trained_llama, tm
 
 # ------------------------------------------------------------------------------ a budget vLLM misses
 # On the trap model (tests/helpers/budget_trap.py) every INT4 layer is free on the calibration text
-# and costly on the evaluation text: alone, each costs +2.9% to +30000% perplexity on its first 1024
-# tokens (transformers, fake-quantized, every candidate; +7.3% the least through vLLM in the run
-# by hand), so a 1% budget chosen on calibration misses through vLLM at every attempt.
+# and costly on the search text (the part the vLLM check decides on): alone, each costs +2.9% to
+# +30000% perplexity on its first 1024 tokens (transformers, fake-quantized, every candidate; +7.3%
+# the least through vLLM in the run by hand), so a 1% budget chosen on calibration misses through
+# vLLM at every attempt.
 TRAP_BUDGET = ["--budget", "1", "--budget-eval-tokens", "1024"]
 
 
@@ -313,8 +335,9 @@ def test_a_budget_vllm_misses_keeps_the_best_only_with_keep_best(trap, tmp_path)
     assert f"(best {min(tried):+.1f}% perplexity" in err[0] and err[0].endswith("kept it as asked (--keep-best)")
     # the attempt with the lowest perplexity is what was kept: a checkpoint that verifies, with its summary
     assert verify_dir(tmp_path / "kept").layers > 0
-    # the summary's line ends "(+N%, budget 1%; vLLM ran KERNEL)": the kernel vLLM's log named
-    assert f"({min(tried):+.1f}%, budget 1%; vLLM ran " in r.stdout and f"output: {tmp_path / 'kept'}" in r.stdout
+    # the summary's line: the search part's increase, the held-out part's, and the kernel vLLM's log named
+    assert f"({min(tried):+.1f}%, budget 1%); on opticks-heldout (held out, 1024 tokens): " in r.stdout
+    assert "; vLLM ran " in r.stdout and f"output: {tmp_path / 'kept'}" in r.stdout
     assert not list(tmp_path.glob(".kept.arm-int4-*"))  # the other attempts are gone
 
     r = run_cli("quantize", trap, *TRAP_BUDGET, "--output", tmp_path / "not-kept")

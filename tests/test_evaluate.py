@@ -5,13 +5,14 @@ Engines are the slow part (~40-60 s to start here, and the x86 W4A8 fallback sco
 tokens/s), so each model is started once per module and the texts are kept short.
 """
 
+import hashlib
 import importlib.util
 import json
 import math
 import random
 
 import pytest
-from conftest import w4a8_class
+from conftest import run_cli, w4a8_class
 
 from arm_int4 import evaluate as ev
 from arm_int4.errors import UsageError
@@ -72,7 +73,6 @@ def test_windows_refuse_strides_that_skip_tokens():
 
 # ---------------------------------------------------------------- texts
 def test_packaged_text_ships_in_arm_int4_and_is_pinned(opticks):
-    import hashlib
     from pathlib import Path
 
     shipped = Path(ev.__file__).parent / "data" / ev.TEXTS["opticks"].file
@@ -94,6 +94,69 @@ def test_packaged_text_refuses_other_bytes_or_a_missing_file(monkeypatch):
     monkeypatch.setitem(ev.TEXTS, "opticks", dataclasses.replace(real, file="absent.txt"))
     with pytest.raises(EnvironmentMissing, match=r"absent\.txt is missing from this arm_int4 install"):
         ev.load_text("opticks")
+
+
+def test_the_search_and_held_out_parts_are_disjoint_and_cover_the_text(opticks):
+    """`quantize --budget` fits on opticks-search, `eval` reports on opticks-heldout: the two are cut
+    from the pinned file (never edited) at the start of the Second Book, share no character and
+    together are the whole text."""
+    search, heldout = ev.load_text(ev.SEARCH_TEXT), ev.load_text(ev.DEFAULT_TEXT)
+    assert (search.name, heldout.name) == ("opticks-search", "opticks-heldout")
+    assert search.text + heldout.text == opticks.text  # disjoint, in order, nothing left out
+    assert len(search.text) == ev.OPTICKS_BOOK_II == 253_198 and len(heldout.text) == 567_038 - 253_198
+    # a clean boundary: the Second Book's title opens the held-out part; Book I is all in the search part
+    assert heldout.text.startswith("THE\n\nSECOND BOOK\n\nOF\n\nOPTICKS\n") and search.text.endswith("\n\n\n\n")
+    assert "SECOND BOOK" not in search.text and search.text.count("THE FIRST BOOK OF OPTICKS") == 2
+    assert "FIRST BOOK" not in heldout.text and "THIRD BOOK" in heldout.text
+    assert search.text.startswith("Produced by") and "TITLE PAGE" in search.text  # the front matter
+    # each part is its own text (sha256 of its bytes), and says what it is for
+    assert len({opticks.sha256, search.sha256, heldout.sha256}) == 3
+    assert heldout.sha256 == hashlib.sha256(heldout.text.encode()).hexdigest()
+    assert "held-out" in heldout.role and "quantize --budget" in heldout.role
+    assert "search" in search.role and heldout.role.startswith("held-out part")
+    # the parts are checked against the same pin as the whole file
+    for name in ("opticks-search", "opticks-heldout"):
+        assert (ev.TEXTS[name].file, ev.TEXTS[name].sha256) == (ev.TEXTS["opticks"].file, ev.TEXTS["opticks"].sha256)
+
+
+def test_eval_scores_the_held_out_part_by_default_and_says_so(tiny_llama, monkeypatch):
+    """The default text of `arm-int4 eval` (and of evaluate.load_text) is the held-out part; every
+    record and the table's text line name it and its role. Several texts share one engine
+    (`perplexities`, as quantize --budget scores both parts): one scoring call, one group each."""
+    from arm_int4.options import EvalOptions
+
+    assert ev.DEFAULT_TEXT == "opticks-heldout" != ev.SEARCH_TEXT
+    assert EvalOptions.__dataclass_fields__["text"].default == ev.DEFAULT_TEXT
+    assert ev.load_text().name == ev.DEFAULT_TEXT
+    calls = []
+
+    def fake_engine(model_dir, windows, *, groups, plan, **kw):  # no vLLM: each token costs 1 nat
+        calls.append(groups)
+        return {
+            "nll": [float(w.scored) for w in windows],
+            "counts": [w.scored for w in windows],
+            "load_seconds": 1.0,
+            "group_seconds": [2.0] * len(groups),
+            "vllm_version": "fake",
+            "linear_kernels": [],
+            "dtype": plan.dtype,
+        }
+
+    monkeypatch.setattr(ev, "score_windows", fake_engine)
+    texts = [ev.load_text(ev.SEARCH_TEXT), ev.load_text()]
+    recs = ev.perplexities(tiny_llama, texts, num_tokens=300, max_len=128, stride=64)
+    assert len(calls) == 1 and len(calls[0]) == 2  # one engine, two groups of windows
+    assert [r["text"] for r in recs] == ["opticks-search", "opticks-heldout"]
+    assert [r["windows"] for r in recs] == calls[0] and all(r["scored_tokens"] == 300 for r in recs)
+    assert all(r["ppl"] == pytest.approx(math.e) for r in recs)
+    assert [r["text_sha256"] for r in recs] == [t.sha256 for t in texts]
+    assert "held-out" in recs[1]["text_role"] and "search" in recs[0]["text_role"]
+    line = ev.format_table([recs[1]]).splitlines()[-1]
+    assert line.startswith(
+        "text opticks-heldout, held-out part: what quantize --budget reports but never decides on ("
+    ), line
+    r = run_cli("eval", "--help")
+    assert "(default: opticks-heldout)" in " ".join(r.stdout.split()), r.stdout
 
 
 def test_text_from_a_file_and_refusals(tmp_path):
@@ -178,10 +241,17 @@ def _reference_token_logprobs(model_dir, windows):
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tiny_llama, opticks):
-    ids, bos = ev.tokenize(tiny_llama, opticks, num_tokens=600)
-    windows = ev.sliding_windows(ids, max_len=256, stride=128, bos_id=bos)
-    got = ev.score_windows(tiny_llama, windows, request=EngineRequest(dtype="float32"), return_token_logprobs=True)
+def tiny_runs(tiny_llama):
+    """One engine, both parts of the packaged text (300 tokens each) as two groups of windows, as
+    quantize --budget scores them."""
+    windows, groups = [], []
+    for name in (ev.SEARCH_TEXT, ev.DEFAULT_TEXT):
+        ids, bos = ev.tokenize(tiny_llama, ev.load_text(name), num_tokens=300)
+        part = ev.sliding_windows(ids, max_len=256, stride=128, bos_id=bos)
+        windows, groups = windows + part, groups + [len(part)]
+    got = ev.score_windows(
+        tiny_llama, windows, request=EngineRequest(dtype="float32"), return_token_logprobs=True, groups=groups
+    )
     return windows, got, _reference_token_logprobs(tiny_llama, windows)
 
 
@@ -189,12 +259,14 @@ def tiny_runs(tiny_llama, opticks):
 def test_vllm_perplexity_matches_transformers_on_tiny_llama(tiny_runs):
     """Same fp32 weights, same windows, two implementations (vLLM's CPU attention and custom ops vs
     transformers' eager PyTorch): only the order of fp32 operations differs. Measured here: max
-    per-token |Δ logprob| 9.5e-7 nats (2 ulps at |logprob| ~7), perplexity ratio 1 - 3e-8.
+    per-token |Δ logprob| 9.5e-7 nats (2 ulps at |logprob| ~7), perplexity ratio 1 - 3e-8 (600 tokens of
+    the whole text; 1 - 5e-8 on 300 of each part, 2026-12-06).
     Tolerance: 1e-4 nats per token, 1e-5 relative on the perplexity — 100× the measured
     agreement, yet far below what a scoring bug costs on this model: scoring each token from
     the wrong position moves tokens by up to 0.66 nats (mean 0.12), dropping the BOS by up to 0.10."""
     windows, got, ref = tiny_runs
     assert [len(x) for x in got["token_logprobs"]] == [w.scored for w in windows]
+    assert len(got["group_seconds"]) == 2  # each part its own generate call, in one engine
     diffs = [abs(a - b) for gw, rw in zip(got["token_logprobs"], ref, strict=True) for a, b in zip(gw, rw, strict=True)]
     assert max(diffs) < 1e-4, f"max per-token |Δ logprob| {max(diffs):.2e}"
     n = sum(len(r) for r in ref)

@@ -97,7 +97,7 @@ def test_rotated_model_computes_the_same_logits(tmp_path, arch, tied, config):
 @pytest.mark.slow  # ~50-120 s here (three 135M models in fp32); the tiny models above cover the math in CI
 def test_default_model_rotated_is_exact_in_fp32_and_close_in_bf16(smollm2, tmp_path):
     """The real model (hidden 576 = Paley II 36 × Sylvester 16, head_dim 64), 512 tokens of the
-    evaluation text. Measured: fp32 rotated max |Δlogit| 2.9e-4 (logit std 7.9), top-1 identical;
+    whole packaged text (opticks). Measured: fp32 rotated max |Δlogit| 2.9e-4 (logit std 7.9), top-1 identical;
     bf16 rotated (what --rotate hands the quantizer: the source's dtype) Δ NLL +0.0011 nats/token
     (perplexity +0.1%), top-1 agreement 0.988. Bounds: 3e-3 (10×) and 0.005 nats (4×; a wrong
     rotation costs nats, not thousandths)."""
@@ -107,7 +107,9 @@ def test_default_model_rotated_is_exact_in_fp32_and_close_in_bf16(smollm2, tmp_p
 
     assert rotate_checkpoint(smollm2, tmp_path / "fp32", dtype="float32").r1 == "hadamard 576"
     rotate_checkpoint(smollm2, tmp_path / "bf16")
-    ids = AutoTokenizer.from_pretrained(str(smollm2))(load_text().text[:20000], return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(str(smollm2))(load_text("opticks").text[:20000], return_tensors="pt")[
+        "input_ids"
+    ]
     ids = ids[:, :512]
     ref, fp32, bf16 = (_logits(d, ids) for d in (smollm2, tmp_path / "fp32", tmp_path / "bf16"))
 

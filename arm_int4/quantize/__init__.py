@@ -161,15 +161,15 @@ def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, o
                 report.exhausted = True
                 break
             if not report.base:  # the source through vLLM, once (after the first choice: nothing is refused later)
-                report.base = _perplexity(model_dir, opts.budget_eval_tokens)
+                report.base, report.base_heldout = _perplexity(model_dir, opts.budget_eval_tokens)
             mplan = budget.mixed_plan(plan, units, choice.choice)
             tmp = out.parent / f".{out.name}.arm-int4-try{attempt}-{os.getpid()}"
             tries.append(tmp)
             tmp.mkdir()
             stats = run_stream(mplan, tmp, opts.observer_precision, jobs=opts.jobs)
             verified = verify_written(tmp, mplan, stats)
-            rec = _perplexity(tmp, opts.budget_eval_tokens)
-            report.add(choice, mplan, stats, verified, rec, tmp)
+            rec, heldout = _perplexity(tmp, opts.budget_eval_tokens)
+            report.add(choice, mplan, stats, verified, rec, heldout, tmp)
             _log(report.attempts[-1].line(report))
             increase = report.attempts[-1].increase_pct
             if budget.CLOSE_ENOUGH * pct <= increase <= pct:
@@ -207,11 +207,15 @@ def _quantize_budget(opts: QuantizeOptions, pct: float, plan, model_dir: Path, o
     return result
 
 
-def _perplexity(model_dir: Path, tokens: int) -> dict:
-    """arm-int4 eval's perplexity (its defaults, the packaged evaluation text) through vLLM."""
+def _perplexity(model_dir: Path, tokens: int) -> tuple[dict, dict]:
+    """arm-int4 eval's perplexity (its defaults) through vLLM on the search part of the packaged text
+    (what the budget decides on) and on the held-out part (what `arm-int4 eval` scores by default),
+    both in one engine: (search record, held-out record)."""
     from .. import evaluate
 
-    return evaluate.perplexity(model_dir, evaluate.load_text(evaluate.DEFAULT_TEXT), num_tokens=tokens, progress=_log)
+    texts = [evaluate.load_text(evaluate.SEARCH_TEXT), evaluate.load_text(evaluate.DEFAULT_TEXT)]
+    search, heldout = evaluate.perplexities(model_dir, texts, num_tokens=tokens, progress=_log)
+    return search, heldout
 
 
 def _quantize_rotated(opts: QuantizeOptions) -> QuantResult:

@@ -20,10 +20,14 @@ perplexity of the unquantized one.
 4. Check. The whole choice is applied at once and its KL measured on the calibration text;
    effects do not add exactly, so when the whole exceeds the limit the target is scaled down by
    the miss and the choice repeats (a few rounds). The caller then writes it (one config group
-   per scheme) and measures perplexity through vLLM on the evaluation text, the figure users see,
-   and rescales the limit by what it measured (calibration KL → vLLM perplexity): tighter after a
-   miss, looser when well under the budget, so a smaller model may fit (≤ VLLM_ROUNDS writes; the
-   smallest within budget is kept).
+   per scheme) and measures perplexity through vLLM on the search part of the packaged text
+   (evaluate.SEARCH_TEXT: Opticks' front matter and Book I), and rescales the limit by what it
+   measured (calibration KL → vLLM perplexity): tighter after a miss, looser when well under the
+   budget, so a smaller model may fit (≤ VLLM_ROUNDS writes; the smallest within budget is kept).
+5. Held out. The same engine also scores the held-out part (evaluate.DEFAULT_TEXT: Books II–III,
+   what `arm-int4 eval` reports by default). The search fitted its rescaling to the search part,
+   so its increase there is not an independent check; the held-out increase is, and the summary
+   prints both. The decision uses the search part only.
 """
 
 from __future__ import annotations
@@ -279,19 +283,22 @@ class Attempt:
     plan: QuantPlan
     stats: Any  # StreamStats
     verified: Any  # VerifyReport
-    record: dict  # evaluate.perplexity's record
+    record: dict  # evaluate.perplexity's record on the search part: what the budget decides on
+    heldout: dict  # the same engine's record on the held-out part: the independent check
     path: Path
-    increase_pct: float
+    increase_pct: float  # on the search part
+    heldout_pct: float
 
     def line(self, report: BudgetReport) -> str:
-        b = report.base
+        b, h = report.base, report.base_heldout
         return (
             f"budget: {self.verified.nbytes / 2**20:.1f} MiB of tensors "
             f"({100 * self.verified.nbytes / report.source_bytes:.0f}% of {report.source_bytes / 2**20:.1f} MiB), "
-            f"perplexity through vLLM on {self.record['text']} "
-            f"({self.record['scored_tokens']} tokens): {b['ppl']:.3f} → {self.record['ppl']:.3f} "
-            f"({self.increase_pct:+.1f}%, budget {report.budget_pct:g}%; "
-            f"vLLM ran {', '.join(self.record.get('linear_kernels') or []) or 'no INT4 kernel'})"
+            f"perplexity through vLLM on {self.record['text']} (searched, {self.record['scored_tokens']} tokens): "
+            f"{b['ppl']:.3f} → {self.record['ppl']:.3f} ({self.increase_pct:+.1f}%, budget {report.budget_pct:g}%); "
+            f"on {self.heldout['text']} (held out, {self.heldout['scored_tokens']} tokens): "
+            f"{h['ppl']:.3f} → {self.heldout['ppl']:.3f} ({self.heldout_pct:+.1f}%); "
+            f"vLLM ran {', '.join(self.record.get('linear_kernels') or []) or 'no INT4 kernel'}"
         )
 
 
@@ -299,13 +306,17 @@ class Attempt:
 class BudgetReport:
     budget_pct: float
     source_bytes: int
-    base: dict = field(default_factory=dict)  # the source model's perplexity record
+    base: dict = field(default_factory=dict)  # the source model's perplexity record on the search part
+    base_heldout: dict = field(default_factory=dict)  # … and on the held-out part (same engine)
     attempts: list[Attempt] = field(default_factory=list)
     exhausted: bool = False  # vLLM's measurements left no INT4 layer within the rescaled limit
 
-    def add(self, choice: BudgetChoice, plan: QuantPlan, stats, verified, record: dict, path: Path) -> None:
+    def add(
+        self, choice: BudgetChoice, plan: QuantPlan, stats, verified, record: dict, heldout: dict, path: Path
+    ) -> None:
         pct = 100 * (record["ppl"] / self.base["ppl"] - 1)
-        self.attempts.append(Attempt(choice, plan, stats, verified, record, path, pct))
+        held = 100 * (heldout["ppl"] / self.base_heldout["ppl"] - 1)
+        self.attempts.append(Attempt(choice, plan, stats, verified, record, heldout, path, pct, held))
 
     def best(self) -> Attempt:
         """The smallest attempt within budget, else the one with the lowest perplexity."""
@@ -322,7 +333,8 @@ class BudgetReport:
         )
         return (
             f"--budget {self.budget_pct:g}: not met through vLLM after {len(self.attempts)} attempts{then} "
-            f"(best {b.increase_pct:+.1f}% perplexity at {b.verified.nbytes / 2**20:.1f} MiB); " + kept_or_not
+            f"(best {b.increase_pct:+.1f}% perplexity on {b.record['text']}, {b.heldout_pct:+.1f}% on "
+            f"{b.heldout['text']}, at {b.verified.nbytes / 2**20:.1f} MiB); " + kept_or_not
         )
 
     def summary(self) -> str:

@@ -72,7 +72,9 @@ class QuantizeOptions:
         None,
         "choose a W4A8 scheme per Linear (channelwise, g128, g64, g32, or BF16 as the last resort) for the "
         "smallest model within PCT%% perplexity of MODEL: sensitivity measured per layer on the packaged "
-        "calibration text, the result checked through vLLM on the evaluation text (docs/accuracy.md)",
+        "calibration text, the result checked through vLLM on the search part of the packaged text "
+        "(opticks-search) and reported on the held-out part too (opticks-heldout, what eval scores; "
+        "docs/accuracy.md)",
         metavar="PCT",
     )
     budget_tokens: int = opt(
@@ -89,8 +91,8 @@ class QuantizeOptions:
     )
     budget_eval_tokens: int = opt(
         4096,  # = evaluate.NUM_TOKENS (not imported here: the library must not load the eval command)
-        "evaluation-text tokens --budget's vLLM check scores (arm-int4 eval's default; fewer is faster on "
-        "x86, where W4A8 runs vLLM's slow reference kernel)",
+        "tokens --budget's vLLM check scores on each part of the packaged text, search and held-out "
+        "(arm-int4 eval's default; fewer is faster on x86, where W4A8 runs vLLM's slow reference kernel)",
         metavar="N",
     )
     keep_best: bool = opt(

@@ -4,9 +4,12 @@ Run (by arm_int4.runner only): VENV_PYTHON arm_int4/workers/perplexity_worker.py
 (standalone: imports only its stdlib-only sibling worker_io.py)
 JOB.json = {"model": dir, "engine_kwargs": {LLM kwargs from the launch plan},
             "windows": [[token ids], ...], "score_from": [first scored position per window],
-            "return_token_logprobs": bool, "seed": int}
+            "return_token_logprobs": bool, "seed": int,
+            "groups": [window count per group, summing to len(windows); default one group]}
 RESULT.json: {"ok": true, "nll": [per-window sum of -logprob], "counts": [...], "load_seconds",
-"score_seconds", "vllm_version", ["token_logprobs"]} or {"ok": false, "error": "..."}.
+"score_seconds", "group_seconds": [one per group], "vllm_version", ["token_logprobs"]} or
+{"ok": false, "error": "..."}. Each group (e.g. one text of several scored in one engine) is one
+`generate` call, timed on its own.
 
 Why a process per model: vLLM 0.32 frees an engine only by SIGTERM-ing its engine core and
 force-killing the worker after a 5 s grace (seen here: "force killing remaining processes",
@@ -36,9 +39,12 @@ def score(job):
     # the raw logits; position 0 is None. Requests with prompt logprobs skip the prefix cache, so
     # overlapping windows are each computed in full.
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    t0 = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
-    score_seconds = time.perf_counter() - t0
+    outputs, group_seconds, first = [], [], 0
+    for n in job.get("groups") or [len(windows)]:
+        t0 = time.perf_counter()
+        outputs += llm.generate([{"prompt_token_ids": w} for w in windows[first : first + n]], params, use_tqdm=False)
+        group_seconds.append(round(time.perf_counter() - t0, 3))
+        first += n
 
     nll, counts, token_logprobs = [], [], []
     for w, start, out in zip(windows, job["score_from"], outputs, strict=False):
@@ -60,7 +66,8 @@ def score(job):
         "nll": nll,
         "counts": counts,
         "load_seconds": round(load_seconds, 3),
-        "score_seconds": round(score_seconds, 3),
+        "score_seconds": round(sum(group_seconds), 3),
+        "group_seconds": group_seconds,
         "vllm_version": __version__,
     }
     if job.get("return_token_logprobs"):

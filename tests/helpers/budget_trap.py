@@ -1,15 +1,16 @@
 """A model on which `quantize --budget` cannot succeed, for the test of its miss: every INT4 layer
-is free on the calibration text and costly on the evaluation text.
+is free on the calibration text and costly on the search text (evaluate.SEARCH_TEXT, the part of
+Opticks the budget's vLLM check decides on).
 
 From a trained tiny Llama: two residual dimensions h, h2 are zero for every token of the packaged
-calibration set and carry +e / −e for the tokens that occur only in the evaluation text. Every
+calibration set and carry +e / −e for the tokens that occur only in the search text. Every
 Linear that reads them holds a pair of columns — one below half of any candidate's INT4 step
 (rounded away by every scheme), its partner R times larger (kept) — fed x and −x/R: they cancel
 exactly in BF16 (R and every gain are powers of two), and INT4 leaves the partner alone, so any
 quantized layer adds a term proportional to x at those tokens. o_proj and down_proj get the same
 pair behind v rows and MLP units that read only h and h2; each norm's gain on h makes x about X
 whatever the residual's size there. On the calibration text every trap term is exactly zero, so
-the sensitivity pass sees the trained model; through vLLM on the evaluation text each layer alone
+the sensitivity pass sees the trained model; through vLLM on the search text each layer alone
 costs more than the test's budget (printed per layer by `measure`, see test_budget.py).
 """
 
@@ -26,7 +27,7 @@ X = 1e5  # the trap input's size at each norm's output, at the evaluation-only t
 
 
 def split_tokens(model: Path, eval_tokens: int) -> tuple[list[int], list[int]]:
-    """(the first `eval_tokens` ids of the evaluation text, the ids among them that no calibration row has)."""
+    """(the first `eval_tokens` ids of the budget's search text, the ids among them that no calibration row has)."""
     from transformers import AutoTokenizer
 
     from arm_int4 import evaluate
@@ -37,7 +38,7 @@ def split_tokens(model: Path, eval_tokens: int) -> tuple[list[int], list[int]]:
     seen = {
         t for row in calibration_rows(tok, packaged_calibration()) for t in row
     }  # every row, as the pass reads them
-    text = evaluate.load_text(evaluate.DEFAULT_TEXT).text
+    text = evaluate.load_text(evaluate.SEARCH_TEXT).text  # the part the budget's vLLM check decides on
     ids = tok(text[: 40 * eval_tokens], add_special_tokens=False)["input_ids"][:eval_tokens]
     return ids, sorted(set(ids) - seen)
 
