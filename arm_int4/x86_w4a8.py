@@ -219,9 +219,11 @@ def _kernel_class():
             k, n = c.partition_weight_shape
             if k % c.group_size:
                 return False, f"group size {c.group_size} does not divide in_features {k}"
-            if c.group_size != k and (c.group_size % 32 or n % x86_w4a8_gemm.BLOCK_N):
+            if c.group_size != k and (
+                c.group_size % 32 or c.group_size > x86_w4a8_gemm.MAX_GROUP or n % x86_w4a8_gemm.BLOCK_N
+            ):
                 # the reference takes groups of multiples of 32; the C kernel's layout, 16-column blocks
-                return False, f"groupwise needs group % 32 == 0, out_features % 16 == 0 (got {c})"
+                return False, f"groupwise needs group % 32 == 0, group <= 4096, out_features % 16 == 0 (got {c})"
             return True, None
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -239,8 +241,8 @@ def _kernel_class():
                 wp, wsum, sc = x86_w4a8_gemm.pack(w, scales.to(torch.bfloat16))
                 x86_w4a8_gemm.library()  # compiled (or found in the cache) now, not while vLLM traces the model
                 _param(layer, self.w_q_name, wp)  # uint8 [N·K/2]: two int4 per byte
-                _new(layer, "x86_wsum", wsum)  # int32 [N/16, K/g, 16]: per-group weight sums (zero-point term)
-                _new(layer, "x86_group_scale", sc)  # fp32 [N/16, K/g, 16]
+                _new(layer, "x86_wsum", wsum)  # int16 [N/16, K/g, 16]: per-group weight sums (zero-point term)
+                _new(layer, "x86_group_scale", sc)  # bf16 [N/16, K/g, 16]
             if self.w_q_name != "weight" and getattr(layer, "weight", None) is not None:
                 # vLLM registers the same tensor as "weight" too: point it at the new one, the [N, K] copy is freed
                 _param(layer, "weight", getattr(layer, self.w_q_name).data)

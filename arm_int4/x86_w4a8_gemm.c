@@ -22,7 +22,8 @@
  *   wp[((nb * K/8 + o) * 2 + h) * 32 + c * 4 + j], h = 0..1 (columns 8h..8h+7 of the block), c = 0..7, j = 0..3:
  *   low nibble  = w[16 nb + 8 h + c, 8 o + j] + 8
  *   high nibble = w[16 nb + 8 h + c, 8 o + 4 + j] + 8
- * wsum[(nb * G + b) * 16 + i] = sum over the group of w[16 nb + i, k];  sc[(nb * G + b) * 16 + i] = scale (fp32).
+ * wsum[(nb * G + b) * 16 + i] = sum over the group of w[16 nb + i, k] (int16: |sum| <= 8 g, g <= 4096);
+ * sc[(nb * G + b) * 16 + i] = the group's scale, bf16 bits (the reference's type; widened to fp32 exactly).
  */
 #include <float.h>
 #include <stdint.h>
@@ -39,6 +40,13 @@ static inline float clampf(float v) {
     return v;
 }
 
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline int nibble(const uint8_t *wp, int64_t K, int64_t n, int64_t k) {
     int64_t nb = n / 16, i = n % 16, h = i / 8, c = i % 8, o = k / 8, r = k % 8;
     uint8_t byte = wp[((nb * (K / 8) + o) * 2 + h) * 32 + c * 4 + (r & 3)];
@@ -47,7 +55,7 @@ static inline int nibble(const uint8_t *wp, int64_t K, int64_t n, int64_t k) {
 
 /* Plain C: the reference's loop order. Columns [n0, n1) of every row. */
 static void gemm_plain(int64_t M, int64_t N, int64_t K, int64_t g, const int8_t *q, const int32_t *zp,
-                       const float *recip, const uint8_t *wp, const int32_t *wsum, const float *sc, float *out,
+                       const float *recip, const uint8_t *wp, const int16_t *wsum, const uint16_t *sc, float *out,
                        int64_t n0, int64_t n1) {
     int64_t G = K / g;
     (void)wsum;
@@ -58,7 +66,7 @@ static void gemm_plain(int64_t M, int64_t N, int64_t K, int64_t g, const int8_t 
                 int32_t iacc = 0;
                 for (int64_t k = b * g; k < (b + 1) * g; ++k)
                     iacc += ((int32_t)q[m * K + k] - zp[m]) * nibble(wp, K, n, k);
-                float s = sc[((n / 16) * G + b) * 16 + n % 16];
+                float s = bf16_to_float(sc[((n / 16) * G + b) * 16 + n % 16]);
                 float t = (float)iacc * s;
                 acc = acc + t;
             }
@@ -70,7 +78,7 @@ static void gemm_plain(int64_t M, int64_t N, int64_t K, int64_t g, const int8_t 
 #if defined(__AVX2__)
 /* R rows (1..4) x one 16-column block, all groups. */
 static inline void tile_avx2(int R, int64_t N, int64_t K, int64_t g, const int8_t *q, const int32_t *zp,
-                             const float *recip, const uint8_t *wpb, const int32_t *wsb, const float *scb,
+                             const float *recip, const uint8_t *wpb, const int16_t *wsb, const uint16_t *scb,
                              float *out) {
     const int64_t G = K / g, steps = g / 8;
     const __m256i low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
@@ -107,9 +115,13 @@ static inline void tile_avx2(int R, int64_t N, int64_t K, int64_t g, const int8_
                 iacc[r][1] = _mm256_add_epi32(iacc[r][1], _mm256_madd_epi16(p1, ones));
             }
         }
-        const __m256i ws0 = _mm256_loadu_si256((const __m256i *)(wsb + b * 16));
-        const __m256i ws1 = _mm256_loadu_si256((const __m256i *)(wsb + b * 16 + 8));
-        const __m256 s0 = _mm256_loadu_ps(scb + b * 16), s1 = _mm256_loadu_ps(scb + b * 16 + 8);
+        const __m256i ws0 = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(wsb + b * 16)));
+        const __m256i ws1 = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(wsb + b * 16 + 8)));
+        /* bf16 -> fp32: the bits shifted up, exact */
+        const __m256 s0 = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scb + b * 16))), 16));
+        const __m256 s1 = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scb + b * 16 + 8))), 16));
         for (int r = 0; r < 4; ++r) {
             if (r >= R) break;
             __m256i i0 = _mm256_sub_epi32(iacc[r][0], _mm256_mullo_epi32(off[r], ws0));
@@ -133,13 +145,13 @@ static inline void tile_avx2(int R, int64_t N, int64_t K, int64_t g, const int8_
 }
 
 static void gemm_avx2(int64_t M, int64_t N, int64_t K, int64_t g, const int8_t *q, const int32_t *zp,
-                      const float *recip, const uint8_t *wp, const int32_t *wsum, const float *sc, float *out,
+                      const float *recip, const uint8_t *wp, const int16_t *wsum, const uint16_t *sc, float *out,
                       int64_t n0, int64_t n1) {
     const int64_t G = K / g;
     for (int64_t nb = n0 / 16; nb < n1 / 16; ++nb) {
         const uint8_t *wpb = wp + nb * (K / 8) * 64;
-        const int32_t *wsb = wsum + nb * G * 16;
-        const float *scb = sc + nb * G * 16;
+        const int16_t *wsb = wsum + nb * G * 16;
+        const uint16_t *scb = sc + nb * G * 16;
         for (int64_t m = 0; m < M; m += 4) {
             int R = (int)(M - m < 4 ? M - m : 4);
             tile_avx2(R, N, K, g, q + m * K, zp + m, recip + m, wpb, wsb, scb, out + m * N + nb * 16);
@@ -158,10 +170,11 @@ int x86_w4a8_simd(void) {
 }
 
 /* out[M, N] fp32 = the reference's result before bias; q int8 [M, K]; zp int32 [M]; recip fp32 [M].
- * simd = 0 forces the plain C loops. Needs N % 16 == 0, K % g == 0, g % 8 == 0. Threads split the
+ * simd = 0 forces the plain C loops. Needs N % 16 == 0, K % g == 0, g % 8 == 0, g <= 4096. Threads split the
  * 16-column blocks. */
 void x86_w4a8_gemm(int64_t M, int64_t N, int64_t K, int64_t g, const int8_t *q, const int32_t *zp,
-                   const float *recip, const uint8_t *wp, const int32_t *wsum, const float *sc, float *out, int simd) {
+                   const float *recip, const uint8_t *wp, const int16_t *wsum, const uint16_t *sc, float *out,
+                   int simd) {
     const int64_t NB = N / 16;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (NB > 1 && M * N * K > (1 << 16))

@@ -19,7 +19,8 @@ links libgomp.so.1 by soname, which resolves to the libgomp torch has already lo
 torch's (torch.set_num_threads, vLLM's core binding).
 
 Weights are prepared once (`pack`): two int4 values per byte in the kernel's layout (see the .c file),
-per-group weight sums (int32) for the zero-point term, group scales in fp32 (exact: they are bf16).
+per-group weight sums (int16: |Σ| ≤ 8·group) for the zero-point term, group scales in bf16 (the
+reference's type): 0.625 bytes per weight at group 32.
 """
 
 import ctypes
@@ -36,6 +37,7 @@ __all__ = [
     "SOURCE",
     "FLAGS",
     "BLOCK_N",
+    "MAX_GROUP",
     "pack",
     "unpack",
     "gemm",
@@ -49,6 +51,7 @@ SOURCE = Path(__file__).with_name("x86_w4a8_gemm.c")
 # -ffp-contract=off: one rounding per float step, as the reference; -fopenmp dropped if it fails to build
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 BLOCK_N = 16  # output columns per block of the packed layout: out_features must be a multiple
+MAX_GROUP = 4096  # per-group weight sums are stored in int16: |Σ w| ≤ 8·group ≤ 32768
 # vLLM's own logger tree: vLLM configures "vllm" (handler, INFO) in every process it starts, ours is not
 log = logging.getLogger("vllm.arm_int4.x86_w4a8")
 
@@ -125,8 +128,8 @@ def backend() -> str:
 
 
 def pack(w, scales):
-    """w int8 [N, K] (-8..7), scales [N, K/g] (bf16: the reference's groupwise scale type) ->
-    (wp uint8 [N·K/2], wsum int32 [N/16, K/g, 16], sc fp32 [N/16, K/g, 16])."""
+    """w int8 [N, K] (-8..7), scales bf16 [N, K/g] (the reference's groupwise scale type) ->
+    (wp uint8 [N·K/2], wsum int16 [N/16, K/g, 16], sc bf16 [N/16, K/g, 16])."""
     import torch
 
     n, k = w.shape
@@ -134,9 +137,9 @@ def pack(w, scales):
     u = (w.to(torch.int16) + 8).to(torch.uint8).view(n // BLOCK_N, 2, 8, k // 8, 2, 4)  # nb, h, c, o, t, j
     byte = u[..., 0, :] | (u[..., 1, :] << 4)  # nb, h, c, o, j
     wp = byte.permute(0, 3, 1, 2, 4).contiguous().view(-1)  # nb, o, h, c, j
-    wsum = w.view(n, groups, k // groups).sum(-1, dtype=torch.int32)
+    wsum = w.view(n, groups, k // groups).sum(-1, dtype=torch.int32).to(torch.int16)
     blocks = lambda t: t.view(n // BLOCK_N, BLOCK_N, groups).permute(0, 2, 1).contiguous()
-    return wp, blocks(wsum), blocks(scales.float())
+    return wp, blocks(wsum), blocks(scales.to(torch.bfloat16))
 
 
 def unpack(wp, n: int, k: int):
@@ -157,7 +160,7 @@ def gemm_torch(q, zp, recip, wp, wsum, sc):
     n, g = nb * bn, k // groups
     w = unpack(wp, n, k).double().view(n, groups, g)
     a = (q.int() - zp).double().view(m, groups, g)  # |q − zp| ≤ 255
-    s = sc.permute(0, 2, 1).reshape(n, groups)
+    s = sc.permute(0, 2, 1).reshape(n, groups).float()
     acc = torch.zeros(m, n, dtype=torch.float32)
     for b in range(groups):
         # exact: integer products and sums far below 2^53 in float64, and |Σ| ≤ 255·8·g < 2^24 in fp32
