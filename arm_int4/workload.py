@@ -58,8 +58,8 @@ PROMPTS, GENS, BATCHES, REPETITIONS, WARMUP, SEED = (128, 512), (128,), (1, 8), 
 # W4A16 (CPUWNA16) reads its pack-quantized int32 words as stored, eight values each, on any CPU.
 INT4_READ_BYTES = {"aarch64": 0.5, "x86_64": 4}
 W4A16_READ_BYTES = 0.5
-# arm_int4's X86W4A8LinearKernel (x86_w4a8.py) decodes from int8 [K, N] channelwise and from torch's
-# int4-packed layout groupwise (its int8 copy is read only by prefill's dequantization).
+# arm_int4's X86W4A8LinearKernel (x86_w4a8.py) decodes from int8 [K, N] channelwise and from two int4
+# values per byte groupwise (x86_w4a8_gemm.pack; + 8 bytes of sum and scale per 32-value group).
 X86_KERNEL_READ_BYTES = {"channelwise": 1.0, "groupwise": 0.5}
 OFFLINE_EXCLUDED = (
     "tokenization (prompts are token ids) and detokenization (off); engine start; random prompt generation"

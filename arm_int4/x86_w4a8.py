@@ -3,7 +3,7 @@
 vLLM 0.32 serves compressed-tensors W4A8 (int4 symmetric weights per channel or per group, int8
 dynamic per-token asymmetric activations) through Dynamic4bitLinearKernel and
 torch.ops.aten._dyn_quant_matmul_4bit: KleidiAI on Arm, a scalar reference loop on x86 (slower than
-BF16 by 10-100×). X86W4A8LinearKernel does the same arithmetic with torch's x86 GEMMs:
+BF16 by 10-100×). X86W4A8LinearKernel does the same arithmetic, faster:
 
 - activations: quantized per token exactly as torch's reference kernel does (int4mm_kernel.cpp,
   `ref_dyn_quant_matmul_4bit_*`): range [min(0, min x), max(0, max x)], scale 255 / range, the zero
@@ -12,11 +12,10 @@ BF16 by 10-100×). X86W4A8LinearKernel does the same arithmetic with torch's x86
   exact int32 sums; the zero point is taken out with precomputed weight column sums; then weight
   scale × activation scale (+ bias) in fp32, as the reference does. Bit-identical to the reference
   (tests/test_x86_kernel.py), bf16 output truncated like the reference's bf16 kernel.
-- groupwise: the integer activations (q − zp, exact in bf16: |q − zp| ≤ 255) go through
-  `torch.ops.aten._weight_int4pack_mm_for_cpu` (int4 weights × bf16 group scales, fp32 sums) for
-  short batches; for M ≥ PREFILL_ROWS the group-scaled weights are dequantized to bf16 once per call
-  (N·K work, amortized over M rows) and one bf16 GEMM runs. Either way the result differs from the
-  reference only by fp32 summation order and bf16 roundings (measured in the tests).
+- groupwise: bit-identical to the reference too. Its per-group arithmetic (exact int32 sums per group,
+  then × group scale and + into an fp32 accumulator, one rounding each, group by group, then × the
+  activation scale) is the C kernel of x86_w4a8_gemm.py (AVX2, compiled at first use; the same steps in
+  torch where no compiler is found); bias added after, then the cast to the model's dtype, as vLLM does.
 
 Only on x86_64: `register` (the `vllm.general_plugins` entry point in pyproject.toml) does nothing on
 any other machine, so Arm keeps Dynamic4bitLinearKernel with KleidiAI. Layers this kernel cannot take
@@ -33,23 +32,16 @@ from arm_int4.kernels import X86_W4A8_KERNEL as KERNEL_NAME
 __all__ = [
     "KERNEL_NAME",
     "ENTRY_POINT",
-    "PREFILL_ROWS",
     "register",
     "plugin_active",
     "quantize_rows",
     "linear_channelwise",
     "linear_groupwise",
-    "quantize_centered",
-    "group_gemm",
     "fused",
     "kernel_class",
 ]
 
 ENTRY_POINT = "arm_int4_x86_w4a8"  # its name in pyproject.toml's vllm.general_plugins table
-# Rows at which groupwise switches from the int4-packed GEMV-like kernel to dequantize + bf16 GEMM.
-# Measured on a 2-core EPYC (AVX-512 BF16), 576×3072 and 1024×4096 g32: int4pack 11 ms vs
-# dequantize + GEMM 1.7 ms at M=128, 0.05 vs 0.3 ms (the dequantization alone) at M=1.
-PREFILL_ROWS = 16
 
 
 def quantize_rows(x):
@@ -84,14 +76,6 @@ def _truncate_bf16(t):
     return (t.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
 
 
-def quantize_centered(x):
-    """(q − zp) of quantize_rows as bf16 [M, K] (exact: |q − zp| ≤ 255) and recip fp32 [M, 1]."""
-    import torch
-
-    q, zp, recip = quantize_rows(x)
-    return (q.to(torch.int32) - zp).to(torch.bfloat16), recip
-
-
 def _channelwise_out(acc, zp, colsum, scale, recip, bias, dtype):
     """int32 Σ q·w [M, N] → Σ (q − zp)·w (exact) → × weight scale × activation scale (+ bias) in fp32,
     the reference's order; bf16 output truncated as the reference's bf16 kernel does."""
@@ -103,17 +87,12 @@ def _channelwise_out(acc, zp, colsum, scale, recip, bias, dtype):
     return _truncate_bf16(res) if dtype == torch.bfloat16 else res.to(dtype)
 
 
-def _groupwise_out(y, recip, bias, dtype):
-    res = y.float() * recip
+def _groupwise_out(y, bias, dtype):
+    """The reference's fp32 result (+ bias in fp32, as torch's reference kernel adds it) in the model's
+    dtype: vLLM casts groupwise bf16/fp16 outputs down with .to (round to nearest)."""
     if bias is not None:
-        res = res + bias.float()
-    return res.to(dtype)
-
-
-def _dequantize(w_groups, group_scale):
-    """int8 [N, K/g, g] × scale [N, K/g, 1] → [N, K] in the scale's dtype."""
-    n, groups, g = w_groups.shape
-    return (w_groups * group_scale).view(n, groups * g)
+        y = y + bias.float()
+    return y.to(dtype)
 
 
 def _staged(fn):
@@ -133,26 +112,11 @@ def linear_channelwise(x, wt, colsum, scale, bias):
     return _staged(_channelwise_out)(acc, zp, colsum, scale, recip, bias, x.dtype)
 
 
-def group_gemm(a, packed, scale_zeros, w_groups, group_scale, bf16: bool):
-    """a: (q − zp) as bf16 [M, K]; -> Σ_g scale_g · Σ_k∈g a·w, [M, N] (bf16 for a bf16 model, else fp32)."""
-    import torch
-
-    if bf16 and a.shape[0] < PREFILL_ROWS:  # decode: int4-packed weights, fp32 sums, bf16 out
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, w_groups.shape[2], scale_zeros)
-    if bf16:  # prefill: dequantize once per call (N·K), one bf16 GEMM over M rows
-        return torch.nn.functional.linear(a, fused(_dequantize)(w_groups, group_scale))
-    # float32/float16 models: fp32 weights (w · s is exact in fp32), fp32 GEMM
-    return torch.nn.functional.linear(a.float(), fused(_dequantize)(w_groups, group_scale.float()))
-
-
-def linear_groupwise(x, packed, scale_zeros, w_groups, group_scale, bias):
-    """x [M, K] float; packed: torch's int4-packed weight; scale_zeros bf16 [K/g, N, 2]; w_groups int8
-    [N, K/g, g]; group_scale bf16 [N, K/g, 1]; bias [N] or None."""
-    import torch
-
-    a, recip = _staged(quantize_centered)(x)
-    y = _custom_op()(a, packed, scale_zeros, w_groups, group_scale, x.dtype == torch.bfloat16)
-    return _staged(_groupwise_out)(y, recip, bias, x.dtype)
+def linear_groupwise(x, wp, wsum, scale, bias):
+    """x [M, K] float; x86_w4a8_gemm.pack's (wp, wsum, scale); bias [N] or None."""
+    q, zp, recip = _staged(quantize_rows)(x)
+    y = _custom_op()(q, zp, recip, wp, wsum, scale)  # fp32 [M, N]
+    return _staged(_groupwise_out)(y, bias, x.dtype)
 
 
 _compiled: dict = {}
@@ -162,9 +126,8 @@ def fused(fn):
     """`fn` compiled by inductor (dynamic shapes; once per process, on first call), so the ~30 small
     elementwise steps of the activation quantization and the epilogue run as a few fused loops: in
     eager torch they cost ~70 µs per call, ×120 linears per decode step of a 30-layer model. The
-    GEMMs and the row-count branch stay outside (few graph variants: dtype, bias or not, M = 1 or
-    not). Any failure to compile (no C++ compiler, dynamo's recompile limit) falls back to `fn`
-    itself, with a warning: the same numbers, slower."""
+    GEMMs stay outside (few graph variants: dtype, bias or not, M = 1 or not). Any failure to compile
+    (no C++ compiler, dynamo's recompile limit) falls back to `fn` itself, with a warning: the same numbers, slower."""
     if fn not in _compiled:
         import torch
 
@@ -191,27 +154,28 @@ _op = None
 
 
 def _custom_op():
-    """group_gemm as the torch custom op arm_int4::w4a8_group_gemm: opaque to torch.compile, so the
-    row-count branch stays a runtime decision in vLLM's compiled graph (which it compiles once for
-    every batch size, shape guards off)."""
+    """The groupwise GEMM (x86_w4a8_gemm.gemm) as the torch custom op arm_int4::w4a8_group_gemm: opaque to
+    torch.compile, so inductor neither traces the ctypes call nor rewrites its float steps."""
     global _op
     if _op is None:
         import torch
 
+        from arm_int4 import x86_w4a8_gemm
+
         @torch.library.custom_op("arm_int4::w4a8_group_gemm", mutates_args=())
         def op(
-            a: torch.Tensor,
-            packed: torch.Tensor,
-            scale_zeros: torch.Tensor,
-            w_groups: torch.Tensor,
-            group_scale: torch.Tensor,
-            bf16: bool,
+            q: torch.Tensor,
+            zp: torch.Tensor,
+            recip: torch.Tensor,
+            wp: torch.Tensor,
+            wsum: torch.Tensor,
+            scale: torch.Tensor,
         ) -> torch.Tensor:
-            return group_gemm(a, packed, scale_zeros, w_groups, group_scale, bf16)
+            return x86_w4a8_gemm.gemm(q, zp, recip, wp, wsum, scale)
 
         @op.register_fake
-        def _(a, packed, scale_zeros, w_groups, group_scale, bf16):
-            return a.new_empty((a.shape[0], w_groups.shape[0]), dtype=torch.bfloat16 if bf16 else torch.float32)
+        def _(q, zp, recip, wp, wsum, scale):
+            return q.new_empty((q.shape[0], wsum.shape[0] * wsum.shape[2]), dtype=torch.float32)
 
         _op = op
     return _op
@@ -226,6 +190,8 @@ def _kernel_class():
     from vllm.model_executor.layers.quantization.utils import replace_parameter
     from vllm.platforms import current_platform
     from vllm.scalar_type import scalar_types
+
+    from arm_int4 import x86_w4a8_gemm
 
     _custom_op()  # defined now: torch.library cannot define an op while dynamo traces the model
 
@@ -253,14 +219,16 @@ def _kernel_class():
             k, n = c.partition_weight_shape
             if k % c.group_size:
                 return False, f"group size {c.group_size} does not divide in_features {k}"
-            if c.group_size != k and (c.group_size % 32 or n % 16 or k % 64):
-                # torch's int4-packed CPU GEMM: groups of 32/64/128/256, K a multiple of 64, N of 16.
-                return False, f"groupwise needs group % 32 == 0, in % 64 == 0, out % 16 == 0 (got {c})"
+            if c.group_size != k and (
+                c.group_size % 32 or c.group_size > x86_w4a8_gemm.MAX_GROUP or n % x86_w4a8_gemm.BLOCK_N
+            ):
+                # the reference takes groups of multiples of 32; the C kernel's layout, 16-column blocks
+                return False, f"groupwise needs group % 32 == 0, group <= 4096, out_features % 16 == 0 (got {c})"
             return True, None
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             c = self.config
-            k, n = c.partition_weight_shape
+            k = c.partition_weight_shape[0]
             w = getattr(layer, self.w_q_name).data  # int8 [N, K], values -8..7
             scales = getattr(layer, self.w_s_name).data  # [N, K // group]
             if c.group_size == k:
@@ -269,15 +237,12 @@ def _kernel_class():
                 _new(layer, "x86_colsum", wt.sum(0, dtype=torch.int32))  # [N]: zero-point correction
                 _new(layer, "x86_scale", scales.float().view(-1).contiguous())  # [N]
             else:
-                g = c.group_size
                 # the reference keeps group scales in bf16 (KleidiAI's groupwise layout), whatever the model dtype
-                s = scales.to(torch.bfloat16)  # [N, K // g]
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((w.int() + 8).contiguous(), 1)
-                _new(layer, "x86_packed", packed)
-                # [K // g, N, 2]: scale, zero (0: symmetric); the kernel computes (w_u4 − 8) · scale + zero
-                _new(layer, "x86_scale_zeros", torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).contiguous())
-                _new(layer, "x86_group_scale", s.reshape(n, k // g, 1).contiguous())  # for prefill's dequantization
-                _param(layer, self.w_q_name, w.reshape(n, k // g, g))
+                wp, wsum, sc = x86_w4a8_gemm.pack(w, scales.to(torch.bfloat16))
+                x86_w4a8_gemm.library()  # compiled (or found in the cache) now, not while vLLM traces the model
+                _param(layer, self.w_q_name, wp)  # uint8 [N·K/2]: two int4 per byte
+                _new(layer, "x86_wsum", wsum)  # int16 [N/16, K/g, 16]: per-group weight sums (zero-point term)
+                _new(layer, "x86_group_scale", sc)  # bf16 [N/16, K/g, 16]
             if self.w_q_name != "weight" and getattr(layer, "weight", None) is not None:
                 # vLLM registers the same tensor as "weight" too: point it at the new one, the [N, K] copy is freed
                 _param(layer, "weight", getattr(layer, self.w_q_name).data)
@@ -295,7 +260,7 @@ def _kernel_class():
             if c.group_size == k:
                 out = linear_channelwise(x_2d, w, layer.x86_colsum, layer.x86_scale, bias)
             else:
-                out = linear_groupwise(x_2d, layer.x86_packed, layer.x86_scale_zeros, w, layer.x86_group_scale, bias)
+                out = linear_groupwise(x_2d, w, layer.x86_wsum, layer.x86_group_scale, bias)
             return out.reshape(x.shape[:-1] + (n,))
 
     return X86W4A8LinearKernel

@@ -4,11 +4,11 @@ prompt-token ranks and the linear kernel vLLM put on the model, as JSON.
 Run: python tests/helpers/vllm_generate.py JOB.json OUT.json   (vLLM logs to stdout too, so the
 result goes to a file)
 JOB = {"prompts": [str],
-       "runs": [{"label": str, "model": dir, "max_tokens": int,
+       "runs": [{"label": str, "model": dir, "max_tokens": int, "logprobs": int | null,
                  "score": [[token ids]] | null, "score_from": label | null,
                  "env": {arm_int4 launch plan's env (EngineSpec.env)},
                  "engine_kwargs": {LLM kwargs from the plan (EngineSpec.to_llm_kwargs())}}]}
-OUT = {label: {"texts", "token_ids", "prompt_token_ids", "ranks"?, "linear", "layers", "log"?} | {"error"}}
+OUT = {label: {"texts", "token_ids", "prompt_token_ids", "logprobs"?, "ranks"?, "linear", "layers", "log"?} | {"error"}}
 "layers": every Linear-like module vLLM built → {"scheme": its compressed-tensors scheme class or
 None (unquantized), "group_size": the scheme's (-1 channelwise)}.
 
@@ -20,6 +20,7 @@ import instead of two per checkpoint). vLLM prints a marker line before each run
 `score` asks for teacher-forced ranks: each sequence is fed as a prompt and vLLM returns, per
 position, the rank of the given token under this model (1 = it is this model's top-1 choice).
 `score_from` scores the prompts + greedy tokens of an earlier run of the same job.
+`logprobs` = n adds, per prompt and generated position, the top-n tokens' logprobs ({token id: logprob}).
 """
 
 import gc
@@ -59,7 +60,7 @@ def linear_kernel(model) -> dict:
 def run_one(LLM, SamplingParams, run, prompts, earlier) -> dict:
     llm = LLM(model=run["model"], seed=0, **run["engine_kwargs"])
     try:
-        greedy = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"])
+        greedy = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], logprobs=run.get("logprobs"))
         outs = llm.generate(prompts, greedy, use_tqdm=False)
         result = {
             "texts": [o.outputs[0].text for o in outs],
@@ -68,6 +69,10 @@ def run_one(LLM, SamplingParams, run, prompts, earlier) -> dict:
             "linear": llm.apply_model(linear_kernel)[0],
             "layers": llm.apply_model(linear_layers)[0],
         }
+        if run.get("logprobs"):
+            result["logprobs"] = [
+                [{str(tok): lp.logprob for tok, lp in pos.items()} for pos in o.outputs[0].logprobs] for o in outs
+            ]
         score = run.get("score")
         if run.get("score_from"):
             base = earlier[run["score_from"]]
