@@ -27,6 +27,7 @@ TOOL_RUNS = {
     "syspkgs.py": "ldconfig -p and `python -c` import probes (set-up's system package check, before any venv)",
     "doctor.py": "`python -c` probes that import llguidance/xgrammar or a worker's imports and print "
     "/proc/self/maps (doctor's structured-output and OpenMP checks; no engine is started)",
+    "x86_w4a8_gemm.py": "the system C compiler (`cc --version`, then the groupwise GEMM's one-time build)",
 }
 
 # modules vLLM itself imports inside its own processes (a vllm.general_plugins entry point): they
