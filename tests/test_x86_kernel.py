@@ -278,7 +278,7 @@ def _generate(runs: list[dict], tmp_path: Path, env: dict) -> dict:
 
 @needs_x86
 @pytest.mark.requires_vllm
-@pytest.mark.slow  # two vLLM processes, three checkpoints each: ~4 min on the shared 2-core box
+@pytest.mark.slow  # two vLLM processes, three checkpoints each: 4 min with the compiled-graph test (loaded box)
 def test_greedy_tokens_and_logprobs_equal_the_reference_path_in_vllm(trained_llama, trained_qwen2, tmp_path_factory):
     """Whole models through real vLLM engines, with the new kernel and with vLLM's reference path: a
     trained tiny Llama channelwise and g32, a trained tiny Qwen2 (q/k/v biases) g32. The layers are
