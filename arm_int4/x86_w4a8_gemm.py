@@ -12,7 +12,7 @@ products (or plain C loops: the same bits), compiled here at first use:
 
     cc -O3 -march=native -ffp-contract=off -fPIC -shared -fopenmp x86_w4a8_gemm.c
 
-into ~/.cache/arm-int4/x86-w4a8/ (one file per source hash, compiler and CPU flags; `ARM_INT4_CACHE`
+into ~/.cache/arm-int4/x86-w4a8/ (one file per source hash, compiler and CPU flags; `ARM_INT4_HOME`
 moves the root), and called through ctypes. With no compiler, or a failed build, `gemm` runs the same
 steps in torch (`gemm_torch`, the same bits, slower) and says so once in the log. OpenMP: the library
 links libgomp.so.1 by soname, which resolves to the libgomp torch has already loaded, so its threads are
@@ -57,8 +57,9 @@ log = logging.getLogger("vllm.arm_int4.x86_w4a8")
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("ARM_INT4_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "arm-int4")
-    return Path(root) / "x86-w4a8"
+    from .models import cache_home  # the project's cache root (ARM_INT4_HOME, as scripts/setup.sh)
+
+    return cache_home() / "x86-w4a8"
 
 
 def _cpu_flags() -> str:
